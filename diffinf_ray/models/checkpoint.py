@@ -1,0 +1,123 @@
+"""Classifier checkpoints: the weights, the epoch and the learning rate in force.
+
+Layout under the run root (written by the train stage through Ray Train):
+
+    <run root>/checkpoints/epoch_0005/checkpoint.pt
+
+`checkpoint.pt` is a `torch.save` dict with plain tensors and Python scalars only, so it loads
+with `torch.load(weights_only=True)` (no pickled code runs):
+    model_state       classifier state_dict
+    optimizer_state   Adam state (for resume)
+    epoch             int, 1-based count of finished epochs
+    learning_rate     float, the learning rate in force during that epoch (TracIn's eta_t)
+    architecture      {"name", "num_classes", "head_hidden"}
+"""
+
+from __future__ import annotations
+
+import io
+import posixpath
+import re
+from dataclasses import dataclass
+
+import torch
+
+from diffinf_ray.models.classifier import AttributeClassifier, build_classifier
+from diffinf_ray.storage import Location
+
+CHECKPOINT_FILE = "checkpoint.pt"
+_EPOCH_DIR = re.compile(r"^epoch_(\d+)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file."""
+
+
+def checkpoint_dir_name(epoch: int) -> str:
+    return f"epoch_{epoch:04d}"
+
+
+@dataclass
+class ClassifierCheckpoint:
+    source: str  # where it was read from, for error messages
+    model_state: dict[str, torch.Tensor]
+    epoch: int
+    learning_rate: float
+    architecture: dict
+    optimizer_state: dict | None = None
+
+    def build_model(self) -> AttributeClassifier:
+        """A classifier of the recorded architecture with these weights, in eval mode."""
+        arch = self.architecture
+        model = build_classifier(arch["num_classes"], arch.get("head_hidden", 256))
+        load_into(model, self)
+        return model.eval()
+
+
+def to_bytes(ckpt: dict) -> bytes:
+    buf = io.BytesIO()
+    torch.save(ckpt, buf)
+    return buf.getvalue()
+
+
+def parse(data: bytes, source: str) -> ClassifierCheckpoint:
+    """Decode and validate a checkpoint's bytes; errors name `source`."""
+    try:
+        raw = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for corrupt/unsafe files
+        raise CheckpointError(f"{source}: not a readable weights-only checkpoint ({err})") from err
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{source}: expected a dict, got {type(raw).__name__}")
+    for key in ("model_state", "epoch", "architecture"):
+        if key not in raw:
+            raise CheckpointError(f"{source}: missing {key!r}")
+    lr = raw.get("learning_rate")
+    if not isinstance(lr, int | float) or isinstance(lr, bool) or not lr > 0:
+        raise CheckpointError(
+            f"{source}: missing or invalid 'learning_rate' ({lr!r}); TracIn weights each "
+            "checkpoint by the learning rate in force, so checkpoints must record it"
+        )
+    return ClassifierCheckpoint(
+        source=source,
+        model_state=raw["model_state"],
+        epoch=int(raw["epoch"]),
+        learning_rate=float(lr),
+        architecture=dict(raw["architecture"]),
+        optimizer_state=raw.get("optimizer_state"),
+    )
+
+
+def load_into(model: AttributeClassifier, ckpt: ClassifierCheckpoint) -> None:
+    """Strictly load weights; a checkpoint of another architecture is a clear error."""
+    expected = model.architecture()
+    got = {k: ckpt.architecture.get(k) for k in expected}
+    if got != expected:
+        raise CheckpointError(f"{ckpt.source}: architecture {got} does not match the model {expected}")
+    try:
+        model.load_state_dict(ckpt.model_state, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"{ckpt.source}: weights do not fit the model: {err}") from err
+
+
+def list_checkpoints(checkpoints: Location) -> list[Location]:
+    """Checkpoint files under `<run root>/checkpoints/`, ordered by epoch."""
+    dirs = [d for d in checkpoints.list_dirs() if _EPOCH_DIR.match(d)]
+    dirs.sort(key=lambda d: int(_EPOCH_DIR.match(d).group(1)))
+    files = [checkpoints.child(d, CHECKPOINT_FILE) for d in dirs]
+    return [f for f in files if f.exists()]
+
+
+def load_checkpoint(location: Location) -> ClassifierCheckpoint:
+    return parse(location.read_bytes(), location.display)
+
+
+def load_all(checkpoints: Location) -> list[ClassifierCheckpoint]:
+    found = list_checkpoints(checkpoints)
+    if not found:
+        raise CheckpointError(f"no checkpoints under {checkpoints.display} (run the train stage first)")
+    return [load_checkpoint(f) for f in found]
+
+
+def epoch_of(path: str) -> int | None:
+    match = _EPOCH_DIR.match(posixpath.basename(posixpath.dirname(path)))
+    return int(match.group(1)) if match else None
