@@ -119,6 +119,11 @@ class Location:
         uri = posixpath.join(base, *parts) + (f"?{query}" if query else "")
         return Location(uri, self.options, _resolved=(self.fs, path))
 
+    def parent(self) -> Location:
+        base, _, query = self.uri.partition("?")
+        uri = posixpath.dirname(base.rstrip("/")) + (f"?{query}" if query else "")
+        return Location(uri, self.options, _resolved=(self.fs, posixpath.dirname(self.path)))
+
     # -- queries --------------------------------------------------------------------------
     def exists(self) -> bool:
         try:

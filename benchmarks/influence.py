@@ -1,0 +1,151 @@
+"""Self-influence throughput: our one-pass scorer against a plain backward, a per-sample loop and
+Captum TracInCP, on one model, one batch and the same inputs.
+
+    python benchmarks/influence.py [--resolution 64] [--batch 32] [--checkpoints 2]
+                                   [--device cpu|cuda] [--repeats 3] [--threads 2]
+
+Rows (throughput = samples x checkpoints per second, median over repeats, one warm-up each):
+  a  plain batched forward + backward of the summed loss, no per-sample work (the floor)
+  b  SelfInfluenceScorer (diffinf_ray.influence.grad_norms)
+  c  naive loop: one forward + backward per sample, full gradients
+  d  Captum TracInCP(reduction='none', sample_wise_grads_per_batch=False)
+     .self_influence(outer_loop_by_checkpoints=True), loading the same checkpoint files
+Targets on a CPU box: b/a >= 0.5, b/d >= 5. Prints only; writes no results file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffinf_ray.influence.grad_norms import SelfInfluenceScorer, naive_per_sample_grad_sq_norms
+from diffinf_ray.models.checkpoint import (
+    CHECKPOINT_FILE,
+    checkpoint_dir_name,
+    load_into,
+    parse,
+    to_bytes,
+)
+from diffinf_ray.models.classifier import build_classifier
+
+
+def make_checkpoints(root: Path, count: int, num_classes: int, resolution: int) -> list[Path]:
+    """`count` checkpoints with random weights, non-trivial BN statistics and distinct lrs."""
+    paths = []
+    for t in range(count):
+        torch.manual_seed(100 + t)
+        model = build_classifier(num_classes).train()
+        with torch.no_grad():
+            for _ in range(2):
+                model(torch.randn(8, 3, resolution, resolution) * 1.5 + 0.2)
+        path = root / checkpoint_dir_name(t + 1) / CHECKPOINT_FILE
+        path.parent.mkdir(parents=True)
+        path.write_bytes(to_bytes({
+            "model_state": model.state_dict(), "epoch": t + 1,
+            "learning_rate": 1e-4 * 0.5 ** t, "architecture": model.architecture(),
+        }))
+        paths.append(path)
+    return paths
+
+
+def timed(fn, repeats: int, device: torch.device) -> tuple[float, object]:
+    result = fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        result = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--checkpoints", type=int, default=2)
+    parser.add_argument("--classes", type=int, default=3)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+
+    from captum.influence import TracInCP  # test/benchmark dependency only
+
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = make_checkpoints(Path(tmp), args.checkpoints, args.classes, args.resolution)
+        ckpts = [parse(p.read_bytes(), str(p)) for p in paths]
+        lrs = [c.learning_rate for c in ckpts]
+        models = [c.build_model().to(device) for c in ckpts]
+        torch.manual_seed(0)
+        images = torch.rand(args.batch, 3, args.resolution, args.resolution, device=device) * 2 - 1
+        labels = torch.randint(0, args.classes, (args.batch,), device=device)
+
+        def plain():
+            for model in models:
+                model.zero_grad(set_to_none=True)
+                F.cross_entropy(model(images), labels, reduction="sum").backward()
+
+        scorer = SelfInfluenceScorer(Path(tmp).as_posix(), device=device)
+
+        def ours():
+            return scorer(images, labels)["score"]
+
+        def naive():
+            return sum(lr * naive_per_sample_grad_sq_norms(m, images, labels).double()
+                       for m, lr in zip(models, lrs, strict=True)).cpu().numpy()
+
+        captum_model = build_classifier(args.classes).to(device).eval()
+
+        def load(model: nn.Module, path: str) -> float:
+            ckpt = parse(Path(path).read_bytes(), path)
+            load_into(model, ckpt)
+            model.eval()
+            return ckpt.learning_rate
+
+        tracin = TracInCP(
+            captum_model, torch.utils.data.TensorDataset(images, labels), [str(p) for p in paths],
+            checkpoints_load_func=load, loss_fn=nn.CrossEntropyLoss(reduction="none"),
+            batch_size=args.batch, sample_wise_grads_per_batch=False,
+        )
+
+        def captum():
+            return tracin.self_influence(outer_loop_by_checkpoints=True).double().cpu().numpy()
+
+        rows = {}
+        for key, label, fn in [("a", "plain batched fwd+bwd", plain), ("b", "SelfInfluenceScorer", ours),
+                               ("c", "naive per-sample loop", naive), ("d", "Captum TracInCP", captum)]:
+            seconds, result = timed(fn, args.repeats, device)
+            rows[key] = (label, seconds, result)
+
+    work = args.batch * args.checkpoints
+    print(f"device={args.device} threads={torch.get_num_threads()} resolution={args.resolution} "
+          f"batch={args.batch} checkpoints={args.checkpoints} repeats={args.repeats} (median)")
+    print(f"{'':2} {'method':24} {'seconds':>9} {'samples*ckpts/s':>16}")
+    for key, (label, seconds, _) in rows.items():
+        print(f"{key:2} {label:24} {seconds:9.3f} {work / seconds:16.1f}")
+    speed = {k: work / v[1] for k, v in rows.items()}
+    print(f"b/a = {speed['b'] / speed['a']:.2f} (target >= 0.5)   b/c = {speed['b'] / speed['c']:.1f}"
+          f"   b/d = {speed['b'] / speed['d']:.1f} (target >= 5)")
+    ours_scores = rows["b"][2]
+    for key in ("c", "d"):
+        ref = rows[key][2]
+        diff = np.max(np.abs(ours_scores - ref) / np.abs(ref))
+        print(f"max relative difference b vs {key}: {diff:.2e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""The `diffinf` command.
+
+    diffinf run CONFIG [key=value ...] [--force]       all configured stages, resumable
+    diffinf stage NAME CONFIG [key=value ...]          one stage (ingest|noise|train|evaluate)
+    diffinf config CONFIG [key=value ...]              the validated config and stage fingerprints
+    diffinf synthfaces-preview --task age --out grid.png
+
+Errors print as one message (the file, key or row at fault), not a Ray traceback; `--debug`
+shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+
+from diffinf_ray.config import STAGES, ConfigError, dump_config, fingerprint, load_config
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    """The innermost meaningful exception behind Ray's wrappers (task/actor/training errors)."""
+    seen = set()
+    while id(err) not in seen:
+        seen.add(id(err))
+        inner = getattr(err, "cause", None) or err.__cause__
+        if inner is None:
+            worker_errors = getattr(err, "worker_failures", None)
+            if isinstance(worker_errors, dict) and worker_errors:
+                inner = next(iter(worker_errors.values()))
+        if not isinstance(inner, BaseException):
+            break
+        err = inner
+    return err
+
+
+def _format_error(err: BaseException) -> str:
+    cause = _root_cause(err)
+    text = str(cause).strip() or type(cause).__name__
+    # Ray prefixes task errors with a traceback dump; keep the last line, which is the message.
+    if "Traceback (most recent call last)" in text:
+        text = text.strip().splitlines()[-1]
+    if isinstance(cause, ConfigError):
+        return text
+    return f"{type(cause).__name__}: {text}"
+
+
+def _print_metrics(results: dict) -> None:
+    metrics = results.get("evaluate")
+    if not metrics:
+        return
+    auroc = metrics.get("auroc_macro_ovr")
+    print("\nclean test split:")
+    print(f"  accuracy   {metrics['accuracy']:.2f}%")
+    print(f"  AUROC      {auroc:.2f}" if auroc is not None else "  AUROC      n/a (a class is missing)")
+    print(f"  kappa(lin) {metrics['kappa_linear']:.3f}")
+    print(f"  ECE        {metrics['ece']:.4f}")
+    for name, acc in metrics["per_class_accuracy"].items():
+        print(f"  class {name:<12} {acc:.1f}%" if acc is not None else f"  class {name:<12} n/a")
+    for name, acc in metrics.get("per_group_accuracy", {}).items():
+        print(f"  group {name:<12} {acc:.1f}%")
+
+
+def _cmd_run(args) -> int:
+    from diffinf_ray.pipeline import open_run_root, run_pipeline
+
+    cfg = load_config(args.config, args.overrides)
+    stages = [args.name] if getattr(args, "name", None) else None
+    results = run_pipeline(cfg, stages=stages, force=args.force)
+    _print_metrics(results)
+    print(f"\nrun root: {open_run_root(cfg)}")
+    return 0
+
+
+def _cmd_config(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    print(dump_config(cfg))
+    for stage in STAGES:
+        print(f"# fingerprint {stage}: {fingerprint(cfg, stage)}")
+    return 0
+
+
+def _cmd_preview(args) -> int:
+    from pathlib import Path
+
+    from diffinf_ray.data.synthfaces import SynthFacesSpec, preview_grid
+
+    spec = SynthFacesSpec(task=args.task, resolution=args.resolution, seed=args.seed)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_bytes(preview_grid(spec, per_class=args.per_class))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffinf", description=__doc__.split("\n")[0])
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the configured stages (skips those already done)")
+    run.add_argument("config")
+    run.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=3")
+    run.add_argument("--force", action="store_true", help="re-run stages even if done")
+    run.set_defaults(func=_cmd_run)
+
+    stage = sub.add_parser("stage", help="run one stage")
+    stage.add_argument("name", choices=STAGES)
+    stage.add_argument("config")
+    stage.add_argument("overrides", nargs="*")
+    stage.add_argument("--force", action="store_true")
+    stage.set_defaults(func=_cmd_run)
+
+    cfg = sub.add_parser("config", help="print the validated config and fingerprints")
+    cfg.add_argument("config")
+    cfg.add_argument("overrides", nargs="*")
+    cfg.set_defaults(func=_cmd_config)
+
+    prev = sub.add_parser("synthfaces-preview", help="write a PNG grid of samples per class")
+    prev.add_argument("--task", choices=["age", "expression"], default="age")
+    prev.add_argument("--resolution", type=int, default=64)
+    prev.add_argument("--per-class", type=int, default=8)
+    prev.add_argument("--seed", type=int, default=0)
+    prev.add_argument("--out", required=True)
+    prev.set_defaults(func=_cmd_preview)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="[diffinf] %(message)s")
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # one clear line for users; --debug for the traceback
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {_format_error(err)}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""Run configuration: one YAML file per run, validated into typed models.
+
+- An unknown or mistyped key is an error that names the key and the file.
+- `key=value` overrides with dotted keys (`train.epochs=3`) are applied before validation;
+  values are parsed as YAML scalars (`3` -> int, `true` -> bool, `[1,2]` -> list).
+- `fingerprint(cfg, stage)` hashes the config sections a stage depends on (plus its upstream
+  stages'), so `diffinf run` can skip stages already done with the same settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the file and the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class RunSection(_Section):
+    name: str = "demo"
+    root: str = "./runs/demo"  # local folder or s3://bucket/prefix
+    seed: int = 0
+
+
+class StorageSection(_Section):
+    endpoint_override: str | None = None  # e.g. http://127.0.0.1:9000 for MinIO
+    region: str | None = None
+
+
+class RaySection(_Section):
+    address: str | None = None  # None: use the cluster of `ray job submit`, or start a local one
+    num_cpus: int | None = None  # only for a local Ray started by us
+    data_actor_cpus: float = Field(0.5, gt=0)  # keep CPUs free for read tasks (RAY_NOTES 2.7)
+
+
+class SynthFacesSection(_Section):
+    num_samples: int = Field(3000, ge=10)
+    num_identities: int = Field(600, ge=1)
+    resolution: int = Field(64, ge=32, le=128)
+    with_masks: bool = True
+    split_fractions: tuple[Fraction, Fraction, Fraction] = (0.7, 0.15, 0.15)
+
+
+class DataSection(_Section):
+    source: Literal["synthfaces", "folder", "table"] = "synthfaces"
+    task: Literal["age", "expression"] = "age"
+    age_bins: list[tuple[float, float]] = [(0, 18), (25, 40), (50, 80)]
+    synthfaces: SynthFacesSection = SynthFacesSection()
+    # user data: a folder of images or a CSV/parquet label table (local or s3://)
+    path: str | None = None
+    classes: list[str] | None = None
+    image_size: int = Field(64, ge=32, le=1024)
+    split_fractions: tuple[Fraction, Fraction, Fraction] = (0.8, 0.1, 0.1)
+    max_quarantine_fraction: Fraction = 0.05
+    batch_size: int = Field(64, ge=1)
+
+    @model_validator(mode="after")
+    def _user_data_needs_path(self) -> DataSection:
+        if self.source != "synthfaces" and not self.path:
+            raise ValueError(f"data.path is required when data.source is {self.source!r}")
+        return self
+
+
+class NoiseSection(_Section):
+    kind: Literal["symmetric", "pairflip"] = "symmetric"
+    rate: Fraction = 0.3
+    seed: int = 0
+
+
+class TrainSection(_Section):
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    weight_decay: float = Field(0.0, ge=0)
+    checkpoint_every: int = Field(5, ge=1)  # epochs; the last epoch is always saved
+    head_hidden: int = Field(256, ge=1)
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+    weights_uri: str | None = None  # optional backbone init (local path or s3://)
+    weights_sha256: str | None = None
+    augment: bool = True  # random horizontal flip
+
+    @model_validator(mode="after")
+    def _weights_need_hash(self) -> TrainSection:
+        if self.weights_uri and not self.weights_sha256:
+            raise ValueError("train.weights_sha256 is required with train.weights_uri")
+        return self
+
+
+class EvaluateSection(_Section):
+    batch_size: int = Field(128, ge=1)
+    ece_bins: int = Field(15, ge=2)
+
+
+STAGES = ("ingest", "noise", "train", "evaluate")
+
+
+class Config(_Section):
+    run: RunSection = RunSection()
+    storage: StorageSection = StorageSection()
+    ray: RaySection = RaySection()
+    data: DataSection = DataSection()
+    noise: NoiseSection = NoiseSection()
+    train: TrainSection = TrainSection()
+    evaluate: EvaluateSection = EvaluateSection()
+    stages: list[Literal["ingest", "noise", "train", "evaluate"]] = list(STAGES)
+
+    @property
+    def class_names(self) -> list[str]:
+        if self.data.source != "synthfaces":
+            if not self.data.classes:
+                raise ConfigError("data.classes is required for user data")
+            return list(self.data.classes)
+        if self.data.task == "age":
+            return [f"age_{int(lo)}-{int(hi)}" for lo, hi in self.data.age_bins]
+        return ["happy", "neutral", "surprised", "sad"]
+
+
+# Which config sections each stage's outputs depend on; upstream stages chain in.
+_STAGE_SECTIONS = {
+    "ingest": ("data",),
+    "noise": ("noise",),
+    "train": ("train",),
+    "evaluate": ("evaluate",),
+}
+_UPSTREAM = {"ingest": None, "noise": "ingest", "train": "noise", "evaluate": "train"}
+
+
+def fingerprint(cfg: Config, stage: str) -> str:
+    """Hash of the settings `stage` and its upstream stages depend on (16 hex digits)."""
+    parts = {}
+    s: str | None = stage
+    while s is not None:
+        for section in _STAGE_SECTIONS[s]:
+            parts[section] = getattr(cfg, section).model_dump(mode="json")
+        s = _UPSTREAM[s]
+    parts["seed"] = cfg.run.seed
+    blob = json.dumps(parts, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _set_dotted(tree: dict, dotted: str, value, source: str) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for i, key in enumerate(keys[:-1]):
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{source}: {'.'.join(keys[: i + 1])} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, object]]:
+    parsed = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r}: expected key=value (e.g. train.epochs=3)")
+        parsed.append((key.strip(), yaml.safe_load(raw) if raw != "" else None))
+    return parsed
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{source}: unknown key '{key}'")
+        else:
+            lines.append(f"{source}: '{key}': {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or the defaults when `path` is None), apply overrides, validate."""
+    source = str(path) if path else "<defaults>"
+    tree: dict = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{p}: not valid YAML: {err}") from err
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{p}: top level must be a mapping of sections")
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(tree, key, value, f"{source} (override {key})")
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,149 @@
+"""Encode an image to (z, x_T) and decode (z, x_T, label) back, with gradients through decoding.
+
+    z, x_T = encode(model, x, steps)              semantic code + deterministic DDIM inversion
+    x0     = decode(model, z, x_T, label, steps)  deterministic DDIM sampling (eta = 0)
+
+`model` is anything with `encode(images) -> z` and `model(x_t, t, z, label) -> eps`: our
+`DiffAEModel` or the official architecture in `diffinf_ray.diffae.official` (label None).
+
+The decode loop is differentiable in z, x_T (and the model's weights, if they require grad).
+Each step runs under `torch.utils.checkpoint.checkpoint(use_reentrant=False)`, so only the
+step's inputs are kept for backward and activation memory is that of one UNet pass whatever the
+number of steps; backward recomputes each step's forward once. `checkpoint=False` keeps every
+step's activations instead (faster backward, memory linear in steps). Both loops run under the
+caller's autograd mode: wrap them in `torch.no_grad()` when no gradients are needed, and put a
+frozen generator in `eval()` mode (dropout).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.checkpoint import checkpoint as _checkpoint
+
+from diffinf_ray.diffae.model import NULL_LABEL
+from diffinf_ray.diffae.schedule import DDIMStep, NoiseSchedule, ddim_inversion_step, ddim_step
+
+DEFAULT_DECODE_STEPS = 20  # the official T_eval
+DEFAULT_ENCODE_STEPS = 250  # the official inversion demos (autoencoding, manipulation)
+
+
+def _default_schedule(schedule: NoiseSchedule | None) -> NoiseSchedule:
+    return schedule if schedule is not None else NoiseSchedule.linear()
+
+
+def predict_eps(
+    model,
+    x: torch.Tensor,
+    timestep: int,
+    z: torch.Tensor,
+    label: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
+) -> torch.Tensor:
+    """eps at (x, t) for a batch; with guidance_scale != 1, classifier-free guidance:
+    eps_null + s * (eps_label - eps_null), both in one batched call."""
+    t = torch.full((x.shape[0],), timestep, dtype=torch.long, device=x.device)
+    if guidance_scale == 1.0 or label is None:
+        return model(x, t, z, label)
+    null = torch.full_like(label, NULL_LABEL)
+    both = model(
+        torch.cat([x, x]), torch.cat([t, t]), torch.cat([z, z]), torch.cat([label, null])
+    )
+    eps_label, eps_null = both.chunk(2)
+    return eps_null + guidance_scale * (eps_label - eps_null)
+
+
+def _sampling_step(model, x, z, label, step: DDIMStep, clip_x0: bool, guidance_scale: float):
+    eps = predict_eps(model, x, step.timestep, z, label, guidance_scale)
+    return ddim_step(x, eps, step.abar_from, step.abar_to, clip_x0=clip_x0)
+
+
+def _inversion_step(model, x, z, label, step: DDIMStep):
+    eps = predict_eps(model, x, step.timestep, z, label)
+    return ddim_inversion_step(x, eps, step.abar_from, step.abar_to)
+
+
+def _run(fn, use_checkpoint: bool, *args):
+    if use_checkpoint and torch.is_grad_enabled():
+        return _checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
+def invert(
+    model,
+    images: torch.Tensor,
+    z: torch.Tensor,
+    label: torch.Tensor | None = None,
+    steps: int = DEFAULT_ENCODE_STEPS,
+    schedule: NoiseSchedule | None = None,
+    checkpoint: bool = True,
+) -> torch.Tensor:
+    """Deterministic DDIM inversion of `images` (B, C, H, W) in [-1, 1] conditioned on z: x_T."""
+    schedule = _default_schedule(schedule)
+    x = images
+    for step in schedule.inversion_steps(steps):
+        x = _run(_inversion_step, checkpoint, model, x, z, label, step)
+    return x
+
+
+def encode(
+    model,
+    images: torch.Tensor,
+    steps: int = DEFAULT_ENCODE_STEPS,
+    label: torch.Tensor | None = None,
+    schedule: NoiseSchedule | None = None,
+    checkpoint: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z, x_T): the semantic code E(x) and the DDIM-inverted noise of x under (z, label)."""
+    z = model.encode(images)
+    return z, invert(model, images, z, label, steps, schedule, checkpoint)
+
+
+def decode(
+    model,
+    z: torch.Tensor,
+    x_T: torch.Tensor,
+    label: torch.Tensor | None = None,
+    steps: int = DEFAULT_DECODE_STEPS,
+    schedule: NoiseSchedule | None = None,
+    checkpoint: bool = True,
+    clip_x0: bool = False,
+    guidance_scale: float = 1.0,
+) -> torch.Tensor:
+    """Deterministic DDIM sampling from x_T (B, C, H, W) given z (B, z_dim): x_0.
+
+    Differentiable in z and x_T; per-step gradient checkpointing unless `checkpoint=False`.
+    `clip_x0` clamps each x0_hat to [-1, 1] as the official sampler (zero gradient outside).
+    """
+    schedule = _default_schedule(schedule)
+    x = x_T
+    for step in schedule.sampling_steps(steps):
+        x = _run(_sampling_step, checkpoint, model, x, z, label, step, clip_x0, guidance_scale)
+    return x
+
+
+class DiffusionAutoencoder:
+    """A frozen model and its schedule, with step counts fixed once:
+    `ae.encode(x) -> (z, x_T)`, `ae.decode(z, x_T, label) -> x0`."""
+
+    def __init__(
+        self,
+        model,
+        schedule: NoiseSchedule | None = None,
+        encode_steps: int = DEFAULT_ENCODE_STEPS,
+        decode_steps: int = DEFAULT_DECODE_STEPS,
+        checkpoint: bool = True,
+    ):
+        self.model = model.eval().requires_grad_(False)
+        self.schedule = _default_schedule(schedule)
+        self.encode_steps = encode_steps
+        self.decode_steps = decode_steps
+        self.checkpoint = checkpoint
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, label: torch.Tensor | None = None, steps: int | None = None):
+        return encode(self.model, images, steps or self.encode_steps, label, self.schedule,
+                      checkpoint=False)
+
+    def decode(self, z, x_T, label=None, steps: int | None = None, **kwargs) -> torch.Tensor:
+        return decode(self.model, z, x_T, label, steps or self.decode_steps, self.schedule,
+                      checkpoint=kwargs.pop("checkpoint", self.checkpoint), **kwargs)

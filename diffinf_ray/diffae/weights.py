@@ -1,0 +1,114 @@
+"""Saving and loading diffusion-autoencoder weights: safetensors + a JSON config, no pickle.
+
+Layout of a saved model (a local folder or an s3:// prefix):
+
+    <uri>/config.json        {"format", "config": DiffAEConfig fields, "files": {name: {"sha256"}}}
+    <uri>/model.safetensors  the trained weights
+    <uri>/ema.safetensors    the EMA weights (optional; preferred for inference when present)
+
+Every file's sha256 is recorded in config.json and checked on load, and a caller may pin the
+expected sha256 of the weights it loads. safetensors holds only tensors, so loading executes no
+code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import torch
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
+
+from diffinf_ray.diffae.model import DiffAEConfig, DiffAEModel
+from diffinf_ray.storage import Location
+
+FORMAT = "diffinf-diffae/1"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+EMA_WEIGHTS_FILE = "ema.safetensors"
+
+
+class WeightsError(ValueError):
+    """Weights that cannot be used (missing, corrupt, wrong hash or shapes); names the source."""
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def check_sha256(data: bytes, expected: str | None, source: str) -> str:
+    """The sha256 of `data`; raises WeightsError if `expected` is given and differs."""
+    digest = sha256_hex(data)
+    if expected is not None and digest != expected.lower():
+        raise WeightsError(f"{source}: sha256 {digest} does not match the expected {expected}")
+    return digest
+
+
+def state_dict_to_bytes(state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """safetensors bytes of a state dict (contiguous CPU copies; shared storage is fine)."""
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    return save_safetensors_bytes(tensors, metadata=metadata)
+
+
+def state_dict_from_bytes(data: bytes, source: str) -> dict[str, torch.Tensor]:
+    try:
+        return load_safetensors_bytes(data)
+    except Exception as err:  # safetensors raises its own error types for bad headers
+        raise WeightsError(f"{source}: not a readable safetensors file ({err})") from err
+
+
+def save_autoencoder(model: DiffAEModel, uri: str | Location, ema_state: dict | None = None) -> dict:
+    """Write config.json, model.safetensors and (if given) ema.safetensors; returns the manifest."""
+    folder = uri if isinstance(uri, Location) else Location(str(uri))
+    files = {WEIGHTS_FILE: model.state_dict()}
+    if ema_state is not None:
+        files[EMA_WEIGHTS_FILE] = ema_state
+    manifest = {"format": FORMAT, "config": model.config.to_dict(), "files": {}}
+    for name, state in files.items():
+        data = state_dict_to_bytes(state, metadata={"format": FORMAT})
+        folder.child(name).write_bytes(data)
+        manifest["files"][name] = {"sha256": sha256_hex(data)}
+    folder.child(CONFIG_FILE).write_bytes(json.dumps(manifest, indent=2, sort_keys=True).encode())
+    return manifest
+
+
+def load_autoencoder(
+    uri: str | Location,
+    *,
+    use_ema: bool = True,
+    sha256: str | None = None,
+    map_location: str | torch.device = "cpu",
+) -> DiffAEModel:
+    """The model saved at `uri`, in eval mode, with the EMA weights when present and `use_ema`.
+
+    `sha256` pins the expected hash of the weights file that is loaded.
+    """
+    folder = uri if isinstance(uri, Location) else Location(str(uri))
+    manifest_loc = folder.child(CONFIG_FILE)
+    try:
+        manifest = json.loads(manifest_loc.read_bytes().decode())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise WeightsError(f"{manifest_loc.display}: not valid JSON ({err})") from err
+    if manifest.get("format") != FORMAT:
+        raise WeightsError(f"{manifest_loc.display}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    files = manifest.get("files", {})
+    name = EMA_WEIGHTS_FILE if use_ema and EMA_WEIGHTS_FILE in files else WEIGHTS_FILE
+    if name not in files:
+        raise WeightsError(f"{manifest_loc.display}: lists no {name}")
+    loc = folder.child(name)
+    data = loc.read_bytes()
+    check_sha256(data, files[name]["sha256"], f"{loc.display} (hash recorded in {CONFIG_FILE})")
+    check_sha256(data, sha256, loc.display)
+    model = DiffAEModel(DiffAEConfig.from_dict(_tuples(manifest["config"])))
+    state = state_dict_from_bytes(data, loc.display)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise WeightsError(f"{loc.display}: weights do not fit the config: {err}") from err
+    return model.to(map_location).eval()
+
+
+def _tuples(config: dict) -> dict:
+    """JSON turns tuples into lists; the frozen config wants tuples back."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}

@@ -1,0 +1,105 @@
+"""`diffinf run`: the configured stages in order, each skipped when its outputs already exist
+for the same config fingerprint (config.fingerprint), so a crashed or extended run resumes.
+
+A stage whose fingerprint changed is run again, and so is every stage after it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from diffinf_ray.config import STAGES, Config, dump_config, fingerprint
+from diffinf_ray.run_root import RunRoot
+from diffinf_ray.storage import StorageOptions
+
+log = logging.getLogger(__name__)
+
+
+def _train(cfg: Config, root: RunRoot) -> dict:
+    from diffinf_ray.stages.train import train_classifier
+
+    return train_classifier(cfg, root.noisy_manifest, root.checkpoints, len(cfg.class_names))
+
+
+def _evaluate(cfg: Config, root: RunRoot) -> dict:
+    from diffinf_ray.stages.evaluate import evaluate_checkpoints
+
+    return evaluate_checkpoints(cfg, root.noisy_manifest, root.checkpoints, root.evaluation)
+
+
+def _ingest(cfg: Config, root: RunRoot) -> dict:
+    from diffinf_ray.stages.ingest import run_ingest
+
+    return run_ingest(cfg, root)
+
+
+def _noise(cfg: Config, root: RunRoot) -> dict:
+    from diffinf_ray.stages.noise import run_noise
+
+    return run_noise(cfg, root)
+
+
+STAGE_FUNCTIONS: dict[str, Callable[[Config, RunRoot], dict]] = {
+    "ingest": _ingest, "noise": _noise, "train": _train, "evaluate": _evaluate,
+}
+# What a stage owns under the run root: cleared before it runs with a new fingerprint.
+STAGE_OUTPUTS = {
+    "ingest": ("manifest", "quarantine"),
+    "noise": ("manifest_noisy",),
+    "train": ("checkpoints",),
+    "evaluate": ("evaluation",),
+}
+
+
+def open_run_root(cfg: Config) -> RunRoot:
+    return RunRoot(cfg.run.root, StorageOptions(cfg.storage.endpoint_override, cfg.storage.region))
+
+
+def run_stage(cfg: Config, root: RunRoot, stage: str, force: bool = False) -> tuple[dict, bool]:
+    """Run one stage unless done with the same fingerprint. Returns (summary, ran)."""
+    fp = fingerprint(cfg, stage)
+    record = root.stage_record(stage) or {}
+    same = record.get("fingerprint") == fp
+    if not force and same and record.get("status") == "done":
+        log.info("stage %s: done already (fingerprint %s), skipped", stage, fp)
+        return record.get("summary", {}), False
+    if force or (record and not same):
+        if record and not same:
+            log.info("stage %s: settings changed (%s -> %s); its old outputs are replaced",
+                     stage, record.get("fingerprint"), fp)
+        for folder in STAGE_OUTPUTS[stage]:
+            root.child(folder).delete()
+    elif same:
+        log.info("stage %s: resuming an unfinished run (fingerprint %s)", stage, fp)
+    root.mark_started(stage, fp)
+    started = time.perf_counter()
+    log.info("stage %s: running (fingerprint %s)", stage, fp)
+    summary = STAGE_FUNCTIONS[stage](cfg, root)
+    seconds = time.perf_counter() - started
+    root.mark_done(stage, fp, summary, seconds)
+    log.info("stage %s: finished in %.1f s", stage, seconds)
+    return summary, True
+
+
+def run_pipeline(cfg: Config, stages: list[str] | None = None, force: bool = False) -> dict:
+    """Run `stages` (default: the config's) in pipeline order; returns {stage: summary}."""
+    from diffinf_ray.ray_session import ray_session
+
+    wanted = stages or cfg.stages
+    unknown = [s for s in wanted if s not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; known: {list(STAGES)}")
+    root = open_run_root(cfg)
+    root.child("config.yaml").write_bytes(dump_config(cfg).encode())
+    results: dict = {}
+    rerun_downstream = False
+    with ray_session(cfg):
+        for stage in STAGES:
+            if stage not in wanted:
+                continue
+            summary, ran = run_stage(cfg, root, stage, force=force or rerun_downstream)
+            rerun_downstream = rerun_downstream or ran
+            results[stage] = summary
+    return results

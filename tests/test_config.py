@@ -1,0 +1,78 @@
+import pytest
+
+from diffinf_ray.config import ConfigError, fingerprint, load_config
+
+
+def write(tmp_path, text):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_and_dotted_overrides(tmp_path):
+    cfg = load_config(write(tmp_path, "train:\n  epochs: 7\n"), ["train.epochs=3", "noise.rate=0.2"])
+    assert cfg.train.epochs == 3
+    assert cfg.noise.rate == 0.2
+    assert cfg.train.lr == 1e-4  # paper default
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    path = write(tmp_path, "train:\n  epoch: 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "train.epoch" in str(err.value) and str(path) in str(err.value)
+
+
+def test_unknown_section(tmp_path):
+    with pytest.raises(ConfigError, match="unknown key 'trian'"):
+        load_config(write(tmp_path, "trian: {epochs: 3}\n"))
+
+
+def test_wrong_type_names_key(tmp_path):
+    path = write(tmp_path, "train:\n  epochs: three\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "'train.epochs'" in str(err.value) and "three" in str(err.value)
+
+
+def test_out_of_range_override(tmp_path):
+    with pytest.raises(ConfigError, match="noise.rate"):
+        load_config(write(tmp_path, ""), ["noise.rate=1.5"])
+
+
+def test_bad_override_syntax(tmp_path):
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(write(tmp_path, ""), ["train.epochs"])
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("/nonexistent/run.yaml")
+
+
+def test_user_data_needs_path(tmp_path):
+    with pytest.raises(ConfigError, match="data.path is required"):
+        load_config(write(tmp_path, "data: {source: folder}\n"))
+
+
+def test_fingerprints_chain_upstream(tmp_path):
+    path = write(tmp_path, "")
+    base = load_config(path)
+    more_epochs = load_config(path, ["train.epochs=99"])
+    other_noise = load_config(path, ["noise.rate=0.1"])
+    assert fingerprint(base, "ingest") == fingerprint(more_epochs, "ingest")
+    assert fingerprint(base, "noise") == fingerprint(more_epochs, "noise")
+    assert fingerprint(base, "train") != fingerprint(more_epochs, "train")
+    # a noise change invalidates noise, train and evaluate but not ingest
+    assert fingerprint(base, "ingest") == fingerprint(other_noise, "ingest")
+    for stage in ("noise", "train", "evaluate"):
+        assert fingerprint(base, stage) != fingerprint(other_noise, stage)
+
+
+def test_shipped_configs_validate():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).parents[1] / "jobs" / "configs").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        load_config(path)
