@@ -126,9 +126,10 @@ class Config(_Section):
             if not self.data.classes:
                 raise ConfigError("data.classes is required for user data")
             return list(self.data.classes)
-        if self.data.task == "age":
-            return [f"age_{int(lo)}-{int(hi)}" for lo, hi in self.data.age_bins]
-        return ["happy", "neutral", "surprised", "sad"]
+        from diffinf_ray.data.synthfaces import SynthFacesSpec, class_names
+
+        spec = SynthFacesSpec(task=self.data.task, age_bins=tuple(map(tuple, self.data.age_bins)))
+        return list(class_names(spec))
 
 
 # Which config sections each stage's outputs depend on; upstream stages chain in.

@@ -463,13 +463,28 @@ class _Pen:
             self.mdraw.line(pts, fill=REGIONS[region], width=w, joint="curve")
 
     def ellipse(self, cx, cy, rx, ry, rgb, region: str | None, n: int = 20, z=None) -> None:
-        t = np.linspace(0.0, 2.0 * math.pi, n, endpoint=False)
+        t = _lin(0.0, 2.0 * math.pi, n, False)
         self.poly(cx + rx * np.cos(t), cy + ry * np.sin(t), rgb, region, z)
 
 
 def _rgba(rgb) -> tuple[int, int, int, int]:
-    r, g, b = (int(round(min(max(float(v), 0.0), 255.0))) for v in rgb)
-    return (r, g, b, 255)
+    if isinstance(rgb, np.ndarray):
+        rgb = rgb.tolist()
+    r, g, b = rgb
+    return (
+        int(min(max(r, 0.0), 255.0) + 0.5),
+        int(min(max(g, 0.0), 255.0) + 0.5),
+        int(min(max(b, 0.0), 255.0) + 0.5),
+        255,
+    )
+
+
+@lru_cache(maxsize=64)
+def _lin(start: float, stop: float, num: int, endpoint: bool = True) -> np.ndarray:
+    """np.linspace for the constant ranges the drawing uses (cached, read-only)."""
+    out = np.linspace(start, stop, num, endpoint=endpoint)
+    out.setflags(write=False)
+    return out
 
 
 @dataclass
@@ -588,7 +603,7 @@ def _geometry(f: FaceFactors) -> _Geometry:
 
 
 def _face_outline(geo: _Geometry, n: int = 56) -> tuple[np.ndarray, np.ndarray]:
-    t = np.linspace(0.0, 2.0 * math.pi, n, endpoint=False)
+    t = _lin(0.0, 2.0 * math.pi, n, False)
     c, s = np.cos(t), np.sin(t)
     lower = s > 0
     x = geo.W * c
@@ -612,14 +627,14 @@ def _draw_hair_back(pen: _Pen, f: FaceFactors, geo: _Geometry) -> None:
         bottom, width = 0.55, W + 0.2 + vol
     else:
         return
-    t = np.linspace(math.pi, 2.0 * math.pi, 25)
+    t = _lin(math.pi, 2.0 * math.pi, 25)
     x = list(width * np.cos(t))
     y = list(-0.05 + (1.0 + vol) * np.sin(t))
     x += [width + 0.04, -width - 0.04]
     y += [bottom, bottom]
     x, y = np.array(x), np.array(y)
     if style == "curly":  # a bumpy mass of hair around the head
-        t = np.linspace(0.0, 2.0 * math.pi, 48, endpoint=False)
+        t = _lin(0.0, 2.0 * math.pi, 48, False)
         r = 1.0 + 0.05 * np.sin(t * 12.0)
         x = (width + 0.04) * r * np.cos(t)
         y = -0.12 + (0.95 + vol) * r * np.sin(t)
@@ -680,7 +695,7 @@ def _draw_wrinkles(pen: _Pen, f: FaceFactors, geo: _Geometry) -> None:
         bottom = geo.brow_y - 0.1
         n = 1 + int(round(2.0 * w))
         if bottom > top:
-            xs = np.linspace(-0.3, 0.3, 9)
+            xs = _lin(-0.3, 0.3, 9)
             for k in range(n):
                 yk = bottom - (bottom - top) * (k / max(n, 2)) * 1.2
                 if yk < top:
@@ -704,7 +719,7 @@ def _draw_wrinkles(pen: _Pen, f: FaceFactors, geo: _Geometry) -> None:
     if fold > 0.03:
         dark = skin * (1.0 - 0.4 * fold)
         for side in (-1.0, 1.0):
-            t = np.linspace(0.0, 1.0, 7)
+            t = _lin(0.0, 1.0, 7)
             x0, y0 = side * (geo.nose_w + 0.05), geo.nose_y - 0.03
             x1, y1 = side * (geo.mouth_w + 0.05), geo.mouth_y + 0.06
             x = x0 + (x1 - x0) * t + side * 0.05 * np.sin(math.pi * t)
@@ -715,7 +730,7 @@ def _draw_wrinkles(pen: _Pen, f: FaceFactors, geo: _Geometry) -> None:
     if bags > 0.03:
         dark = skin * (1.0 - 0.32 * bags)
         for side in (-1.0, 1.0):
-            t = np.linspace(0.15, 0.85, 7)
+            t = _lin(0.15, 0.85, 7)
             x = side * geo.eye_dx + (t - 0.5) * 2.0 * geo.eye_rw
             y = geo.eye_y + geo.eye_rh * 0.8 + 0.05 + 0.03 * np.sin(math.pi * t)
             pen.line(x, y, dark, 0.022 + 0.012 * bags)
@@ -762,7 +777,7 @@ def _draw_nose(pen: _Pen, f: FaceFactors, geo: _Geometry) -> None:
 
 def _draw_eyes(pen: _Pen, f: FaceFactors, geo: _Geometry) -> None:
     skin = geo.skin
-    t = np.linspace(0.0, 1.0, 15)
+    t = _lin(0.0, 1.0, 15)
     sin = np.sin(math.pi * t)
     lid = (36, 26, 24)
     for side in (-1.0, 1.0):
@@ -779,7 +794,7 @@ def _draw_eyes(pen: _Pen, f: FaceFactors, geo: _Geometry) -> None:
         ix = cx + f.gaze[0] * geo.eye_rw * 0.25
         iy = cy + f.gaze[1] * geo.eye_rh * 0.2
         for radius, colour in ((geo.iris_r, f.identity.eye_rgb), (geo.iris_r * 0.45, (14, 10, 10))):
-            a = np.linspace(0.0, 2.0 * math.pi, 18, endpoint=False)
+            a = _lin(0.0, 2.0 * math.pi, 18, False)
             px = np.clip(ix + radius * np.cos(a), x[0], x[-1])
             py = np.clip(iy + radius * np.sin(a), np.interp(px, x, up), np.interp(px, x, lo))
             pen.poly(px, py, colour, None)
@@ -799,7 +814,7 @@ def _draw_eyes(pen: _Pen, f: FaceFactors, geo: _Geometry) -> None:
 
 def _draw_brows(pen: _Pen, f: FaceFactors, geo: _Geometry) -> None:
     colour = _mix(geo.hair * 0.75, (230, 228, 224), 0.5 * geo.grey)
-    t = np.linspace(0.0, 1.0, 9)  # 0 inner end .. 1 outer end
+    t = _lin(0.0, 1.0, 9)  # 0 inner end .. 1 outer end
     inner = geo.eye_dx - geo.eye_rw * 0.85
     outer = geo.eye_dx + geo.eye_rw * 1.15
     for side in (-1.0, 1.0):
@@ -822,7 +837,7 @@ def _draw_brows(pen: _Pen, f: FaceFactors, geo: _Geometry) -> None:
 
 def _draw_mouth(pen: _Pen, f: FaceFactors, geo: _Geometry) -> None:
     n = 21
-    t = np.linspace(-1.0, 1.0, n)
+    t = _lin(-1.0, 1.0, n)
     x = t * geo.mouth_w
     prof = np.sqrt(np.clip(1.0 - t**2, 0.0, None))
     mid = geo.mouth_y - geo.curve * 0.11 * t**2 + 0.02 * geo.curve
@@ -879,7 +894,7 @@ def _draw_hair_top(pen: _Pen, f: FaceFactors, geo: _Geometry) -> None:
         bump = 1.0 + 0.05 * np.sin(t * 11.0)
         ox, oy = ox * bump, oy * bump
     # inner contour (the hairline), right to left
-    xs = np.linspace(0.86, -0.86, 15) * W
+    xs = _lin(0.86, -0.86, 15) * W
     ys = hl + (temple_y - hl) * (xs / (0.86 * W)) ** 2
     if style == "bob":  # straight fringe
         ys = np.minimum(ys, hl + 0.03 * np.abs(xs / W))

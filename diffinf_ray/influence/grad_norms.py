@@ -72,7 +72,7 @@ class GradNormError(ValueError):
 class GradNormResult:
     """Per-sample results of one forward/backward. Shapes: B = batch size."""
 
-    sq_norms: Tensor  # (B,) float32 (float64 for a float64 model), squared gradient norm over all selected parameters
+    sq_norms: Tensor  # (B,) squared gradient norm over all selected parameters (model's dtype)
     per_layer: dict[str, Tensor]  # module name -> (B,) its parameters' share of `sq_norms`
     losses: Tensor  # (B,) per-sample cross-entropy
     conv_branches: dict[str, str] = field(default_factory=dict)  # name -> "ghost"|"materialize"
@@ -288,7 +288,7 @@ def _check_batch(images: Tensor, labels: Tensor) -> None:
         raise GradNormError(
             f"labels must have shape ({images.shape[0]},) to match the images, got {tuple(labels.shape)}"
         )
-    if labels.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.bool):
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise GradNormError(f"labels must be integer class indices, got {labels.dtype}")
 
 
@@ -451,6 +451,7 @@ class SelfInfluenceScorer:
     sequence of checkpoint files (URIs/Locations) or loaded `ClassifierCheckpoint`s.
     keep_models=True holds one model per checkpoint on `device`; False holds the weights on the
     CPU and reloads them into a single model per call (less device memory, a copy per call).
+    dtype: the models' and images' floating type (float64 for exactness checks).
     """
 
     def __init__(
@@ -461,9 +462,11 @@ class SelfInfluenceScorer:
         layers: Sequence[str] | None = None,
         conv_mode: ConvMode = "auto",
         keep_models: bool = True,
+        dtype: torch.dtype = torch.float32,
     ):
         ckpts = _load_checkpoints(checkpoints)
         self.device = torch.device(device or default_device())
+        self.dtype = dtype
         self.layers = list(layers) if layers is not None else None
         self.conv_mode = conv_mode
         self.sources = [c.source for c in ckpts]
@@ -473,7 +476,7 @@ class SelfInfluenceScorer:
         num_classes = arch.get("num_classes")
         if not isinstance(num_classes, int) or num_classes < 1:
             raise CheckpointError(f"{ckpts[0].source}: architecture has no valid num_classes ({arch})")
-        template = build_classifier(num_classes, arch.get("head_hidden", 256))
+        template = build_classifier(num_classes, arch.get("head_hidden", 256)).to(dtype)
         self.num_classes = num_classes
         # load_into checks each checkpoint's architecture against the model and names the file
         self._models: list[nn.Module] = []
@@ -482,12 +485,12 @@ class SelfInfluenceScorer:
             if keep_models:
                 net = copy.deepcopy(template)
                 load_into(net, c)
-                self._models.append(net.to(self.device).eval())
+                self._models.append(net.to(self.device, dtype).eval())
             else:
                 load_into(template, c)
                 self._states.append({k: v.detach().cpu().clone() for k, v in c.model_state.items()})
         if not keep_models:
-            self._models.append(template.to(self.device).eval())
+            self._models.append(template.to(self.device, dtype).eval())
         selected_modules(self._models[0], self.layers)  # fail now, not on the first batch
 
     def __len__(self) -> int:
@@ -500,7 +503,7 @@ class SelfInfluenceScorer:
         return self._models[t]
 
     def __call__(self, images: Tensor | np.ndarray, labels: Tensor | np.ndarray) -> dict[str, np.ndarray]:
-        images = torch.as_tensor(images).to(self.device, torch.float32)
+        images = torch.as_tensor(images).to(self.device, self.dtype)
         labels = torch.as_tensor(labels)
         _check_batch(images, labels)
         labels = labels.to(self.device).long()
