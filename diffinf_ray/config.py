@@ -107,7 +107,20 @@ class EvaluateSection(_Section):
     ece_bins: int = Field(15, ge=2)
 
 
-STAGES = ("ingest", "noise", "train", "evaluate")
+class InfluenceSection(_Section):
+    tau: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1  # high-influence set = top tau of scores
+    per_class: bool = False  # top tau within each assigned class
+    layers: list[str] | None = None  # module names, e.g. [head]; None = all parameters
+    batch_size: int = Field(64, ge=1)
+    actors: int = Field(1, ge=1)
+    use_gpu: bool = False
+
+
+class CleanlabSection(_Section):
+    folds: int = Field(3, ge=2)  # K-fold out-of-sample probabilities for find_label_issues
+
+
+STAGES = ("ingest", "noise", "train", "evaluate", "influence", "cleanlab", "removal")
 
 
 class Config(_Section):
@@ -118,7 +131,9 @@ class Config(_Section):
     noise: NoiseSection = NoiseSection()
     train: TrainSection = TrainSection()
     evaluate: EvaluateSection = EvaluateSection()
-    stages: list[Literal["ingest", "noise", "train", "evaluate"]] = list(STAGES)
+    influence: InfluenceSection = InfluenceSection()
+    cleanlab: CleanlabSection = CleanlabSection()
+    stages: list[Literal[STAGES]] = ["ingest", "noise", "train", "evaluate"]
 
     @property
     def class_names(self) -> list[str]:
@@ -132,25 +147,31 @@ class Config(_Section):
         return list(class_names(spec))
 
 
-# Which config sections each stage's outputs depend on; upstream stages chain in.
+# Which config sections each stage's outputs depend on, and its upstream stages.
 _STAGE_SECTIONS = {
     "ingest": ("data",),
     "noise": ("noise",),
     "train": ("train",),
     "evaluate": ("evaluate",),
+    "influence": ("influence",),
+    "cleanlab": ("train", "evaluate", "cleanlab"),  # K classifiers trained like the baseline
+    "removal": ("train", "evaluate"),  # retrain without the flagged set, evaluate
 }
-_UPSTREAM = {"ingest": None, "noise": "ingest", "train": "noise", "evaluate": "train"}
+_UPSTREAM = {
+    "ingest": (), "noise": ("ingest",), "train": ("noise",), "evaluate": ("train",),
+    "influence": ("train",), "cleanlab": ("noise",), "removal": ("influence",),
+}
 
 
 def fingerprint(cfg: Config, stage: str) -> str:
     """Hash of the settings `stage` and its upstream stages depend on (16 hex digits)."""
-    parts = {}
-    s: str | None = stage
-    while s is not None:
+    parts = {"seed": cfg.run.seed}
+    todo = [stage]
+    while todo:
+        s = todo.pop()
         for section in _STAGE_SECTIONS[s]:
             parts[section] = getattr(cfg, section).model_dump(mode="json")
-        s = _UPSTREAM[s]
-    parts["seed"] = cfg.run.seed
+        todo.extend(_UPSTREAM[s])
     blob = json.dumps(parts, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 

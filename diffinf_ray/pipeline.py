@@ -41,8 +41,27 @@ def _noise(cfg: Config, root: RunRoot) -> dict:
     return run_noise(cfg, root)
 
 
+def _influence(cfg: Config, root: RunRoot) -> dict:
+    from diffinf_ray.stages.influence import run_influence
+
+    return run_influence(cfg, root)
+
+
+def _cleanlab(cfg: Config, root: RunRoot) -> dict:
+    from diffinf_ray.stages.detectors import run_cleanlab
+
+    return run_cleanlab(cfg, root)
+
+
+def _removal(cfg: Config, root: RunRoot) -> dict:
+    from diffinf_ray.stages.detectors import run_removal
+
+    return run_removal(cfg, root)
+
+
 STAGE_FUNCTIONS: dict[str, Callable[[Config, RunRoot], dict]] = {
     "ingest": _ingest, "noise": _noise, "train": _train, "evaluate": _evaluate,
+    "influence": _influence, "cleanlab": _cleanlab, "removal": _removal,
 }
 # What a stage owns under the run root: cleared before it runs with a new fingerprint.
 STAGE_OUTPUTS = {
@@ -50,6 +69,9 @@ STAGE_OUTPUTS = {
     "noise": ("manifest_noisy",),
     "train": ("checkpoints",),
     "evaluate": ("evaluation",),
+    "influence": ("influence",),
+    "cleanlab": ("cleanlab",),
+    "removal": ("removal",),
 }
 
 

@@ -8,6 +8,8 @@ between a batched and a single-sample forward, which legitimately moves one samp
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -134,10 +136,13 @@ def test_both_conv_branches_run_and_agree(models, batch, naive):
 
 
 def test_scores_equal_captum_tracincp(models, batch, tmp_path):
+    """float32, and Captum's batch = ours, so both see the same forward numerics."""
     from captum.influence import TracInCP
 
+    images, labels = batch[0].float(), batch[1]
+    fp32 = [copy.deepcopy(m).float() for m in models]
     paths = []
-    for t, (model, lr) in enumerate(zip(models, LRS, strict=True)):
+    for t, (model, lr) in enumerate(zip(fp32, LRS, strict=True)):
         path = tmp_path / f"ckpt_{t}.pt"
         path.write_bytes(to_bytes({"model_state": model.state_dict(), "epoch": t + 1,
                                    "learning_rate": lr, "architecture": model.architecture()}))
@@ -149,15 +154,14 @@ def test_scores_equal_captum_tracincp(models, batch, tmp_path):
         net.eval()
         return ckpt.learning_rate
 
-    captum_model = build_classifier(CLASSES).double().eval()
     tracin = TracInCP(
-        captum_model, torch.utils.data.TensorDataset(*batch), paths, checkpoints_load_func=load,
-        loss_fn=nn.CrossEntropyLoss(reduction="none"), sample_wise_grads_per_batch=False,
-        batch_size=4,
+        build_classifier(CLASSES).eval(), torch.utils.data.TensorDataset(images, labels), paths,
+        checkpoints_load_func=load, loss_fn=nn.CrossEntropyLoss(reduction="none"),
+        sample_wise_grads_per_batch=False, batch_size=BATCH,
     )
     reference = tracin.self_influence(outer_loop_by_checkpoints=True)
-    ours = self_influence_scores(list(zip(models, LRS, strict=True)), *batch)
-    assert_close(ours, reference, 1e-6)
+    ours = self_influence_scores(list(zip(fp32, LRS, strict=True)), images, labels)
+    assert_close(ours, reference, 1e-4)
 
 
 def test_scores_do_not_depend_on_batch_composition(models, batch):
@@ -210,6 +214,7 @@ class ToyNet(nn.Module):
         return self.out(self.bn_b(x))
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same'")  # the asymmetric padding is the point
 def test_toy_layers_match_per_sample_loop_in_both_branches():
     torch.manual_seed(3)
     model = ToyNet().double().train()
@@ -267,21 +272,24 @@ def save_checkpoint(root, epoch: int, model: nn.Module, lr: float | None):
     return path
 
 
-def test_scorer_loads_checkpoints_and_weights_by_learning_rate(models, batch, naive, tmp_path):
+def test_scorer_loads_checkpoints_in_epoch_order_and_weights_by_learning_rate(models, batch, tmp_path):
     root = tmp_path / "checkpoints"
-    for epoch, (model, lr) in enumerate(zip(models, LRS, strict=True), start=1):
+    fp32 = [copy.deepcopy(m).float() for m in models]
+    for epoch, (model, lr) in reversed(list(enumerate(zip(fp32, LRS, strict=True), start=1))):
         save_checkpoint(root, epoch, model, lr)
-    expected = sum(lr * totals for lr, (totals, _) in zip(LRS, naive, strict=True))
+    images, labels = batch[0].float(), batch[1]
+    norms = [per_sample_grad_sq_norms(m, images, labels).double() for m in fp32]
+    losses = F.cross_entropy(fp32[2](images), labels, reduction="none").detach()
     for keep_models in (True, False):
-        scorer = SelfInfluenceScorer(str(root), device="cpu", dtype=torch.float64,
-                                     keep_models=keep_models)
-        out = scorer(batch[0].numpy(), batch[1].numpy())
+        scorer = SelfInfluenceScorer(str(root), device="cpu", keep_models=keep_models)
+        out = scorer(images.numpy(), labels.numpy())
         assert out["score"].shape == (BATCH,) and out["per_checkpoint"].shape == (BATCH, 3)
-        assert_close(out["score"], expected, 1e-6)
-        np.testing.assert_allclose(out["per_checkpoint"] @ np.array(LRS), out["score"], rtol=1e-12)
-        losses = F.cross_entropy(models[2](batch[0]), batch[1], reduction="none")
-        np.testing.assert_allclose(out["loss"][:, 2], losses.detach().numpy(), rtol=1e-5)
+        for t in range(3):
+            assert_close(out["per_checkpoint"][:, t], norms[t], 1e-6)
+        assert_close(out["score"], sum(lr * n for lr, n in zip(LRS, norms, strict=True)), 1e-6)
+        np.testing.assert_allclose(out["loss"][:, 2], losses.numpy(), rtol=1e-5)
     assert scorer.epochs == [1, 2, 3]
+    assert scorer.learning_rates.tolist() == list(LRS)
 
 
 def test_scorer_names_a_checkpoint_without_learning_rate(models, tmp_path):

@@ -65,6 +65,38 @@ def test_rerun_skips_done_stages(tiny_run):
     assert record["status"] == "done"
 
 
+def test_influence_and_removal_stages(tiny_run):
+    """The Ray Data influence stage gives the compute core's scores; removal retrains without
+    the flagged set."""
+    import numpy as np
+
+    from diffinf_ray.data.images import to_tensor_batch
+    from diffinf_ray.influence.grad_norms import SelfInfluenceScorer
+
+    cfg, root, _ = tiny_run
+    more = load_config(TINY, [f"run.root={root}",
+                              "stages=[ingest,noise,train,evaluate,influence,removal]"])
+    results = run_pipeline(more)
+    scores = pq.read_table(root / "influence" / "influence.parquet").to_pandas().set_index("sample_id")
+    noisy = pq.read_table(root / "manifest_noisy").to_pandas()
+    train = noisy[noisy.split == "train"].set_index("sample_id")
+    assert sorted(scores.index) == sorted(train.index)  # every training row scored once
+    assert scores.is_high.sum() == round(more.influence.tau * len(train))
+    assert (scores.score[scores.is_high].min() >= scores.score[~scores.is_high].max())
+
+    direct = SelfInfluenceScorer(str(root / "checkpoints"), device="cpu")(
+        to_tensor_batch(list(train.image)), train.label.to_numpy(np.int64))
+    np.testing.assert_allclose(scores.loc[train.index, "score"], direct["score"], rtol=1e-4)
+    assert len(scores.per_checkpoint.iloc[0]) == 2
+
+    detection = json.loads((root / "influence" / "detection.json").read_text())
+    assert set(detection) == {"tracin", "loss"}
+    assert (root / "influence" / "score_hist.png").stat().st_size > 0
+    removal = json.loads((root / "removal" / "evaluation" / "metrics.json").read_text())
+    assert removal["removed_rows"] == scores.is_high.sum()
+    assert results["removal"]["accuracy"] == removal["accuracy"]
+
+
 def test_train_resumes_from_last_checkpoint(tiny_run):
     """A second fit on the same checkpoints folder continues after the last saved epoch."""
     cfg, root, _ = tiny_run

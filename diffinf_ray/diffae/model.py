@@ -80,8 +80,8 @@ class DiffAEConfig:
 PRESETS: dict[str, DiffAEConfig] = {
     # CI: trains in seconds on a CPU.
     "tiny": DiffAEConfig(
-        image_size=32, z_dim=64, unet_channels=(32, 64, 64), unet_layers_per_block=1,
-        unet_attention_resolutions=(), encoder_channels=(32, 64, 64), encoder_layers_per_block=1,
+        image_size=32, z_dim=32, unet_channels=(16, 32, 32), unet_layers_per_block=1,
+        unet_attention_resolutions=(), encoder_channels=(16, 32, 32), encoder_layers_per_block=1,
         encoder_attention_resolutions=(), norm_num_groups=8, dropout=0.0,
     ),
     # 64 px synthetic faces on a CPU.

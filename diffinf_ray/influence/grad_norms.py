@@ -209,8 +209,8 @@ class _LayerRecorder:
         if self.weight:
             shape = (1, -1) + (1,) * len(dims)
             invstd = torch.rsqrt(module.running_var.to(g.dtype) + module.eps).reshape(shape)
-            x_hat = (x - module.running_mean.to(g.dtype).reshape(shape)) * invstd
-            dgamma = (x_hat * g).sum(dims) if dims else x_hat * g
+            centred_g = (x - module.running_mean.to(g.dtype).reshape(shape)).mul_(g)
+            dgamma = (centred_g.sum(dims) if dims else centred_g) * invstd.reshape(1, -1)
             total = total + dgamma.pow(2).sum(1)
         return total
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from diffinf_ray.config import Config
 from diffinf_ray.metrics import classification_metrics
-from diffinf_ray.models.checkpoint import list_checkpoints, load_checkpoint
+from diffinf_ray.models.checkpoint import epoch_of, list_checkpoints, load_checkpoint
 from diffinf_ray.storage import Location
 
 
@@ -43,13 +43,15 @@ class Predictor:
         return out
 
 
-def predict_split(cfg: Config, manifest: Location, checkpoint: Location, split: str):
-    """Predictions for one split as a pandas DataFrame (one row per sample)."""
+def predict_split(cfg: Config, manifest: Location, checkpoint: Location, split: str,
+                  fold: tuple[int, int, bool] | None = None):
+    """Predictions for one split (or one fold of it) as a pandas DataFrame, one row per sample."""
     import ray
 
     from diffinf_ray.stages.train import split_dataset
 
-    ds = split_dataset(manifest, split, ["sample_id", "image", "label", "label_clean", "group"])
+    ds = split_dataset(manifest, split, ["sample_id", "image", "label", "label_clean", "group",
+                                         "is_corrupted"], fold=fold)
     preds = ds.map_batches(
         Predictor,
         fn_constructor_kwargs={"checkpoint_uri": checkpoint.uri,
@@ -78,7 +80,7 @@ def evaluate_checkpoints(cfg: Config, manifest: Location, checkpoints: Location,
     groups = df["group"].fillna("unknown").to_numpy() if "group" in df else None
     metrics = classification_metrics(probs, truth, cfg.class_names, groups, cfg.evaluate.ece_bins)
     metrics["checkpoint"] = last.display
-    metrics["epoch"] = load_checkpoint(last).epoch
+    metrics["epoch"] = epoch_of(last.path)
     out.child("metrics.json").write_json(metrics)
     import pyarrow as pa
 

@@ -38,18 +38,35 @@ def decode_for_training(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             "label": batch["label"].astype(np.int64)}
 
 
-def select_split(batch: dict[str, np.ndarray], split: str) -> dict[str, np.ndarray]:
+def fold_of(sample_ids: np.ndarray, num_folds: int) -> np.ndarray:
+    """Deterministic fold of each sample (crc32 of its id), independent of row order."""
+    import zlib
+
+    return np.array([zlib.crc32(str(s).encode()) % num_folds for s in sample_ids], dtype=np.int64)
+
+
+def select_rows(batch: dict[str, np.ndarray], split: str, exclude_ids: frozenset | None = None,
+                fold: tuple[int, int, bool] | None = None) -> dict[str, np.ndarray]:
+    """Rows of `split`, minus `exclude_ids`; with `fold=(k, K, inside)`, only the rows whose
+    fold is k (inside=True) or is not k (inside=False)."""
     keep = batch["split"] == split
+    if exclude_ids:
+        keep &= ~np.isin(batch["sample_id"].astype(str), list(exclude_ids))
+    if fold is not None:
+        k, num_folds, inside = fold
+        keep &= (fold_of(batch["sample_id"], num_folds) == k) == inside
     return {k: v[keep] for k, v in batch.items()}
 
 
-def split_dataset(manifest: Location, split: str, columns: list[str]):
+def split_dataset(manifest: Location, split: str, columns: list[str],
+                  exclude_ids: frozenset | None = None, fold: tuple[int, int, bool] | None = None):
     """Rows of one split of a manifest folder as a Ray Dataset (streaming, not materialised)."""
     import ray
 
-    ds = ray.data.read_parquet(manifest.path, filesystem=manifest.fs) \
-        .select_columns(sorted(set(columns) | {"split"}))
-    return ds.map_batches(select_split, fn_kwargs={"split": split}, batch_format="numpy")
+    needed = set(columns) | {"split"} | ({"sample_id"} if exclude_ids or fold else set())
+    ds = ray.data.read_parquet(manifest.path, filesystem=manifest.fs).select_columns(sorted(needed))
+    return ds.map_batches(select_rows, batch_format="numpy", fn_kwargs={
+        "split": split, "exclude_ids": exclude_ids, "fold": fold})
 
 
 def _train_loop(loop_config: dict) -> None:
@@ -163,11 +180,13 @@ def load_init_backbone(train: TrainSection, storage_options) -> dict | None:
     return load_verified_state_dict(train.weights_uri, train.weights_sha256, storage_options)
 
 
-def train_classifier(cfg: Config, manifest: Location, checkpoints: Location,
-                     num_classes: int, train_split: str = "train") -> dict:
-    """Fit on `train_split` of `manifest`, validate on its val split, checkpoint to `checkpoints`.
+def train_classifier(cfg: Config, manifest: Location, checkpoints: Location, num_classes: int,
+                     exclude_ids: frozenset | None = None,
+                     fold: tuple[int, int, bool] | None = None) -> dict:
+    """Fit on the train split of `manifest` (minus `exclude_ids`, or one side of a K-fold
+    partition), validate on its val split, checkpoint to `checkpoints`.
 
-    Returns the metrics of the last epoch and where the checkpoints are.
+    Returns the metrics of the last epoch.
     """
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -177,7 +196,8 @@ def train_classifier(cfg: Config, manifest: Location, checkpoints: Location,
 
     columns = ["image", "label"]
     datasets = {
-        "train": split_dataset(manifest, train_split, columns).map_batches(decode_for_training),
+        "train": split_dataset(manifest, "train", columns, exclude_ids, fold)
+        .map_batches(decode_for_training),
         "val": split_dataset(manifest, "val", columns).map_batches(decode_for_training),
     }
     loop_config = {
