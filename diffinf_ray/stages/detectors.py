@@ -50,7 +50,7 @@ def run_cleanlab(cfg: Config, root: RunRoot) -> dict:
         "is_corrupted": pa.array(df["is_corrupted"].tolist(), pa.bool_()),
     }))
     summary = {"folds": K, "train_rows": len(df), "label_issues": int(issues.sum())}
-    if df["is_corrupted"].notna().all():
+    if df["is_corrupted"].notna().all() and 0 < df["is_corrupted"].sum() < len(df):
         truth = df["is_corrupted"].to_numpy(bool)
         report = detection_report(1.0 - self_confidence, truth, tau=cfg.influence.tau,
                                   labels=labels, per_class=cfg.influence.per_class)

@@ -82,6 +82,9 @@ def detection_summary(df, cfg: Config, scores: dict[str, np.ndarray]) -> dict:
     if not known.all():
         return {"note": "is_corrupted unknown for some rows (no injected noise); detection not measured"}
     truth = df["is_corrupted"].to_numpy(bool)
+    if truth.all() or not truth.any():
+        return {"note": f"{int(truth.sum())} of {truth.size} training labels corrupted; "
+                        "detection needs both corrupted and clean rows"}
     labels = df["label"].to_numpy(np.int64)
     return {name: detection_report(s, truth, tau=cfg.influence.tau, labels=labels,
                                    per_class=cfg.influence.per_class)
