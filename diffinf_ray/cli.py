@@ -47,19 +47,30 @@ def _format_error(err: BaseException) -> str:
 
 
 def _print_metrics(results: dict) -> None:
-    metrics = results.get("evaluate")
-    if not metrics:
-        return
-    auroc = metrics.get("auroc_macro_ovr")
-    print("\nclean test split:")
-    print(f"  accuracy   {metrics['accuracy']:.2f}%")
-    print(f"  AUROC      {auroc:.2f}" if auroc is not None else "  AUROC      n/a (a class is missing)")
-    print(f"  kappa(lin) {metrics['kappa_linear']:.3f}")
-    print(f"  ECE        {metrics['ece']:.4f}")
-    for name, acc in metrics["per_class_accuracy"].items():
-        print(f"  class {name:<12} {acc:.1f}%" if acc is not None else f"  class {name:<12} n/a")
-    for name, acc in metrics.get("per_group_accuracy", {}).items():
-        print(f"  group {name:<12} {acc:.1f}%")
+    rows = [(name, results[stage]) for name, stage in (("trained on assigned labels", "evaluate"),
+                                                        ("self-influence removal", "removal"))
+            if results.get(stage)]
+    if rows:
+        print("\nclean test split:")
+        print(f"  {'':<28} {'acc %':>7} {'AUROC':>7} {'kappa':>7} {'ECE':>7}")
+        for name, m in rows:
+            auroc = m.get("auroc_macro_ovr")
+            print(f"  {name:<28} {m['accuracy']:7.2f} "
+                  f"{(f'{auroc:7.2f}' if auroc is not None else '    n/a')} "
+                  f"{m['kappa_linear']:7.3f} {m['ece']:7.4f}")
+        per_class = rows[0][1]["per_class_accuracy"]
+        print("  per class (" + rows[0][0] + "): " + ", ".join(
+            f"{k} {v:.1f}%" if v is not None else f"{k} n/a" for k, v in per_class.items()))
+        groups = rows[0][1].get("per_group_accuracy", {})
+        if groups:
+            print("  per group: " + ", ".join(f"{k} {v:.1f}%" for k, v in groups.items()))
+    detectors = {**results.get("influence", {}), **results.get("cleanlab", {})}
+    found = {k: v for k, v in detectors.items() if isinstance(v, dict) and "auroc" in v}
+    if found:
+        print("\nlabel-noise detection (flagged set vs injected corruption):")
+        for name, rep in found.items():
+            print(f"  {name:<10} precision {rep['precision']:.3f}  recall {rep['recall']:.3f}  "
+                  f"AUROC {rep['auroc']:.3f}")
 
 
 def _cmd_run(args) -> int:

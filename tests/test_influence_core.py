@@ -91,7 +91,8 @@ def models():
 
 @pytest.fixture(scope="module")
 def naive(models, batch):
-    return [naive_norms(m, *batch) for m in models]
+    """Per-sample loop for the first two checkpoints (float64 on CPU is slow)."""
+    return [naive_norms(m, *batch) for m in models[:2]]
 
 
 def assert_close(actual, expected, rtol):
@@ -102,11 +103,12 @@ def assert_close(actual, expected, rtol):
 
 
 def test_scores_equal_per_sample_loop_over_all_parameters(models, batch, naive):
+    lrs = LRS[:2]
     scores, per_ckpt = self_influence_scores(
-        list(zip(models, LRS, strict=True)), *batch, per_checkpoint=True
+        list(zip(models[:2], lrs, strict=True)), *batch, per_checkpoint=True
     )
-    expected = sum(lr * totals for lr, (totals, _) in zip(LRS, naive, strict=True))
-    assert per_ckpt.shape == (BATCH, len(LRS))
+    expected = sum(lr * totals for lr, (totals, _) in zip(lrs, naive, strict=True))
+    assert per_ckpt.shape == (BATCH, 2)
     assert_close(scores, expected, 1e-6)
     for t, (totals, _) in enumerate(naive):
         assert_close(per_ckpt[:, t], totals, 1e-6)

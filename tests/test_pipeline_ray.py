@@ -109,3 +109,44 @@ def test_train_resumes_from_last_checkpoint(tiny_run):
     for c in after[:2]:  # the earlier epochs were not retrained
         assert c.read_bytes() == before[c.path]
     assert metrics["epoch"] == 3
+
+
+def _png(seed: int) -> bytes:
+    import numpy as np
+
+    from diffinf_ray.data.images import encode_png
+
+    return encode_png(np.random.default_rng(seed).integers(0, 255, (40, 40, 3), dtype=np.uint8))
+
+
+def test_ingest_user_table_quarantines_bad_rows(ray_local, tmp_path):
+    data = tmp_path / "data"
+    (data / "img").mkdir(parents=True)
+    rows = ["image,label,split"]
+    for i in range(16):
+        (data / "img" / f"ok{i}.png").write_bytes(_png(i))
+        rows.append(f"img/ok{i}.png,{['cat', 'dog'][i % 2]},{['train', 'val', 'test', 'train'][i % 4]}")
+    (data / "img" / "corrupt.png").write_bytes(b"this is not an image at all")
+    (data / "img" / "cut.png").write_bytes(_png(99)[:200])
+    (tmp_path / "outside.png").write_bytes(_png(100))
+    rows += ["img/corrupt.png,cat,train", "img/cut.png,dog,train", "img/missing.png,cat,train",
+             "img/ok0.png,bird,train", "../outside.png,cat,train"]
+    (data / "labels.csv").write_text("\n".join(rows) + "\n")
+
+    overrides = [f"run.root={tmp_path / 'run'}", "data.source=table",
+                 f"data.path={data / 'labels.csv'}", "data.classes=[cat,dog]",
+                 "data.image_size=32", "stages=[ingest]"]
+    with pytest.raises(Exception, match="quarantin"):
+        run_pipeline(load_config(TINY, overrides))  # 5 of 21 rows bad > the 5% default limit
+
+    summary = run_pipeline(load_config(TINY, [*overrides, "data.max_quarantine_fraction=0.5"]))["ingest"]
+    assert summary["input_rows"] == 21
+    assert summary["manifest_rows"] + summary["quarantined_rows"] == 21
+    quarantine = pq.read_table(tmp_path / "run" / "quarantine").to_pandas()
+    reasons = " | ".join(sorted(quarantine.reason))
+    # ok0.png appears twice (once with label "bird"): both copies share the id -> duplicates
+    for expected in ("unreadable", "truncated", "missing file", "escapes", "duplicate"):
+        assert expected in reasons, reasons
+    manifest = pq.read_table(tmp_path / "run" / "manifest").to_pandas()
+    assert set(manifest.label) <= {0, 1}
+    assert not set(manifest.sample_id) & set(quarantine.sample_id)

@@ -146,6 +146,11 @@ def label_guessing(chosen: torch.Tensor, score1: torch.Tensor, score2: torch.Ten
     return out
 
 
+def matched_high_confidence(probs: torch.Tensor, labels: torch.Tensor, tau: float) -> torch.Tensor:
+    """MHCS: the network's probability of the given label exceeds tau."""
+    return probs.gather(1, labels[:, None]).squeeze(1) > tau
+
+
 def _mean(values: torch.Tensor) -> torch.Tensor:
     """Mean, or a zero that keeps the graph when empty."""
     return values.sum() / max(1, values.numel())
@@ -271,7 +276,7 @@ class ProMix(MethodBase):
                 debias_px = F.softmax(logits - a_pl * torch.log(self.pi[k]), dim=1)
                 debias_px_unrel.append(F.softmax(logits - a_pl * torch.log(self.pi_unrel[k]), dim=1))
                 pred = F.one_hot(debias_px.argmax(dim=1), self.num_classes).float()
-                w_x = self.selected[k][idx] | ((y1h * px[k]).sum(dim=1) > c["tau"])  # CSS | MHCS
+                w_x = self.selected[k][idx] | matched_high_confidence(px[k], y, c["tau"])
                 pseudo_labels.append(torch.where(w_x[:, None], y1h, pred))
                 chosen.append(w_x)
             if e > self.epochs - c["lga_epochs"]:

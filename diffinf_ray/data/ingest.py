@@ -77,9 +77,12 @@ LISTING_SCHEMA = pa.schema(
 )
 
 # What `ingest_batch` returns, as a table: the manifest columns, plus the row's `source` and
-# its `quarantine_reason` (null for good rows). Quarantined rows have label -1 and no image.
+# its `quarantine_reason` (null for good rows). Quarantined rows have label -1 and no image,
+# and may lack a split or id, so every column is nullable here (`to_manifest_and_quarantine`
+# checks the manifest's non-null columns on the good rows).
 OUTPUT_SCHEMA = pa.schema(
-    [*SCHEMA, pa.field("source", pa.string()), pa.field("quarantine_reason", pa.string())]
+    [*(f.with_nullable(True) for f in SCHEMA), pa.field("source", pa.string()),
+     pa.field("quarantine_reason", pa.string())]
 )
 
 REASON_MISSING_ID = "missing sample_id"

@@ -43,10 +43,12 @@ def _generate(batch: dict[str, np.ndarray], spec) -> dict[str, np.ndarray]:
     return generate_batch(spec, batch["id"])
 
 
-def _with_output_schema(batch: dict[str, np.ndarray]) -> pa.Table:
-    from diffinf_ray.data.ingest import output_table
+def _ingest_table(batch: dict[str, np.ndarray], **kwargs) -> pa.Table:
+    """`ingest_batch`, typed at once: a numpy hop between the two would turn null labels into
+    NaN floats."""
+    from diffinf_ray.data.ingest import ingest_batch, output_table
 
-    return output_table(batch)
+    return output_table(ingest_batch(batch, **kwargs))
 
 
 def _manifest_part(table: pa.Table) -> pa.Table:
@@ -95,7 +97,7 @@ def root_options(cfg: Config):
 def _ingest_user_data(cfg: Config, root: RunRoot) -> int:
     import ray
 
-    from diffinf_ray.data.ingest import find_duplicate_ids, ingest_batch
+    from diffinf_ray.data.ingest import find_duplicate_ids
 
     dataset_root, rows = _user_rows(cfg)
     if rows.num_rows == 0:
@@ -104,7 +106,7 @@ def _ingest_user_data(cfg: Config, root: RunRoot) -> int:
     staged = root.child("_staging", "ingest")
     staged.delete()
     ray.data.from_arrow(rows).map_batches(
-        ingest_batch,
+        _ingest_table,
         fn_kwargs={
             "dataset_root_uri": dataset_root.uri,
             "storage_options": root_options(cfg),
@@ -116,8 +118,7 @@ def _ingest_user_data(cfg: Config, root: RunRoot) -> int:
         },
         batch_size=cfg.data.batch_size,
         batch_format="numpy",
-    ).map_batches(_with_output_schema, batch_format="numpy") \
-        .write_parquet(staged.path, filesystem=staged.fs)
+    ).write_parquet(staged.path, filesystem=staged.fs)
     # one validation pass, then two streaming selections: memory stays flat in dataset size
     staged_ds = ray.data.read_parquet(staged.path, filesystem=staged.fs)
     staged_ds.map_batches(_manifest_part, batch_format="pyarrow") \
