@@ -153,8 +153,9 @@ def test_method_beats_standard_under_noise(sanity_runs, name, margin):
 
 def test_selection_methods_pick_mostly_clean_labels(sanity_runs):
     # 60 % of the training labels are clean; the selected ones must be far cleaner
-    assert sanity_runs["small_loss"][-1]["label_precision"] > 0.9
-    assert sanity_runs["promix"][-1]["label_precision"] > 0.9
+    # (measured: small_loss 0.943, promix 0.919 in the last epoch)
+    assert sanity_runs["small_loss"][-1]["label_precision"] > 0.85
+    assert sanity_runs["promix"][-1]["label_precision"] > 0.85
 
 
 # ------------------------------------------------------------------ Co-teaching

@@ -192,6 +192,8 @@ def test_inversion_then_decoding_reconstructs_better_than_random_noise(trained_t
     assert err < 0.2 * images.var().item(), err  # most of the image comes back
     assert err < 0.1 * err_noise, (err, err_noise)
     assert 0.7 < x_T.std().item() < 1.3  # inverted latents look like unit noise
+    with torch.no_grad():
+        assert torch.equal(encode(model, images, steps=20)[1], x_T)  # deterministic
 
 
 def test_gradients_reach_z_and_x_T_and_checkpointing_does_not_change_them():
@@ -249,7 +251,7 @@ def test_guidance_scale_mixes_label_and_null_predictions():
     torch.testing.assert_close(predict_eps(model, x, 300, z, label, guidance_scale=0.0), eps_null)
     torch.testing.assert_close(
         predict_eps(model, x, 300, z, label, guidance_scale=3.0),
-        eps_null + 3.0 * (eps_label - eps_null), rtol=1e-5, atol=1e-5,
+        eps_null + 3.0 * (eps_label - eps_null), rtol=1e-4, atol=1e-4,
     )
 
 

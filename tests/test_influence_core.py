@@ -76,6 +76,16 @@ def naive_norms(model: nn.Module, images, labels) -> tuple[torch.Tensor, dict[st
     return torch.stack([sum(row.values()) for row in rows]), per_module
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Small single-sample kernels gain nothing from a second thread on a shared 2-core box,
+    and OpenMP barriers stall when other jobs hold the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def batch():
     torch.manual_seed(1)

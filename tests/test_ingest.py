@@ -26,7 +26,6 @@ from diffinf_ray.data.ingest import (
     ingest_batch,
     list_image_folder,
     output_table,
-    parent_location,
     read_label_table,
     resolve_source,
     split_thresholds,
@@ -223,7 +222,7 @@ def test_label_table_rows_get_the_right_reasons(local_dataset, fmt):
     assert rows_table.num_rows == len(rows)
     assert "007" in rows_table["sample_id"].to_pylist()  # not read as the integer 7
 
-    dataset_root = parent_location(table_location)
+    dataset_root = table_location.parent()
     assert dataset_root.path == str(root.resolve())
     table, manifest, quarantine = run_ingest(rows_table, dataset_root)
 
@@ -443,7 +442,7 @@ def test_ingest_over_s3(s3_endpoint):
 
     table_location = base.child("labels.csv")
     rows = read_label_table(table_location)
-    root = parent_location(table_location)
+    root = table_location.parent()
     assert root.path == "data/ds" and not root.is_local
     table, manifest, quarantine = run_ingest(rows, root)
     assert table["quarantine_reason"].to_pylist() == [

@@ -265,7 +265,7 @@ class MethodBase:
         self.device = torch.device(device)
         for module in self._nets + self._extra_modules:
             module.to(self.device)
-        for key, value in vars(self).items():
+        for key, value in list(vars(self).items()):
             if isinstance(value, torch.Tensor):
                 setattr(self, key, value.to(self.device))
             elif isinstance(value, list) and value and all(isinstance(v, torch.Tensor) for v in value):

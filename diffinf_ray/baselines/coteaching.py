@@ -21,8 +21,8 @@ Defaults and sources:
   averages the two networks' logits instead).
 
 Differences from the repo (documented, deliberate):
-- kept count: ceil(R(T) * B) instead of the repo's int(R(T) * B) (floor), so a batch never keeps
-  0 samples; the same for all but the last, odd-sized batch.
+- kept count: ceil(R(T) * B) instead of the repo's int(R(T) * B) (floor): one sample more
+  whenever R(T) * B is not an integer, and a batch never keeps 0 samples.
 - the update loss is the mean CE over the kept samples; the repo divides that mean again by the
   kept count (`torch.sum(mean) / num_remember`), which only rescales the step (Adam is nearly
   invariant to it).

@@ -183,16 +183,6 @@ def infer_classes(labels: Iterable[object]) -> list[str]:
     return sorted({str(v) for v in labels if not _is_missing(v)})
 
 
-def parent_location(location: Location) -> Location:
-    """The folder holding `location` (same filesystem and query string)."""
-    base, _, query = location.uri.partition("?")
-    parent_path = posixpath.dirname(location.path)
-    if location.is_local:
-        return Location(parent_path, location.options)
-    parent_uri = posixpath.dirname(base.rstrip("/")) + (f"?{query}" if query else "")
-    return Location(parent_uri, location.options, _resolved=(location.fs, parent_path))
-
-
 def _csv_header(data: bytes, where: str) -> list[str]:
     text = data[:1 << 20].decode("utf-8-sig", errors="replace")
     try:
@@ -285,7 +275,7 @@ def read_label_table(location: Location) -> pa.Table:
     string and digits are taken as an index unless they are a class name). Optional: `split`,
     `sample_id` (default: the image path without extension), `group`, `identity`. Other
     columns are ignored. Relative image paths are relative to the table's folder
-    (`parent_location(location)`) unless the stage is given another dataset root.
+    (`location.parent()`) unless the stage is given another dataset root.
     """
     where = location.display
     name = posixpath.basename(location.path).lower()

@@ -29,11 +29,18 @@ converter stops; `--allow-pickle` then loads it with full pickle, which executes
 file: only do that in a trusted, throwaway environment. `load_official(path_or_uri, sha256=...)`
 loads the safetensors export (or an EMA-only `torch.save` state dict, with weights_only=True),
 checking its sha256 when given.
+
+Sampling. `autoencoder.decode(model, z, x_T, steps=T, clip_x0=True)` is the official
+`render(x_T, z, T)` (same timesteps for T dividing 1000, x0_hat clamped, eps re-derived;
+render then maps the result to [0, 1]);
+`autoencoder.encode` matches `encode_stochastic` up to the one-step grid offset described in
+`schedule.py`. Images are FFHQ-aligned RGB in [-1, 1].
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import math
@@ -92,10 +99,11 @@ OFFICIAL_CONFIGS: dict[str, OfficialConfig] = {
 }
 
 
-def official_config(name: str, **overrides) -> OfficialConfig:
-    if name not in OFFICIAL_CONFIGS:
-        raise KeyError(f"unknown official config {name!r}; choose from {sorted(OFFICIAL_CONFIGS)}")
-    return replace(OFFICIAL_CONFIGS[name], **overrides)
+def official_config(base: str, **overrides) -> OfficialConfig:
+    """A named official config (`ffhq128_autoenc`, `ffhq256_autoenc`) with fields replaced."""
+    if base not in OFFICIAL_CONFIGS:
+        raise KeyError(f"unknown official config {base!r}; choose from {sorted(OFFICIAL_CONFIGS)}")
+    return replace(OFFICIAL_CONFIGS[base], **overrides)
 
 
 # -- building blocks ------------------------------------------------------------------------------
@@ -459,9 +467,9 @@ def read_lightning_checkpoint(path: str | Path, allow_pickle: bool = False) -> d
     a full unpickle, which runs code from the file: trusted files and environments only.
     """
     path = str(path)
-    unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    stand_ins = [(_placeholder(name), name) for name in unsafe]
     try:
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        stand_ins = [(_placeholder(name), name) for name in unsafe]
         with torch.serialization.safe_globals(stand_ins):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises UnpicklingError and others for unsupported content
@@ -489,6 +497,14 @@ def extract_ema_state(checkpoint: dict, prefix: str = EMA_PREFIX) -> dict[str, t
     return out
 
 
+def _file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def convert_checkpoint(
     src: str | Path,
     dst: str | Path,
@@ -502,13 +518,13 @@ def convert_checkpoint(
     The weights must match `config` (default: whichever official config they fit) exactly; the
     config travels in the file's metadata, so `load_official` needs no other input.
     """
-    source_bytes = Path(src).read_bytes()
+    source_sha256 = _file_sha256(src)
     state = extract_ema_state(read_lightning_checkpoint(src, allow_pickle), prefix)
     config = detect_config(state, None if config is None else [config])
     metadata = {
         "format": EXPORT_FORMAT,
         "config": config_to_json(config),
-        "source_sha256": sha256_hex(source_bytes),
+        "source_sha256": source_sha256,
         "source_prefix": prefix,
     }
     data = state_dict_to_bytes(state, metadata=metadata)
