@@ -3,8 +3,10 @@ Captum TracInCP, on one model, one batch and the same inputs.
 
     python benchmarks/influence.py [--resolution 64] [--batch 32] [--checkpoints 2]
                                    [--device cpu|cuda] [--repeats 3] [--threads 2]
+                                   [--captum-batch 1] [--dtype float32|float64]
 
-Rows (throughput = samples x checkpoints per second, median over repeats, one warm-up each):
+Rows (throughput = samples x checkpoints per second; median over repeats that interleave the
+methods, after one warm-up each):
   a  plain batched forward + backward of the summed loss, no per-sample work (the floor)
   b  SelfInfluenceScorer (diffinf_ray.influence.grad_norms)
   c  naive loop: one forward + backward per sample, full gradients
@@ -59,18 +61,14 @@ def make_checkpoints(root: Path, count: int, num_classes: int, resolution: int) 
     return paths
 
 
-def timed(fn, repeats: int, device: torch.device) -> tuple[float, object]:
-    result = fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        result = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
+def timed_once(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -135,17 +133,24 @@ def main() -> None:
         work = args.batch * args.checkpoints
         print(f"device={args.device} threads={torch.get_num_threads()} resolution={args.resolution} "
               f"batch={args.batch} checkpoints={args.checkpoints} dtype={args.dtype} "
-              f"repeats={args.repeats} (median)")
-        print(f"{'':2} {'method':30} {'seconds':>9} {'samples*ckpts/s':>16}", flush=True)
-        rows = {}
-        for key, label, fn in [
+              f"repeats={args.repeats} (median)", flush=True)
+        methods = [
             ("a", "plain batched fwd+bwd", plain), ("b", "SelfInfluenceScorer", ours),
             ("c", "naive per-sample loop", naive),
             ("d", f"Captum TracInCP (batch {args.captum_batch})", captum),
-        ]:
-            seconds, result = timed(fn, args.repeats, device)
-            rows[key] = (label, seconds, result)
-            print(f"{key:2} {label:30} {seconds:9.3f} {work / seconds:16.1f}", flush=True)
+        ]
+        results = {key: fn() for key, _, fn in methods}  # warm-up; keeps each method's scores
+        # Repeats interleave the methods, so load from other jobs on a shared box hits all alike.
+        times: dict[str, list[float]] = {key: [] for key, _, _ in methods}
+        for r in range(args.repeats):
+            for key, _, fn in methods:
+                times[key].append(timed_once(fn, device))
+            print(f"   repeat {r + 1}: " + "  ".join(f"{k} {v[-1]:.3f}s" for k, v in times.items()),
+                  flush=True)
+        rows = {key: (label, statistics.median(times[key]), results[key]) for key, label, _ in methods}
+        print(f"{'':2} {'method':30} {'seconds':>9} {'samples*ckpts/s':>16}")
+        for key, (label, seconds, _) in rows.items():
+            print(f"{key:2} {label:30} {seconds:9.3f} {work / seconds:16.1f}")
 
     speed = {k: work / v[1] for k, v in rows.items()}
     print(f"b/a = {speed['b'] / speed['a']:.2f} (target >= 0.5)   b/c = {speed['b'] / speed['c']:.1f}"

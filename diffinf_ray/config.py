@@ -120,7 +120,77 @@ class CleanlabSection(_Section):
     folds: int = Field(3, ge=2)  # K-fold out-of-sample probabilities for find_label_issues
 
 
-STAGES = ("ingest", "noise", "train", "evaluate", "influence", "cleanlab", "removal")
+class AutoencoderSection(_Section):
+    """The diffusion autoencoder (stage `autoencoder`): trained here, or imported by URI.
+
+    Defaults suit 64 px synthfaces on a CPU (the `small` preset); GPU runs raise `batch_size`,
+    `steps` and `num_workers`. The model's image size is the data's resolution.
+    """
+
+    preset: Literal["tiny", "small", "ffhq128", "ffhq256"] = "small"
+    # DiffAEConfig fields replaced on top of the preset, e.g. {z_dim: 256, dropout: 0.0}
+    overrides: dict[str, int | float | list[int]] = {}
+    label_conditioning: bool = True  # the assigned label conditions the decoder
+    # Length of training: `steps` (optimiser steps) or `epochs` (passes over the train split);
+    # giving `epochs` alone switches to epochs.
+    steps: int | None = Field(3000, ge=1)
+    epochs: int | None = Field(None, ge=1)
+    batch_size: int = Field(16, ge=1)  # per worker
+    lr: float = Field(1e-4, gt=0)  # Adam, no weight decay (official DiffAE)
+    grad_clip: float | None = Field(1.0, gt=0)
+    ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
+    ema_warmup: bool = True  # decay min(ema_decay, (1 + step) / (10 + step)): short runs
+    cond_drop_prob: Fraction = 0.1  # label -> null label while training (classifier-free)
+    augment: bool = True  # random horizontal flip
+    mixed_precision: bool = True  # bf16 autocast; applies only when training on a GPU
+    # Decode the train split once and keep it in Ray's object store (2k 64-px images: 100 MB);
+    # false re-reads and decodes it every epoch (data sets larger than memory).
+    cache_decoded_images: bool = True
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+    # in the unit of the run's length (steps, or epochs); the last step is always saved.
+    # Defaults to 500 steps, or 1 epoch when the length is given in epochs.
+    checkpoint_every: int = Field(500, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)  # Ray Train checkpoints kept (model + EMA + Adam)
+    log_every: int = Field(50, ge=1)  # steps between progress lines
+    # An existing model instead of training: a folder written by save_autoencoder (format
+    # diffinf), or an official DiffAE export (format official, diffae/official.py).
+    weights_uri: str | None = None
+    weights_sha256: str | None = None  # of the weights file that is loaded
+    weights_format: Literal["diffinf", "official"] = "diffinf"
+    # Reconstruction by inversion on held-out images, and the z interpolation grid.
+    quality_split: Literal["val", "test", "holdout"] = "val"
+    quality_images: int = Field(8, ge=2)
+    quality_steps: list[Annotated[int, Field(ge=1, le=1000)]] = Field([10, 20, 50], min_length=1)
+    quality_batch_size: int = Field(16, ge=1)
+    interpolation_pairs: int = Field(3, ge=1)
+    interpolation_columns: int = Field(6, ge=2)
+    interpolation_steps: int = Field(20, ge=1, le=1000)
+    lpips_net: Literal["alex", "vgg", "squeeze"] = "alex"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _epochs_replace_steps(cls, data):
+        if isinstance(data, dict) and data.get("epochs") is not None:
+            data = dict(data)
+            data.setdefault("steps", None)
+            data.setdefault("checkpoint_every", 1)
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> AutoencoderSection:
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError("set exactly one of autoencoder.steps and autoencoder.epochs")
+        if self.weights_uri and not self.weights_sha256:
+            raise ValueError("autoencoder.weights_sha256 is required with autoencoder.weights_uri")
+        if 2 * self.interpolation_pairs > self.quality_images:
+            raise ValueError("autoencoder.interpolation_pairs needs 2 x pairs <= quality_images")
+        return self
+
+
+STAGES = ("ingest", "noise", "train", "evaluate", "influence", "cleanlab", "removal",
+          "autoencoder")
 
 
 class Config(_Section):
@@ -133,6 +203,7 @@ class Config(_Section):
     evaluate: EvaluateSection = EvaluateSection()
     influence: InfluenceSection = InfluenceSection()
     cleanlab: CleanlabSection = CleanlabSection()
+    autoencoder: AutoencoderSection = AutoencoderSection()
     stages: list[Literal[STAGES]] = ["ingest", "noise", "train", "evaluate"]
 
     @property
@@ -156,10 +227,12 @@ _STAGE_SECTIONS = {
     "influence": ("influence",),
     "cleanlab": ("train", "evaluate", "cleanlab"),  # K classifiers trained like the baseline
     "removal": ("train", "evaluate"),  # retrain without the flagged set, evaluate
+    "autoencoder": ("autoencoder",),
 }
 _UPSTREAM = {
     "ingest": (), "noise": ("ingest",), "train": ("noise",), "evaluate": ("train",),
     "influence": ("train",), "cleanlab": ("noise",), "removal": ("influence",),
+    "autoencoder": ("noise",),  # trains on the assigned (noisy) labels
 }
 
 

@@ -59,9 +59,16 @@ def _removal(cfg: Config, root: RunRoot) -> dict:
     return run_removal(cfg, root)
 
 
+def _autoencoder(cfg: Config, root: RunRoot) -> dict:
+    from diffinf_ray.stages.autoencoder import run_autoencoder
+
+    return run_autoencoder(cfg, root)
+
+
 STAGE_FUNCTIONS: dict[str, Callable[[Config, RunRoot], dict]] = {
     "ingest": _ingest, "noise": _noise, "train": _train, "evaluate": _evaluate,
     "influence": _influence, "cleanlab": _cleanlab, "removal": _removal,
+    "autoencoder": _autoencoder,
 }
 # What a stage owns under the run root: cleared before it runs with a new fingerprint.
 STAGE_OUTPUTS = {
@@ -72,6 +79,7 @@ STAGE_OUTPUTS = {
     "influence": ("influence",),
     "cleanlab": ("cleanlab",),
     "removal": ("removal",),
+    "autoencoder": ("autoencoder",),
 }
 
 

@@ -1,0 +1,482 @@
+"""Autoencoder stage: train the diffusion autoencoder with Ray Train (or import one), export its
+weights, and measure how well it reconstructs held-out images.
+
+In:  manifest_noisy/ rows of the train split: image, label (the assigned label, which
+     conditions the decoder when `autoencoder.label_conditioning`); and the first
+     `autoencoder.quality_images` rows (by sample_id) of `autoencoder.quality_split`, which
+     training never sees, for the quality report.
+Out: <run root>/autoencoder/
+       checkpoints/step_NNNNNNNN/autoencoder_state.pt
+                  Ray Train checkpoints (`torch.load(weights_only=True)`): model_state,
+                  ema_state, optimizer_state, step, epoch, resumed_from_step, model_config.
+                  Written every `checkpoint_every` steps (or epochs) and at the end, with the
+                  metrics step, epoch, resumed_from_step, loss, steps_per_second; the last
+                  `keep_checkpoints` are kept.
+       weights/   config.json + model.safetensors + ema.safetensors (`diffae.weights`), from the
+                  last checkpoint; not written when the model is imported.
+       model.json the weights later stages load: {source (trained | imported), format (diffinf |
+                  official), uri, sha256 of the file loaded (EMA), step, config}.
+                  `load_run_autoencoder(root)` loads them.
+       quality.json  reconstruction by inversion at each S of `quality_steps` (MSE, SSIM, LPIPS
+                  or "LPIPS unavailable: <reason>"), the same with a random x_T, and the layout
+                  of the interpolation grid (`diffae.quality`).
+       z_interpolation.png  rows: pairs (A, B) of held-out images; columns: A, decodes of
+                  lerp(z_A, z_B, a) with A's x_T fixed for a in [0, 1], B.
+
+With `autoencoder.weights_uri` nothing is trained: the weights are read, checked against
+`weights_sha256`, loaded, recorded in model.json and measured like trained ones.
+
+Resume: Ray Train V2 restores a run from (storage_path=<run root>/autoencoder,
+name="checkpoints"); the loop then continues from the latest checkpoint's step (model, EMA and
+Adam state), so a crashed run does not start from zero. (`diffinf run` clears the stage's
+outputs when its settings change, `steps` included; `train_autoencoder` called on the same
+folder with more steps continues instead.)
+
+Mixed precision: with `mixed_precision` and a GPU, the forward pass runs under bf16 autocast
+(the loss, backward, optimiser and EMA stay float32); on a CPU it is off.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from diffinf_ray.config import AutoencoderSection, Config, ConfigError
+from diffinf_ray.run_root import RunRoot
+from diffinf_ray.storage import Location, StorageOptions
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "autoencoder_state.pt"
+STAGE_FOLDER = "autoencoder"
+MODEL_RECORD = "model.json"
+
+
+def checkpoint_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def data_image_size(cfg: Config) -> int:
+    """Side in pixels of the manifest's images (what ingest wrote)."""
+    if cfg.data.source == "synthfaces":
+        return cfg.data.synthfaces.resolution
+    return cfg.data.image_size
+
+
+def autoencoder_config(cfg: Config, num_classes: int):
+    """The DiffAEConfig to train: the preset with `overrides`, at the data's resolution, with
+    one label per class when `label_conditioning`. Errors name the config key."""
+    from diffinf_ray.diffae.model import preset
+
+    section = cfg.autoencoder
+    size = data_image_size(cfg)
+    overrides = dict(section.overrides)
+    if "num_classes" in overrides:
+        raise ConfigError("autoencoder.overrides.num_classes: set by autoencoder."
+                          "label_conditioning (the data's classes), not by an override")
+    if overrides.get("image_size", size) != size:
+        raise ConfigError(f"autoencoder.overrides.image_size={overrides['image_size']}: the "
+                          f"autoencoder trains at the data's resolution ({size} px)")
+    overrides["image_size"] = size
+    overrides["num_classes"] = num_classes if section.label_conditioning else 0
+    try:
+        return preset(section.preset, **overrides)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"autoencoder.preset={section.preset!r} with autoencoder.overrides="
+                          f"{section.overrides}: {err}") from err
+
+
+# -- the Ray Train loop -----------------------------------------------------------------------
+
+def bf16_autocast(net, raw, device_type: str = "cuda"):
+    """`net` with its forward under bf16 autocast and float32 outputs, so the loss, backward,
+    optimiser and EMA stay float32. `.module` is `raw` (the unwrapped model), where
+    `train_step` points the EMA."""
+    import torch
+    from torch import nn
+
+    class BF16Autocast(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+            self._raw = [raw]  # in a list, so the raw model is not registered a second time
+
+        @property
+        def module(self) -> nn.Module:
+            return self._raw[0]
+
+        def forward(self, *args, **kwargs):
+            with torch.autocast(device_type=device_type, dtype=torch.bfloat16):
+                out = self.net(*args, **kwargs)
+            return out.float()
+
+    return BF16Autocast()
+
+
+def _step_seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+def _autoencoder_loop(loop_config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train
+    import ray.train.torch
+    import torch
+    from ray.train import Checkpoint
+
+    from diffinf_ray.diffae.model import DiffAEConfig, DiffAEModel
+    from diffinf_ray.diffae.schedule import NoiseSchedule
+    from diffinf_ray.diffae.training import EMA, train_step
+
+    section = AutoencoderSection.model_validate(loop_config["autoencoder"])
+    config = DiffAEConfig.from_dict(loop_config["model_config"])
+    seed = loop_config["seed"]
+    rank = ray.train.get_context().get_world_rank()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(seed)  # the same initial weights on every worker
+
+    model = DiffAEModel(config)
+    step = epoch = 0
+    resumed: dict | None = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            resumed = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+        if resumed["model_config"] != config.to_dict():
+            raise ValueError(f"{checkpoint.path}: checkpoint of another model config; delete "
+                             "the autoencoder/checkpoints folder to start over")
+        model.load_state_dict(resumed["model_state"])
+        step, epoch = int(resumed["step"]), int(resumed["epoch"])
+        if rank == 0:
+            print(f"[autoencoder] resuming after step {step} (epoch {epoch}) from "
+                  f"{checkpoint.path}", flush=True)
+    model = ray.train.torch.prepare_model(model)  # to the device; DDP with several workers
+    raw = getattr(model, "module", model)
+    ema = EMA(raw, section.ema_decay)
+    optimizer = torch.optim.Adam(model.parameters(), lr=section.lr)
+    if resumed is not None:
+        ema.shadow = {k: v.to(device) for k, v in resumed["ema_state"].items()}
+        optimizer.load_state_dict(resumed["optimizer_state"])
+        del resumed
+    net = model
+    if section.mixed_precision and device.type == "cuda":
+        net = bf16_autocast(model, raw, device.type)
+    schedule = NoiseSchedule.linear()
+
+    resumed_from = step
+    by_steps = section.steps is not None
+    total = section.steps if by_steps else section.epochs
+    window = {"loss": 0.0, "steps": 0, "since": time.perf_counter()}
+
+    def save() -> None:
+        seconds = time.perf_counter() - window["since"]
+        metrics = {"step": step, "epoch": epoch, "resumed_from_step": resumed_from,
+                   "loss": window["loss"] / max(1, window["steps"]),
+                   "steps_per_second": window["steps"] / max(seconds, 1e-9)}
+        window.update(loss=0.0, steps=0, since=time.perf_counter())
+        if rank != 0:
+            ray.train.report(metrics)  # report() is a barrier: every worker calls it
+            return
+        payload = {
+            "model_state": {k: v.detach().cpu() for k, v in raw.state_dict().items()},
+            "ema_state": {k: v.detach().cpu() for k, v in ema.state_dict().items()},
+            "optimizer_state": optimizer.state_dict(),
+            "step": step,
+            "epoch": epoch,
+            "resumed_from_step": resumed_from,
+            "model_config": config.to_dict(),
+        }
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.save(payload, Path(tmp) / CHECKPOINT_FILE)
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=checkpoint_dir_name(step))
+        print(f"[autoencoder] checkpoint at step {step}: loss {metrics['loss']:.4f}", flush=True)
+
+    shard = ray.train.get_dataset_shard("train")
+    done = (step if by_steps else epoch) >= total
+    log_loss, log_steps, log_since = 0.0, 0, time.perf_counter()
+    while not done:
+        epoch += 1
+        generator = torch.Generator().manual_seed(_step_seed(seed, rank, step))
+        batches = 0
+        for batch in shard.iter_torch_batches(
+            batch_size=section.batch_size, device=device,
+            local_shuffle_buffer_size=4 * section.batch_size, local_shuffle_seed=seed + epoch,
+        ):
+            batches += 1
+            images = batch["image"]
+            if section.augment:
+                flip = torch.rand(images.shape[0], generator=generator) < 0.5
+                images = torch.where(flip.to(images.device)[:, None, None, None],
+                                     images.flip(-1), images)
+            labels = batch["label"] if config.num_classes > 0 else None
+            if section.ema_warmup:
+                ema.decay = min(section.ema_decay, (1 + step) / (10 + step))
+            loss = train_step(net, optimizer, images, labels, schedule, ema=ema,
+                              grad_clip=section.grad_clip, generator=generator,
+                              cond_drop_prob=section.cond_drop_prob)
+            step += 1
+            window["loss"] += loss
+            window["steps"] += 1
+            log_loss, log_steps = log_loss + loss, log_steps + 1
+            if rank == 0 and step % section.log_every == 0:
+                rate = log_steps / max(time.perf_counter() - log_since, 1e-9)
+                where = f"{step}/{total}" if by_steps else f"{step} (epoch {epoch}/{total})"
+                print(f"[autoencoder] step {where} loss {log_loss / log_steps:.4f} "
+                      f"{rate:.2f} steps/s", flush=True)
+                log_loss, log_steps, log_since = 0.0, 0, time.perf_counter()
+            if by_steps and (step % section.checkpoint_every == 0 or step == total):
+                save()
+            if by_steps and step >= total:
+                break
+        if batches == 0:
+            raise ValueError("the train split gave this worker no images; "
+                             "check the manifest's train split and autoencoder.num_workers")
+        if not by_steps and (epoch % section.checkpoint_every == 0 or epoch == total):
+            save()
+        done = (step if by_steps else epoch) >= total
+
+
+# -- driver side ------------------------------------------------------------------------------
+
+def train_autoencoder(cfg: Config, manifest: Location, out: Location, model_config):
+    """Fit the autoencoder on the train split of `manifest`; Ray Train checkpoints go to
+    `out`/checkpoints (resumed from there). Returns the Ray Train `Result`."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from diffinf_ray.ray_session import worker_env
+    from diffinf_ray.stages.train import decode_for_training, split_dataset
+
+    section = cfg.autoencoder
+    train = split_dataset(manifest, "train", ["image", "label"]).map_batches(decode_for_training)
+    if section.cache_decoded_images:
+        # One decode instead of one Ray Data execution per epoch (seconds each on small CPUs).
+        train = train.materialize()
+    trainer = TorchTrainer(
+        _autoencoder_loop,
+        train_loop_config={
+            "autoencoder": section.model_dump(mode="json"),
+            "model_config": model_config.to_dict(),
+            "seed": cfg.run.seed,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=section.num_workers,
+            use_gpu=section.use_gpu,
+            resources_per_worker={"CPU": section.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name="checkpoints",
+            storage_path=out.path,
+            storage_filesystem=out.fs,
+            checkpoint_config=CheckpointConfig(num_to_keep=section.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=0),
+            worker_runtime_env={"env_vars": worker_env()},
+        ),
+        datasets={"train": train},
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    if result.checkpoint is None:
+        raise RuntimeError(f"{out.child('checkpoints').display}: training saved no checkpoint")
+    return result
+
+
+def read_training_checkpoint(checkpoint) -> dict:
+    """The payload of a Ray Train checkpoint of this stage (weights-only load)."""
+    import torch
+
+    with checkpoint.as_directory() as d:
+        path = Path(d) / CHECKPOINT_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{checkpoint.path}: no {CHECKPOINT_FILE}")
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def export_weights(payload: dict, weights: Location) -> dict:
+    """Write a training checkpoint's model and EMA weights with `save_autoencoder`; returns
+    its manifest (config and the sha256 of each file)."""
+    from diffinf_ray.diffae.model import DiffAEConfig, DiffAEModel
+    from diffinf_ray.diffae.weights import save_autoencoder
+
+    model = DiffAEModel(DiffAEConfig.from_dict(payload["model_config"]))
+    model.load_state_dict(payload["model_state"])
+    weights.delete()  # no stale file from an earlier export survives next to the new ones
+    return save_autoencoder(model, weights, ema_state=payload["ema_state"])
+
+
+def load_model(record: dict, options: StorageOptions | None = None,
+               map_location: str = "cpu"):
+    """The model a model.json record names, its sha256 checked, in eval mode."""
+    location = Location(record["uri"], options)
+    if record["format"] == "official":
+        from diffinf_ray.diffae.official import load_official
+
+        return load_official(location, sha256=record["sha256"], map_location=map_location)
+    from diffinf_ray.diffae.weights import load_autoencoder
+
+    return load_autoencoder(location, sha256=record["sha256"], map_location=map_location)
+
+
+def load_run_autoencoder(root: RunRoot, map_location: str = "cpu"):
+    """The autoencoder of a finished autoencoder stage (for the stages after it)."""
+    record = root.child(STAGE_FOLDER, MODEL_RECORD).read_json()
+    return load_model(record, root.options, map_location)
+
+
+def _model_summary(model) -> dict:
+    config = model.config
+    return {"config": config.to_dict() if hasattr(config, "to_dict") else vars(config),
+            "image_size": int(config.image_size),
+            "num_classes": int(getattr(config, "num_classes", 0)),
+            "parameters": sum(p.numel() for p in model.parameters())}
+
+
+def import_autoencoder(cfg: Config, num_classes: int, options: StorageOptions) -> dict:
+    """Verify and load `autoencoder.weights_uri`; the model.json record for it."""
+    section = cfg.autoencoder
+    record = {"source": "imported", "format": section.weights_format,
+              "uri": section.weights_uri, "sha256": section.weights_sha256.lower(), "step": None}
+    model = load_model(record, options)
+    summary = _model_summary(model)
+    if summary["num_classes"] not in (0, num_classes):
+        raise ConfigError(f"autoencoder.weights_uri={section.weights_uri}: the model takes "
+                          f"{summary['num_classes']} labels, the data has {num_classes} classes")
+    return {**record, **summary}
+
+
+# -- quality ----------------------------------------------------------------------------------
+
+def held_out_rows(manifest: Location, split: str, count: int):
+    """The first `count` rows of `split` by sample_id: a DataFrame (sample_id, image, label)."""
+    import pyarrow.parquet as pq
+
+    index = manifest.read_table(columns=["sample_id", "split"]).to_pandas()
+    chosen = sorted(index.loc[index["split"] == split, "sample_id"].astype(str))[:count]
+    if len(chosen) < 2:
+        raise ValueError(f"{manifest.display}: split {split!r} has {len(chosen)} rows; the "
+                         "autoencoder quality report needs at least 2 (autoencoder.quality_split)")
+    table = pq.read_table(manifest.path, filesystem=manifest.fs,
+                          columns=["sample_id", "image", "label"],
+                          filters=[("sample_id", "in", chosen)])
+    df = table.to_pandas()
+    df["sample_id"] = df["sample_id"].astype(str)
+    return df.sort_values("sample_id", kind="stable").reset_index(drop=True)
+
+
+def measure_quality(record: dict, options: StorageOptions | None, images: list[bytes],
+                    labels: list[int], section: dict, device: str = "cpu") -> tuple[dict, bytes]:
+    """quality.json's numbers and the interpolation grid PNG for the model `record` names.
+
+    `images`: encoded held-out images, resized to the model's size; `labels`: their assigned
+    labels (used when the model takes labels)."""
+    import torch
+
+    from diffinf_ray.data.images import encode_png, to_tensor_batch
+    from diffinf_ray.diffae.quality import (
+        interpolation_grid,
+        load_lpips,
+        pair_indices,
+        reconstruction_metrics,
+    )
+
+    q = AutoencoderSection.model_validate(section)
+    started = time.perf_counter()
+    model = load_model(record, options, map_location=device)
+    size = int(model.config.image_size)
+    x = torch.from_numpy(to_tensor_batch(images, size=size))
+    y = torch.as_tensor(labels, dtype=torch.long)
+    lpips = load_lpips(q.lpips_net, device)
+    rows = reconstruction_metrics(model, x, y, q.quality_steps, lpips_metric=lpips.metric,
+                                  batch_size=q.quality_batch_size)
+    pairs = pair_indices(list(labels), q.interpolation_pairs)
+    a = x[[i for i, _ in pairs]]
+    b = x[[j for _, j in pairs]]
+    grid, alphas = interpolation_grid(model, a, b, q.interpolation_columns, q.interpolation_steps)
+    report = {
+        "label_conditioning": getattr(model.config, "num_classes", 0) > 0,
+        "image_size": size,
+        "metric_range": "images in [0, 1]; MSE per pixel, SSIM Gaussian 11/1.5, LPIPS on [-1, 1]",
+        "reconstruction": rows,
+        "lpips": lpips.status,
+        "interpolation": {
+            "steps": q.interpolation_steps,
+            "alphas": alphas,
+            "pairs": [[int(i), int(j)] for i, j in pairs],
+            "layout": "rows: pairs (A, B); columns: A, decode(lerp(z_A, z_B, alpha), x_T of A) "
+                      "for each alpha (null label), B",
+        },
+        "device": device,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    return report, encode_png(grid)
+
+
+def run_quality(cfg: Config, manifest: Location, record: dict, out: Location,
+                options: StorageOptions) -> dict:
+    """Measure on held-out images in a Ray task (a GPU when `use_gpu`); write quality.json and
+    z_interpolation.png under `out`."""
+    import ray
+
+    section = cfg.autoencoder
+    rows = held_out_rows(manifest, section.quality_split, section.quality_images)
+    if len(rows) < 2 * section.interpolation_pairs:
+        raise ValueError(f"{manifest.display}: {len(rows)} {section.quality_split} rows, fewer "
+                         f"than 2 x autoencoder.interpolation_pairs={section.interpolation_pairs}")
+    use_gpu = section.use_gpu
+    task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(measure_quality)
+    report, png = ray.get(task.remote(
+        record, options, [bytes(b) for b in rows["image"]], rows["label"].astype(int).tolist(),
+        section.model_dump(mode="json"), "cuda" if use_gpu else "cpu"))
+    ids = rows["sample_id"].tolist()
+    labels = rows["label"].astype(int).tolist()
+    report["split"] = section.quality_split
+    report["sample_ids"] = ids
+    report["labels"] = labels
+    report["interpolation"]["file"] = "z_interpolation.png"
+    report["interpolation"]["pairs"] = [
+        {"a": ids[i], "b": ids[j], "label_a": labels[i], "label_b": labels[j]}
+        for i, j in report["interpolation"]["pairs"]]
+    report["model"] = {k: record.get(k) for k in ("source", "format", "uri", "sha256", "step")}
+    out.child("quality.json").write_json(report)
+    out.child("z_interpolation.png").write_bytes(png)
+    return report
+
+
+# -- the stage --------------------------------------------------------------------------------
+
+def run_autoencoder(cfg: Config, root: RunRoot) -> dict:
+    out = root.child(STAGE_FOLDER)
+    num_classes = len(cfg.class_names)
+    if cfg.autoencoder.weights_uri:
+        record = import_autoencoder(cfg, num_classes, root.options)
+        log.info("autoencoder: using %s (sha256 %s), no training", record["uri"], record["sha256"])
+    else:
+        from diffinf_ray.diffae.weights import EMA_WEIGHTS_FILE
+
+        model_config = autoencoder_config(cfg, num_classes)
+        result = train_autoencoder(cfg, root.noisy_manifest, out, model_config)
+        payload = read_training_checkpoint(result.checkpoint)
+        weights = out.child("weights")
+        manifest = export_weights(payload, weights)
+        record = {"source": "trained", "format": "diffinf", "uri": weights.display,
+                  "sha256": manifest["files"][EMA_WEIGHTS_FILE]["sha256"],
+                  "step": int(payload["step"]), "epoch": int(payload["epoch"]),
+                  "final_loss": (result.metrics or {}).get("loss"),
+                  "config": manifest["config"], "image_size": model_config.image_size,
+                  "num_classes": model_config.num_classes,
+                  "parameters": sum(v.numel() for v in payload["model_state"].values())}
+        del payload
+    out.child(MODEL_RECORD).write_json(record)
+    quality = run_quality(cfg, root.noisy_manifest, record, out, root.options)
+    summary = {k: record.get(k) for k in ("source", "uri", "sha256", "step", "parameters")}
+    summary["reconstruction"] = {
+        f"S{row['steps']}": {k: row[k] for k in ("mse", "ssim", "lpips")}
+        for row in quality["reconstruction"]}
+    summary["lpips"] = quality["lpips"]
+    return summary
