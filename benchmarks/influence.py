@@ -5,8 +5,8 @@ Captum TracInCP, on one model, one batch and the same inputs.
                                    [--device cpu|cuda] [--repeats 3] [--threads 2]
                                    [--captum-batch 1] [--dtype float32|float64]
 
-Rows (throughput = samples x checkpoints per second; median over repeats that interleave the
-methods, after one warm-up each):
+Rows (throughput = samples x checkpoints per second, by wall clock and by CPU time of this
+process; medians over repeats that interleave the methods, after one warm-up each):
   a  plain batched forward + backward of the summed loss, no per-sample work (the floor)
   b  SelfInfluenceScorer (diffinf_ray.influence.grad_norms)
   c  naive loop: one forward + backward per sample, full gradients
@@ -61,14 +61,15 @@ def make_checkpoints(root: Path, count: int, num_classes: int, resolution: int) 
     return paths
 
 
-def timed_once(fn, device: torch.device) -> float:
+def timed_once(fn, device: torch.device) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process, all threads)."""
     if device.type == "cuda":
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     fn()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def main() -> None:
@@ -141,23 +142,27 @@ def main() -> None:
         ]
         results = {key: fn() for key, _, fn in methods}  # warm-up; keeps each method's scores
         # Repeats interleave the methods, so load from other jobs on a shared box hits all alike.
-        times: dict[str, list[float]] = {key: [] for key, _, _ in methods}
+        times: dict[str, list[tuple[float, float]]] = {key: [] for key, _, _ in methods}
         for r in range(args.repeats):
             for key, _, fn in methods:
                 times[key].append(timed_once(fn, device))
-            print(f"   repeat {r + 1}: " + "  ".join(f"{k} {v[-1]:.3f}s" for k, v in times.items()),
-                  flush=True)
-        rows = {key: (label, statistics.median(times[key]), results[key]) for key, label, _ in methods}
-        print(f"{'':2} {'method':30} {'seconds':>9} {'samples*ckpts/s':>16}")
-        for key, (label, seconds, _) in rows.items():
-            print(f"{key:2} {label:30} {seconds:9.3f} {work / seconds:16.1f}")
+            print(f"   repeat {r + 1} (wall s): "
+                  + "  ".join(f"{k} {v[-1][0]:.3f}" for k, v in times.items()), flush=True)
 
-    speed = {k: work / v[1] for k, v in rows.items()}
-    print(f"b/a = {speed['b'] / speed['a']:.2f} (target >= 0.5)   b/c = {speed['b'] / speed['c']:.1f}"
-          f"   b/d = {speed['b'] / speed['d']:.1f} (target >= 5)")
-    ours_scores = rows["b"][2]
+    wall = {key: statistics.median(t[0] for t in times[key]) for key in times}
+    cpu = {key: statistics.median(t[1] for t in times[key]) for key in times}
+    # CPU seconds: on a shared, oversubscribed box the wall clock mostly measures other jobs
+    print(f"{'':2} {'method':30} {'wall s':>8} {'samples*ckpts/s':>16} {'CPU s':>8} "
+          f"{'samples*ckpts/CPU s':>20}")
+    for key, label, _ in methods:
+        print(f"{key:2} {label:30} {wall[key]:8.3f} {work / wall[key]:16.1f} {cpu[key]:8.3f} "
+              f"{work / cpu[key]:20.1f}")
+    for name, t in (("wall", wall), ("CPU", cpu)):
+        print(f"{name:>4}: b/a = {t['a'] / t['b']:.2f} (target >= 0.5)   b/c = {t['c'] / t['b']:.1f}"
+              f"   b/d = {t['d'] / t['b']:.1f} (target >= 5)")
+    ours_scores = results["b"]
     for key in ("c", "d"):
-        ref = rows[key][2]
+        ref = results[key]
         diff = np.abs(ours_scores - ref) / np.abs(ref)
         print(f"relative difference b vs {key}: max {diff.max():.2e}, median {np.median(diff):.2e}")
     if dtype == torch.float32:

@@ -236,6 +236,18 @@ _UPSTREAM = {
 }
 
 
+def upstream_stages(stage: str) -> set[str]:
+    """Every stage whose outputs `stage` reads, directly or through others."""
+    found: set[str] = set()
+    todo = list(_UPSTREAM[stage])
+    while todo:
+        s = todo.pop()
+        if s not in found:
+            found.add(s)
+            todo.extend(_UPSTREAM[s])
+    return found
+
+
 def fingerprint(cfg: Config, stage: str) -> str:
     """Hash of the settings `stage` and its upstream stages depend on (16 hex digits)."""
     parts = {"seed": cfg.run.seed}

@@ -1,7 +1,7 @@
 """`diffinf run`: the configured stages in order, each skipped when its outputs already exist
 for the same config fingerprint (config.fingerprint), so a crashed or extended run resumes.
 
-A stage whose fingerprint changed is run again, and so is every stage after it.
+A stage whose fingerprint changed is run again, and so is every stage that reads its outputs.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from diffinf_ray.config import STAGES, Config, dump_config, fingerprint
+from diffinf_ray.config import STAGES, Config, dump_config, fingerprint, upstream_stages
 from diffinf_ray.run_root import RunRoot
 from diffinf_ray.storage import StorageOptions
 
@@ -124,12 +124,15 @@ def run_pipeline(cfg: Config, stages: list[str] | None = None, force: bool = Fal
     root = open_run_root(cfg)
     root.child("config.yaml").write_bytes(dump_config(cfg).encode())
     results: dict = {}
-    rerun_downstream = False
+    ran: set[str] = set()
     with ray_session(cfg):
         for stage in STAGES:
             if stage not in wanted:
                 continue
-            summary, ran = run_stage(cfg, root, stage, force=force or rerun_downstream)
-            rerun_downstream = rerun_downstream or ran
+            # a stage re-runs when something it reads was just rebuilt
+            stale = bool(ran & upstream_stages(stage))
+            summary, did_run = run_stage(cfg, root, stage, force=force or stale)
+            if did_run:
+                ran.add(stage)
             results[stage] = summary
     return results

@@ -210,8 +210,37 @@ def test_imported_weights_are_verified_recorded_and_measured(ae_run, tmp_path):
     new_record = json.loads((tmp_path / "autoencoder" / "model.json").read_text())
     assert new_record["uri"] == record["uri"] and new_record["num_classes"] == 4
     quality = json.loads((tmp_path / "autoencoder" / "quality.json").read_text())
-    assert quality["model"]["source"] == "imported"
+    assert quality["model"]["source"] == "imported" and quality["label_conditioning"]
     assert (tmp_path / "autoencoder" / "z_interpolation.png").stat().st_size > 0
+
+
+def test_imported_official_export_is_measured_without_labels(ae_run, tmp_path):
+    """An official-architecture export (diffae/official.py) has no label input."""
+    from diffinf_ray.diffae.official import (
+        EXPORT_FORMAT,
+        build_official,
+        config_to_json,
+        official_config,
+    )
+    from diffinf_ray.diffae.weights import state_dict_to_bytes
+
+    cfg, root, _ = ae_run
+    shutil.copytree(root / "manifest_noisy", tmp_path / "manifest_noisy")
+    config = official_config("ffhq128_autoenc", model_channels=32, image_size=32, name="small32")
+    torch.manual_seed(0)
+    data = state_dict_to_bytes(build_official(config).state_dict(), metadata={
+        "format": EXPORT_FORMAT, "config": config_to_json(config)})
+    (tmp_path / "official.safetensors").write_bytes(data)
+    imported = ae_config(tmp_path, "autoencoder.weights_format=official",
+                         f"autoencoder.weights_uri={tmp_path / 'official.safetensors'}",
+                         f"autoencoder.weights_sha256={sha256_hex(data)}")
+    summary = run_autoencoder(imported, RunRoot(str(tmp_path)))
+    assert summary["source"] == "imported"
+    record = json.loads((tmp_path / "autoencoder" / "model.json").read_text())
+    assert (record["format"], record["num_classes"], record["config"]["name"]) == ("official", 0, "small32")
+    quality = json.loads((tmp_path / "autoencoder" / "quality.json").read_text())
+    assert not quality["label_conditioning"]
+    assert all(math.isfinite(row["mse"]) for row in quality["reconstruction"])
 
 
 # -- config ---------------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ import numpy as np
 
 from diffinf_ray.config import AutoencoderSection, Config, ConfigError
 from diffinf_ray.run_root import RunRoot
-from diffinf_ray.storage import Location, StorageOptions
+from diffinf_ray.storage import Location, StorageOptions, display_uri
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +198,9 @@ def _autoencoder_loop(loop_config: dict) -> None:
 
     shard = ray.train.get_dataset_shard("train")
     done = (step if by_steps else epoch) >= total
+    if done and rank == 0:
+        print(f"[autoencoder] already at step {step} (epoch {epoch}); "
+              f"{'steps' if by_steps else 'epochs'}={total}: nothing to train", flush=True)
     log_loss, log_steps, log_since = 0.0, 0, time.perf_counter()
     while not done:
         epoch += 1
@@ -330,8 +333,10 @@ def load_run_autoencoder(root: RunRoot, map_location: str = "cpu"):
 
 
 def _model_summary(model) -> dict:
-    config = model.config
-    return {"config": config.to_dict() if hasattr(config, "to_dict") else vars(config),
+    from dataclasses import asdict
+
+    config = model.config  # DiffAEConfig or the official OfficialConfig: both dataclasses
+    return {"config": asdict(config),
             "image_size": int(config.image_size),
             "num_classes": int(getattr(config, "num_classes", 0)),
             "parameters": sum(p.numel() for p in model.parameters())}
@@ -340,8 +345,10 @@ def _model_summary(model) -> dict:
 def import_autoencoder(cfg: Config, num_classes: int, options: StorageOptions) -> dict:
     """Verify and load `autoencoder.weights_uri`; the model.json record for it."""
     section = cfg.autoencoder
+    location = Location(section.weights_uri, options)
     record = {"source": "imported", "format": section.weights_format,
-              "uri": section.weights_uri, "sha256": section.weights_sha256.lower(), "step": None}
+              "uri": location.path if location.is_local else location.uri,
+              "sha256": section.weights_sha256.lower(), "step": None}
     model = load_model(record, options)
     summary = _model_summary(model)
     if summary["num_classes"] not in (0, num_classes):
@@ -442,7 +449,8 @@ def run_quality(cfg: Config, manifest: Location, record: dict, out: Location,
     report["interpolation"]["pairs"] = [
         {"a": ids[i], "b": ids[j], "label_a": labels[i], "label_b": labels[j]}
         for i, j in report["interpolation"]["pairs"]]
-    report["model"] = {k: record.get(k) for k in ("source", "format", "uri", "sha256", "step")}
+    report["model"] = {k: record.get(k) for k in ("source", "format", "sha256", "step")}
+    report["model"]["uri"] = display_uri(record["uri"])
     out.child("quality.json").write_json(report)
     out.child("z_interpolation.png").write_bytes(png)
     return report
@@ -455,7 +463,8 @@ def run_autoencoder(cfg: Config, root: RunRoot) -> dict:
     num_classes = len(cfg.class_names)
     if cfg.autoencoder.weights_uri:
         record = import_autoencoder(cfg, num_classes, root.options)
-        log.info("autoencoder: using %s (sha256 %s), no training", record["uri"], record["sha256"])
+        log.info("autoencoder: using %s (sha256 %s), no training",
+                 display_uri(record["uri"]), record["sha256"])
     else:
         from diffinf_ray.diffae.weights import EMA_WEIGHTS_FILE
 
@@ -464,7 +473,9 @@ def run_autoencoder(cfg: Config, root: RunRoot) -> dict:
         payload = read_training_checkpoint(result.checkpoint)
         weights = out.child("weights")
         manifest = export_weights(payload, weights)
-        record = {"source": "trained", "format": "diffinf", "uri": weights.display,
+        # absolute when local; with the run root's query (endpoint) when on S3
+        uri = weights.path if weights.is_local else weights.uri
+        record = {"source": "trained", "format": "diffinf", "uri": uri,
                   "sha256": manifest["files"][EMA_WEIGHTS_FILE]["sha256"],
                   "step": int(payload["step"]), "epoch": int(payload["epoch"]),
                   "final_loss": (result.metrics or {}).get("loss"),
@@ -474,7 +485,8 @@ def run_autoencoder(cfg: Config, root: RunRoot) -> dict:
         del payload
     out.child(MODEL_RECORD).write_json(record)
     quality = run_quality(cfg, root.noisy_manifest, record, out, root.options)
-    summary = {k: record.get(k) for k in ("source", "uri", "sha256", "step", "parameters")}
+    summary = {k: record.get(k) for k in ("source", "sha256", "step", "parameters")}
+    summary["uri"] = display_uri(record["uri"])
     summary["reconstruction"] = {
         f"S{row['steps']}": {k: row[k] for k in ("mse", "ssim", "lpips")}
         for row in quality["reconstruction"]}
