@@ -261,6 +261,47 @@ def test_unsupported_models_raise_clearly(bad, message):
         per_sample_grad_sq_norms(model, torch.randn(2, 3, 8, 8), torch.tensor([0, 1]))
 
 
+class Detached(nn.Module):
+    """Input preprocessing outside autograd, then a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 5)
+        self.b = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x.detach() * 2.0)))
+
+
+class SideBranch(nn.Module):
+    """`side` sees the input only through a detached path, so it is not upstream of `main`'s input."""
+
+    def __init__(self):
+        super().__init__()
+        self.main = nn.Linear(4, 3)
+        self.side = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.main(x) + self.side(x.detach())
+
+
+class ScaledLinear(nn.Linear):
+    def forward(self, x):
+        return 2.0 * super().forward(x)
+
+
+def test_models_with_detached_inputs_or_custom_layers():
+    torch.manual_seed(4)
+    images, labels = torch.randn(4, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
+    model = Detached().double()
+    assert_close(per_sample_grad_sq_norms(model, images, labels), naive_norms(model, images, labels)[0],
+                 1e-10)
+    with pytest.raises(GradNormError, match=r"\['side'\] are not between the loss"):
+        per_sample_grad_sq_norms(SideBranch(), images.float(), labels)
+    with pytest.raises(GradNormError, match="ScaledLinear"):
+        per_sample_grad_sq_norms(ScaledLinear(4, 3), images.float(), labels)
+
+
 def test_reused_layer_and_bad_selection_raise():
     shared = nn.Linear(4, 4)
     reused = nn.Sequential(shared, nn.ReLU(), shared)

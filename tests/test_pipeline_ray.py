@@ -97,6 +97,19 @@ def test_influence_and_removal_stages(tiny_run):
     assert results["removal"]["accuracy"] == removal["accuracy"]
 
 
+def test_influence_on_empty_training_split_is_a_clear_error(tiny_run, tmp_path):
+    import pyarrow.compute as pc
+
+    from diffinf_ray.stages.influence import score_training_set
+    from diffinf_ray.storage import Location
+
+    cfg, root, _ = tiny_run
+    table = pq.read_table(root / "manifest_noisy")
+    pq.write_table(table.filter(pc.field("split") != "train"), tmp_path / "part.parquet")
+    with pytest.raises(ValueError, match="training split is empty"):
+        score_training_set(cfg, Location(str(tmp_path)), open_run_root(cfg).checkpoints)
+
+
 def test_train_resumes_from_last_checkpoint(tiny_run):
     """A second fit on the same checkpoints folder continues after the last saved epoch."""
     cfg, root, _ = tiny_run

@@ -14,7 +14,8 @@ def test_pipeline_on_s3(s3_endpoint, tmp_path):
     root_uri = s3_endpoint.bucket("runs")
     base, query = root_uri.split("?")
     cfg = load_config("jobs/configs/tiny.yaml",
-                      [f"run.root={base}/tiny?{query}", "ray.num_cpus=2"])
+                      [f"run.root={base}/tiny?{query}", "ray.num_cpus=2",
+                       "stages=[ingest,noise,train,evaluate,influence]"])
     results = run_pipeline(cfg)
 
     root = open_run_root(cfg)
@@ -36,6 +37,11 @@ def test_pipeline_on_s3(s3_endpoint, tmp_path):
     assert root.evaluation.child("metrics.json").read_json()["accuracy"] == results["evaluate"]["accuracy"]
     manifest = pq.read_table(root.manifest.path, filesystem=root.fs)
     assert manifest.num_rows == cfg.data.synthfaces.num_samples
+
+    # the influence stage read its checkpoints from S3 and wrote its table there
+    scores = root.child("influence", "influence.parquet").read_table().to_pandas()
+    assert len(scores) == results["influence"]["train_rows"] > 0
+    assert scores.is_high.sum() == results["influence"]["high_influence_rows"]
 
     # a second run finds every stage done on S3 and skips it
     again = run_pipeline(cfg)

@@ -58,6 +58,7 @@ from diffinf_ray.storage import Location
 ConvMode = Literal["auto", "ghost", "materialize"]
 CONV_MODES = ("auto", "ghost", "materialize")
 SUPPORTED_MODULES = (nn.Linear, nn.Conv2d, _BatchNorm)
+_STOCK_FORWARDS = (nn.Linear.forward, nn.Conv2d.forward, _BatchNorm.forward)
 
 # Temporaries of one hook (unfolded input, Gram matrices, per-sample gradients) are computed in
 # batch chunks of at most this many floats, so memory stays bounded at high resolution.
@@ -246,8 +247,11 @@ def _check_supported(name: str, module: nn.Module) -> None:
             "per-sample gradient norms do not support (Linear, Conv2d and BatchNorm only); "
             "freeze them (requires_grad=False) or leave the module out with `layers=`"
         )
-    if set(own) - {"weight", "bias"}:
-        raise GradNormError(f"module {label!r}: unexpected trainable parameters {own}")
+    if set(own) - {"weight", "bias"} or type(module).forward not in _STOCK_FORWARDS:
+        raise GradNormError(
+            f"module {label!r} ({type(module).__name__}) changes its parameters or forward; "
+            "the closed-form per-sample norms hold only for the stock Linear/Conv2d/BatchNorm"
+        )
     if isinstance(module, nn.Conv2d):
         if module.groups != 1:
             raise GradNormError(f"conv {label!r}: groups={module.groups} is not supported (only 1)")
@@ -338,12 +342,17 @@ def compute_grad_sq_norms(
             # Only the output gradients of the selected layers are needed: ask for the gradient
             # w.r.t. the input of the first selected layer to run, so no weight gradient is
             # ever computed; the backward passes every selected layer of a chain-like model.
-            torch.autograd.grad(losses.sum(), run_order[0].input)
+            first = run_order[0]
+            if first.input.requires_grad:
+                targets = [first.input]
+            else:  # e.g. preprocessing under no_grad: stop at the first layer's parameters
+                targets = [p for p in first.module.parameters(recurse=False) if p.requires_grad]
+            torch.autograd.grad(losses.sum(), targets)
         unreached = [r.name for r in recorders if r.sq_norm is None]
         if unreached:
             raise GradNormError(
                 f"modules {unreached} are not between the loss and the input of the first "
-                f"selected module to run, {run_order[0].name!r}; select a different set of `layers`"
+                f"selected module to run, {first.name!r}; select a different set of `layers`"
             )
     finally:
         for r in recorders:
