@@ -124,6 +124,18 @@ def test_scores_equal_per_sample_loop_over_all_parameters(models, batch, naive):
         assert_close(per_ckpt[:, t], totals, 1e-6)
 
 
+def test_state_dicts_load_into_the_given_model(models, batch):
+    pairs = [(m.state_dict(), lr) for m, lr in zip(models[:2], LRS, strict=False)]
+    holder = build_classifier(CLASSES).double()
+    from_states = self_influence_scores(pairs, *batch, model=holder)
+    from_models = self_influence_scores(list(zip(models[:2], LRS, strict=False)), *batch)
+    assert_close(from_states, from_models, 1e-12)
+    with pytest.raises(GradNormError, match="pass `model=`"):
+        self_influence_scores(pairs, *batch)
+    with pytest.raises(GradNormError, match="learning rate must be > 0"):
+        self_influence_scores([(models[0], 0.0)], *batch)
+
+
 def test_per_layer_norms_sum_to_total_and_match_each_module(models, batch, naive):
     result = compute_grad_sq_norms(models[0], *batch)
     _, expected = naive[0]
@@ -296,6 +308,10 @@ def test_models_with_detached_inputs_or_custom_layers():
     model = Detached().double()
     assert_close(per_sample_grad_sq_norms(model, images, labels), naive_norms(model, images, labels)[0],
                  1e-10)
+    # the first layer's output is changed in place (by ReLU): the backward stops at its input
+    inplace = nn.Sequential(nn.Linear(4, 5), nn.ReLU(inplace=True), nn.Linear(5, 3)).double()
+    assert_close(per_sample_grad_sq_norms(inplace, images, labels),
+                 naive_norms(inplace, images, labels)[0], 1e-10)
     with pytest.raises(GradNormError, match=r"\['side'\] are not between the loss"):
         per_sample_grad_sq_norms(SideBranch(), images.float(), labels)
     with pytest.raises(GradNormError, match="ScaledLinear"):

@@ -17,9 +17,9 @@ sample i alone, in ONE forward and ONE backward pass over the batch:
         materialise  ||dW||^2 = ||G_i U_i^T||^2             otherwise; one layer at a time
         bias         ||db||^2 = ||sum_t G_i[:, t]||^2
     BatchNorm (eval):        dgamma_i = sum_spatial(x_hat * g_i), dbeta_i = sum_spatial(g_i)
-- only output gradients are needed, so the backward asks autograd for the gradient w.r.t. the
-  input of the first selected layer: the (batch-summed) weight gradients of a plain backward are
-  never computed, and nothing accumulates into `.grad`.
+- only output gradients are needed, so the backward stops at the output of the first selected
+  layer to run (`_backward_targets`): the (batch-summed) weight gradients of a plain backward
+  and the first layer's input gradient are never computed; nothing accumulates into `.grad`.
 
 Output gradients are captured by a tensor hook registered on each layer's output inside its
 forward hook. torchvision's ResNet applies `ReLU(inplace=True)` to batch-norm outputs; a hook
@@ -148,6 +148,8 @@ class _LayerRecorder:
         self.bias = _trainable(module, "bias")
         self.input: Tensor | None = None
         self.input_version = 0
+        self.output: Tensor | None = None
+        self.output_version = 0
         self.calls = 0
         self.sq_norm: Tensor | None = None
         self.branch: str | None = None
@@ -170,6 +172,8 @@ class _LayerRecorder:
         self.run_order.append(self)
         self.input = inputs[0]
         self.input_version = inputs[0]._version
+        self.output = output
+        self.output_version = output._version
         # Registered before any in-place op on `output` (e.g. torchvision's ReLU(inplace=True)),
         # so the hook receives the gradient w.r.t. this module's own output.
         output.register_hook(self._backward)
@@ -229,6 +233,7 @@ class _LayerRecorder:
     def remove(self) -> None:
         self.handle.remove()
         self.input = None
+        self.output = None
 
 
 def _trainable(module: nn.Module, name: str) -> bool:
@@ -296,6 +301,21 @@ def _check_batch(images: Tensor, labels: Tensor) -> None:
         raise GradNormError(f"labels must be integer class indices, got {labels.dtype}")
 
 
+def _backward_targets(first: _LayerRecorder, run_order: list[_LayerRecorder]) -> list[Tensor]:
+    """Where the single backward may stop. Only the selected layers' output gradients are
+    needed, so it stops at the outputs of the first selected layer to run and of the layers
+    reading the same input (ResNet's downsample branch); their tensor hooks still fire there.
+    Neither weight gradients nor those layers' input gradients are computed. Every other
+    selected layer must lie between the loss and these outputs (true of chain-like models such
+    as ResNets; `compute_grad_sq_norms` raises a clear error otherwise)."""
+    siblings = [r for r in run_order if r.input is first.input]
+    if all(r.output._version == r.output_version for r in siblings):
+        return [r.output for r in siblings]
+    if first.input.requires_grad:  # an output was changed in place: stop at the input
+        return [first.input]
+    return [p for p in first.module.parameters(recurse=False) if p.requires_grad]
+
+
 # -- public API ---------------------------------------------------------------------------------
 
 
@@ -339,20 +359,16 @@ def compute_grad_sq_norms(
             missing = [r.name for r in recorders if not r.calls]
             if missing:
                 raise GradNormError(f"selected modules {missing} did not run in the forward pass")
-            # Only the output gradients of the selected layers are needed: ask for the gradient
-            # w.r.t. the input of the first selected layer to run, so no weight gradient is
-            # ever computed; the backward passes every selected layer of a chain-like model.
             first = run_order[0]
-            if first.input.requires_grad:
-                targets = [first.input]
-            else:  # e.g. preprocessing under no_grad: stop at the first layer's parameters
-                targets = [p for p in first.module.parameters(recurse=False) if p.requires_grad]
+            targets = _backward_targets(first, run_order)
+            for r in recorders:
+                r.output = None
             torch.autograd.grad(losses.sum(), targets)
         unreached = [r.name for r in recorders if r.sq_norm is None]
         if unreached:
             raise GradNormError(
-                f"modules {unreached} are not between the loss and the input of the first "
-                f"selected module to run, {first.name!r}; select a different set of `layers`"
+                f"modules {unreached} are not between the loss and the first selected module to "
+                f"run, {first.name!r}; select a different set of `layers`"
             )
     finally:
         for r in recorders:
@@ -386,7 +402,7 @@ def naive_per_sample_grad_sq_norms(
     """The slow reference: one forward and one backward per sample (eval mode), full gradients."""
     params = [p for m in selected_modules(model, layers).values()
               for p in m.parameters(recurse=False) if p.requires_grad]
-    was_training = model.training
+    modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
         out = []
@@ -396,7 +412,8 @@ def naive_per_sample_grad_sq_norms(
                 grads = torch.autograd.grad(loss, params)
                 out.append(sum(g.pow(2).sum() for g in grads))
     finally:
-        model.train(was_training)
+        for m, training in modes.items():
+            m.training = training
     return torch.stack(out)
 
 
