@@ -6,6 +6,7 @@ A stage whose fingerprint changed is run again, and so is every stage that reads
 
 from __future__ import annotations
 
+import importlib
 import logging
 import time
 from collections.abc import Callable
@@ -17,59 +18,25 @@ from diffinf_ray.storage import StorageOptions
 log = logging.getLogger(__name__)
 
 
-def _train(cfg: Config, root: RunRoot) -> dict:
-    from diffinf_ray.stages.train import train_classifier
-
-    return train_classifier(cfg, root.noisy_manifest, root.checkpoints, len(cfg.class_names))
-
-
-def _evaluate(cfg: Config, root: RunRoot) -> dict:
-    from diffinf_ray.stages.evaluate import evaluate_checkpoints
-
-    return evaluate_checkpoints(cfg, root.noisy_manifest, root.checkpoints, root.evaluation)
-
-
-def _ingest(cfg: Config, root: RunRoot) -> dict:
-    from diffinf_ray.stages.ingest import run_ingest
-
-    return run_ingest(cfg, root)
-
-
-def _noise(cfg: Config, root: RunRoot) -> dict:
-    from diffinf_ray.stages.noise import run_noise
-
-    return run_noise(cfg, root)
-
-
-def _influence(cfg: Config, root: RunRoot) -> dict:
-    from diffinf_ray.stages.influence import run_influence
-
-    return run_influence(cfg, root)
-
-
-def _cleanlab(cfg: Config, root: RunRoot) -> dict:
-    from diffinf_ray.stages.detectors import run_cleanlab
-
-    return run_cleanlab(cfg, root)
-
-
-def _removal(cfg: Config, root: RunRoot) -> dict:
-    from diffinf_ray.stages.detectors import run_removal
-
-    return run_removal(cfg, root)
-
-
-def _autoencoder(cfg: Config, root: RunRoot) -> dict:
-    from diffinf_ray.stages.autoencoder import run_autoencoder
-
-    return run_autoencoder(cfg, root)
-
-
-STAGE_FUNCTIONS: dict[str, Callable[[Config, RunRoot], dict]] = {
-    "ingest": _ingest, "noise": _noise, "train": _train, "evaluate": _evaluate,
-    "influence": _influence, "cleanlab": _cleanlab, "removal": _removal,
-    "autoencoder": _autoencoder,
+# Each stage's entry point `run_<stage>(cfg, root) -> summary`, imported when the stage runs
+# (the driver then only loads torch, cleanlab, diffusers... for the stages it needs).
+STAGE_FUNCTIONS = {
+    "ingest": "diffinf_ray.stages.ingest:run_ingest",
+    "noise": "diffinf_ray.stages.noise:run_noise",
+    "train": "diffinf_ray.stages.train:run_train",
+    "evaluate": "diffinf_ray.stages.evaluate:run_evaluate",
+    "influence": "diffinf_ray.stages.influence:run_influence",
+    "cleanlab": "diffinf_ray.stages.detectors:run_cleanlab",
+    "removal": "diffinf_ray.stages.detectors:run_removal",
+    "autoencoder": "diffinf_ray.stages.autoencoder:run_autoencoder",
 }
+
+
+def stage_function(stage: str) -> Callable[[Config, RunRoot], dict]:
+    module, _, name = STAGE_FUNCTIONS[stage].partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
 # What a stage owns under the run root: cleared before it runs with a new fingerprint.
 STAGE_OUTPUTS = {
     "ingest": ("manifest", "quarantine"),
@@ -106,7 +73,7 @@ def run_stage(cfg: Config, root: RunRoot, stage: str, force: bool = False) -> tu
     root.mark_started(stage, fp)
     started = time.perf_counter()
     log.info("stage %s: running (fingerprint %s)", stage, fp)
-    summary = STAGE_FUNCTIONS[stage](cfg, root)
+    summary = stage_function(stage)(cfg, root)
     seconds = time.perf_counter() - started
     root.mark_done(stage, fp, summary, seconds)
     log.info("stage %s: finished in %.1f s", stage, seconds)

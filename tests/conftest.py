@@ -1,5 +1,6 @@
 """Shared fixtures.
 
+`ray_local`: an isolated local Ray (2 CPUs, own temp dir) for one test module, shut down after.
 `s3_endpoint`: a real S3 protocol endpoint (moto's server) on 127.0.0.1, one per test.
 """
 
@@ -97,3 +98,12 @@ def s3_endpoint(monkeypatch: pytest.MonkeyPatch, tmp_path_factory) -> Iterator[S
             proc.kill()
             proc.wait(timeout=10)
         log.close()
+
+
+@pytest.fixture(scope="module")
+def ray_local(tmp_path_factory):
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False,
+             _temp_dir=str(tmp_path_factory.mktemp("ray")), configure_logging=False)
+    yield ray
+    ray.shutdown()

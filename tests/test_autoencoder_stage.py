@@ -63,15 +63,6 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def ray_local(tmp_path_factory):
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False,
-             _temp_dir=str(tmp_path_factory.mktemp("ray")), configure_logging=False)
-    yield ray
-    ray.shutdown()
-
-
 def ae_config(root, *extra):
     return load_config(TINY, [f"run.root={root}", *AE_OVERRIDES, *extra])
 

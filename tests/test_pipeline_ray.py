@@ -14,15 +14,6 @@ TINY = "jobs/configs/tiny.yaml"
 
 
 @pytest.fixture(scope="module")
-def ray_local(tmp_path_factory):
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False,
-             _temp_dir=str(tmp_path_factory.mktemp("ray")), configure_logging=False)
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def tiny_run(ray_local, tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_run")
     cfg = load_config(TINY, [f"run.root={root}"])

@@ -90,3 +90,8 @@ def evaluate_checkpoints(cfg: Config, manifest: Location, checkpoints: Location,
         "group": df["group"].astype(str) if "group" in df else None,
     }))
     return metrics
+
+
+def run_evaluate(cfg: Config, root) -> dict:
+    """Pipeline entry: the train stage's last checkpoint on the clean test split."""
+    return evaluate_checkpoints(cfg, root.noisy_manifest, root.checkpoints, root.evaluation)

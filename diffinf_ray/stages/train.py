@@ -232,3 +232,8 @@ def train_classifier(cfg: Config, manifest: Location, checkpoints: Location, num
     if result.error is not None:
         raise result.error
     return {k: v for k, v in (result.metrics or {}).items() if isinstance(v, int | float)}
+
+
+def run_train(cfg: Config, root) -> dict:
+    """Pipeline entry: the classifier on the noisy manifest's train split."""
+    return train_classifier(cfg, root.noisy_manifest, root.checkpoints, len(cfg.class_names))
