@@ -73,8 +73,5 @@ def run_removal(cfg: Config, root: RunRoot) -> dict:
     out = root.child("removal")
     train_classifier(cfg, root.noisy_manifest, out.child("checkpoints"), len(cfg.class_names),
                      exclude_ids=flagged)
-    metrics = evaluate_checkpoints(cfg, root.noisy_manifest, out.child("checkpoints"),
-                                   out.child("evaluation"))
-    metrics["removed_rows"] = len(flagged)
-    out.child("evaluation", "metrics.json").write_json(metrics)
-    return metrics
+    return evaluate_checkpoints(cfg, root.noisy_manifest, out.child("checkpoints"),
+                                out.child("evaluation"), extra={"removed_rows": len(flagged)})

@@ -67,7 +67,7 @@ def predict_split(cfg: Config, manifest: Location, checkpoint: Location, split: 
 
 
 def evaluate_checkpoints(cfg: Config, manifest: Location, checkpoints: Location,
-                         out: Location) -> dict:
+                         out: Location, extra: dict | None = None) -> dict:
     found = list_checkpoints(checkpoints)
     if not found:
         raise FileNotFoundError(f"no checkpoints under {checkpoints.display}; run the train stage")
@@ -81,6 +81,7 @@ def evaluate_checkpoints(cfg: Config, manifest: Location, checkpoints: Location,
     metrics = classification_metrics(probs, truth, cfg.class_names, groups, cfg.evaluate.ece_bins)
     metrics["checkpoint"] = last.display
     metrics["epoch"] = epoch_of(last.path)
+    metrics.update(extra or {})
     out.child("metrics.json").write_json(metrics)
     import pyarrow as pa
 
