@@ -24,7 +24,7 @@ from dataclasses import replace
 
 import torch
 
-from diffinf_ray.diffae.autoencoder import decode
+from diffinf_ray.diffae.autoencoder import decode, saved_tensor_bytes
 from diffinf_ray.diffae.model import DiffAEModel, preset
 
 
@@ -48,18 +48,7 @@ def median_seconds(fn, device: torch.device, repeats: int, clock=time.perf_count
 
 
 def saved_megabytes(fn) -> float:
-    """MB of tensors autograd saves for backward while `fn` runs its forward."""
-    total = 0
-
-    def pack(tensor):
-        nonlocal total
-        total += tensor.numel() * tensor.element_size()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return total / 2**20
-
+    return saved_tensor_bytes(fn) / 2**20
 
 def bench_size(name: str, size: int, batch: int, steps: int, repeats: int, device: torch.device,
                clock=time.perf_counter):

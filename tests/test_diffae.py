@@ -9,7 +9,13 @@ import pytest
 import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler
 
-from diffinf_ray.diffae.autoencoder import DiffusionAutoencoder, decode, encode, predict_eps
+from diffinf_ray.diffae.autoencoder import (
+    DiffusionAutoencoder,
+    decode,
+    encode,
+    predict_eps,
+    saved_tensor_bytes,
+)
 from diffinf_ray.diffae.model import NULL_LABEL, DiffAEConfig, build_model, preset
 from diffinf_ray.diffae.schedule import NoiseSchedule, ddim_inversion_step, ddim_step
 from diffinf_ray.diffae.training import EMA, diffusion_loss, train_step
@@ -222,16 +228,8 @@ def test_checkpointed_decode_keeps_only_step_inputs_for_backward():
     x_T = torch.randn(2, 3, 32, 32, requires_grad=True)
 
     def saved_bytes(steps, use_checkpoint):
-        total = 0
-
-        def pack(tensor):
-            nonlocal total
-            total += tensor.numel() * tensor.element_size()
-            return tensor
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            decode(model, z, x_T, steps=steps, checkpoint=use_checkpoint)
-        return total
+        return saved_tensor_bytes(
+            lambda: decode(model, z, x_T, steps=steps, checkpoint=use_checkpoint))
 
     latent_bytes = 4 * (x_T.numel() + z.numel())
     per_step_ck = (saved_bytes(6, True) - saved_bytes(2, True)) / 4

@@ -147,3 +147,18 @@ class DiffusionAutoencoder:
     def decode(self, z, x_T, label=None, steps: int | None = None, **kwargs) -> torch.Tensor:
         return decode(self.model, z, x_T, label, steps or self.decode_steps, self.schedule,
                       checkpoint=kwargs.pop("checkpoint", self.checkpoint), **kwargs)
+
+
+def saved_tensor_bytes(fn) -> int:
+    """Bytes of tensors autograd keeps for backward while `fn` runs its forward (how much
+    memory a decode holds; device independent)."""
+    total = 0
+
+    def pack(tensor):
+        nonlocal total
+        total += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total
