@@ -189,8 +189,114 @@ class AutoencoderSection(_Section):
         return self
 
 
+class PredictorSection(_Section):
+    """The influence predictor h_w (stage `predictor`, METHOD.md stage 4): an MLP on the
+    classifier's backbone features g(x) and the assigned label -> P(high influence).
+
+    Trained on the pseudo-labels `is_high` of a partition of the training split (`fit_fraction`
+    of its rows, drawn by a seeded hash of sample_id: recorded in predictor/partition.parquet),
+    validated on the rest (the held-out AUROC), then frozen.
+    """
+
+    fit_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.5
+    hidden: int = Field(128, ge=1)
+    epochs: int = Field(200, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    batch_size: int = Field(256, ge=1)
+    balance_classes: bool = True  # weight positives by (#neg / #pos): H is ~tau of the rows
+
+
+class LossNetsSection(_Section):
+    """The frozen networks of the edit losses (stage `lossnets`).
+
+    Identity: insightface ArcFace (ONNX, 112 px aligned input) by URI + sha256; without one, a
+    small identity embedder is trained here on the manifest's `identity` column. Structure: a
+    BiSeNet face-parsing checkpoint by URI + sha256; without one, a small parsing net is trained
+    on the manifest's `mask` column. Perceptual: lpips with its backbone file by URI (or found in
+    torch's hub cache); without one, the distance named in `perceptual_fallback` is used and the
+    report says so.
+    """
+
+    identity_onnx_uri: str | None = None
+    identity_onnx_sha256: str | None = None
+    identity_embed_dim: int = Field(128, ge=8)
+    identity_epochs: int = Field(15, ge=1)
+    parsing_uri: str | None = None
+    parsing_sha256: str | None = None
+    parsing_num_classes: int = Field(19, ge=2)  # the public BiSeNet face-parsing checkpoints
+    parsing_epochs: int = Field(10, ge=1)
+    lpips_net: Literal["alex", "vgg", "squeeze"] = "alex"
+    lpips_backbone_uri: str | None = None
+    lpips_backbone_sha256: str | None = None
+    perceptual_fallback: Literal["identity_features", "ssim"] = "identity_features"
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0)
+
+    @model_validator(mode="after")
+    def _uris_need_hash(self) -> LossNetsSection:
+        for name in ("identity_onnx", "parsing", "lpips_backbone"):
+            if getattr(self, f"{name}_uri") and not getattr(self, f"{name}_sha256"):
+                raise ValueError(f"lossnets.{name}_sha256 is required with lossnets.{name}_uri")
+        return self
+
+
+class EditSection(_Section):
+    """The generative correction (stage `edit`, METHOD.md stage 6): optimise the latents of each
+    high-influence sample through the frozen autoencoder's differentiable decode to minimise
+    w_id*L_id + w_reg*(l_struct*L_struct + l_perc*L_perc + l_pixel*L_pixel) + w_si*h_w(g(x), y).
+    """
+
+    optimize: Literal["z", "xT", "both"] = "both"
+    iterations: int = Field(20, ge=1)  # Adam steps per sample (K)
+    lr: float = Field(0.05, gt=0)
+    encode_steps: int = Field(20, ge=1, le=1000)  # DDIM inversion steps
+    decode_steps: int = Field(10, ge=1, le=1000)  # differentiable DDIM decode steps (S)
+    w_id: float = Field(1.0, ge=0)
+    w_reg: float = Field(1.0, ge=0)
+    w_si: float = Field(1.0, ge=0)
+    l_struct: float = Field(1.0, ge=0)
+    l_perc: float = Field(1.0, ge=0)
+    l_pixel: float = Field(1.0, ge=0)
+    stop_p_high: Fraction = 0.2  # a sample stops once h_w's p_high falls below this
+    checkpoint: bool = True  # per-step gradient checkpointing in the decode
+    batch_size: int = Field(16, ge=1)
+    actors: int = Field(1, ge=1)
+    use_gpu: bool = False
+    gpus_per_actor: Annotated[float, Field(gt=0.0, le=8.0)] = 1.0  # < 1 packs actors on a GPU
+    max_attempts: int = Field(3, ge=1)  # per row, then quarantined with its reason
+    seed: int = 0
+
+
+class OracleSection(_Section):
+    """Independent judges (stage `oracle`, synthfaces only): an attribute classifier trained on
+    clean labels of a separate synthfaces draw, and an identity oracle (an embedder trained on
+    that draw's identities). They judge the edits and never guide them."""
+
+    num_samples: int = Field(3000, ge=100)
+    num_identities: int = Field(600, ge=2)
+    seed_offset: int = 1000  # the draw's seed is run.seed + seed_offset
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(64, ge=1)
+
+
+class BaselinesSection(_Section):
+    """Noisy-label training methods (stage `baselines`, METHOD.md stage 9), each trained with
+    Ray Train on the noisy training split like the baseline classifier (train section: epochs,
+    batch size, lr, workers) and evaluated on the clean test split like it.
+
+    `options` holds each method's own keys (diffinf_ray.baselines.method_defaults), e.g.
+    {small_loss: {noise_rate: 0.3}}; unknown keys are errors.
+    """
+
+    methods: list[Literal["standard", "small_loss", "elr_plus", "proselflc", "promix"]] = [
+        "small_loss", "elr_plus", "proselflc", "promix"]
+    options: dict[str, dict[str, int | float | bool | str]] = {}
+
+
 STAGES = ("ingest", "noise", "train", "evaluate", "influence", "cleanlab", "removal",
-          "autoencoder")
+          "baselines", "autoencoder", "predictor", "lossnets", "edit", "refine", "retrain", "oracle",
+          "report")
 
 
 class Config(_Section):
@@ -204,6 +310,11 @@ class Config(_Section):
     influence: InfluenceSection = InfluenceSection()
     cleanlab: CleanlabSection = CleanlabSection()
     autoencoder: AutoencoderSection = AutoencoderSection()
+    baselines: BaselinesSection = BaselinesSection()
+    predictor: PredictorSection = PredictorSection()
+    lossnets: LossNetsSection = LossNetsSection()
+    edit: EditSection = EditSection()
+    oracle: OracleSection = OracleSection()
     stages: list[Literal[STAGES]] = ["ingest", "noise", "train", "evaluate"]
 
     @property
@@ -227,12 +338,28 @@ _STAGE_SECTIONS = {
     "influence": ("influence",),
     "cleanlab": ("train", "evaluate", "cleanlab"),  # K classifiers trained like the baseline
     "removal": ("train", "evaluate"),  # retrain without the flagged set, evaluate
+    "baselines": ("train", "evaluate", "baselines"),
     "autoencoder": ("autoencoder",),
+    "predictor": ("predictor",),
+    "lossnets": ("lossnets",),
+    "edit": ("edit",),
+    "refine": (),
+    "retrain": ("train", "evaluate"),  # the baseline recipe on the refined training split
+    "oracle": ("oracle",),
+    "report": (),
 }
 _UPSTREAM = {
     "ingest": (), "noise": ("ingest",), "train": ("noise",), "evaluate": ("train",),
     "influence": ("train",), "cleanlab": ("noise",), "removal": ("influence",),
     "autoencoder": ("noise",),  # trains on the assigned (noisy) labels
+    "baselines": ("noise",),
+    "predictor": ("influence",),
+    "lossnets": ("ingest",),  # images, identities and region masks; no labels
+    "edit": ("predictor", "lossnets", "autoencoder"),
+    "refine": ("edit",),
+    "retrain": ("refine",),
+    "oracle": ("edit",),  # its own synthfaces draw; judges the edits
+    "report": ("evaluate", "removal", "baselines", "retrain", "oracle"),
 }
 
 

@@ -28,7 +28,15 @@ STAGE_FUNCTIONS = {
     "influence": "diffinf_ray.stages.influence:run_influence",
     "cleanlab": "diffinf_ray.stages.detectors:run_cleanlab",
     "removal": "diffinf_ray.stages.detectors:run_removal",
+    "baselines": "diffinf_ray.stages.baselines:run_baselines",
     "autoencoder": "diffinf_ray.stages.autoencoder:run_autoencoder",
+    "predictor": "diffinf_ray.stages.predictor:run_predictor",
+    "lossnets": "diffinf_ray.stages.lossnets:run_lossnets",
+    "edit": "diffinf_ray.stages.edit:run_edit",
+    "refine": "diffinf_ray.stages.refine:run_refine",
+    "retrain": "diffinf_ray.stages.refine:run_retrain",
+    "oracle": "diffinf_ray.stages.oracle:run_oracle",
+    "report": "diffinf_ray.stages.report:run_report",
 }
 
 
@@ -46,7 +54,15 @@ STAGE_OUTPUTS = {
     "influence": ("influence",),
     "cleanlab": ("cleanlab",),
     "removal": ("removal",),
+    "baselines": ("baselines",),
     "autoencoder": ("autoencoder",),
+    "predictor": ("predictor",),
+    "lossnets": ("lossnets",),
+    "edit": ("edits",),
+    "refine": ("refined",),
+    "retrain": ("retrain",),
+    "oracle": ("oracle",),
+    "report": ("report",),
 }
 
 
