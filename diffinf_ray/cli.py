@@ -1,8 +1,10 @@
 """The `diffinf` command.
 
     diffinf run CONFIG [key=value ...] [--force]       all configured stages, resumable
-    diffinf stage NAME CONFIG [key=value ...]          one stage (ingest|noise|train|evaluate)
+    diffinf stage NAME CONFIG [key=value ...]          one stage (config.STAGES)
     diffinf config CONFIG [key=value ...]              the validated config and stage fingerprints
+    diffinf experiment CONFIG [--task T] [--dry-run]   the Table-1 comparison over tasks and seeds
+    diffinf sweep CONFIG [--no-restore] [--dry-run]    a Ray Tune sweep of edit weights, tau, noise
     diffinf synthfaces-preview --task age --out grid.png
 
 Errors print as one message (the file, key or row at fault), not a Ray traceback; `--debug`
@@ -47,9 +49,12 @@ def _format_error(err: BaseException) -> str:
 
 
 def _print_metrics(results: dict) -> None:
-    rows = [(name, results[stage]) for name, stage in (("trained on assigned labels", "evaluate"),
-                                                        ("self-influence removal", "removal"))
-            if results.get(stage)]
+    named = [("trained on assigned labels", results.get("evaluate")),
+             ("self-influence removal", results.get("removal"))]
+    named += [(method, m) for method, m in (results.get("baselines") or {}).items()
+              if isinstance(m, dict) and "accuracy" in m]
+    named.append(("DiffInf (refined, retrained)", results.get("retrain")))
+    rows = [(name, m) for name, m in named if m]
     if rows:
         print("\nclean test split:")
         print(f"  {'':<28} {'acc %':>7} {'AUROC':>7} {'kappa':>7} {'ECE':>7}")
@@ -104,6 +109,14 @@ def _cmd_preview(args) -> int:
     return 0
 
 
+def _cmd_forward(args) -> int:
+    """`diffinf experiment|sweep ...`: the module's own argument parser takes the rest."""
+    import importlib
+
+    module = importlib.import_module(f"diffinf_ray.{args.command}")
+    return module.main(args.rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffinf", description=__doc__.split("\n")[0])
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -127,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     cfg.add_argument("config")
     cfg.add_argument("overrides", nargs="*")
     cfg.set_defaults(func=_cmd_config)
+
+    for name, text in (("experiment", "the Table-1 comparison: every method, task and seed"),
+                       ("sweep", "a Ray Tune sweep over edit loss weights, tau and noise rate")):
+        forward = sub.add_parser(name, help=text, add_help=False)
+        forward.add_argument("rest", nargs=argparse.REMAINDER)
+        forward.set_defaults(func=_cmd_forward)
 
     prev = sub.add_parser("synthfaces-preview", help="write a PNG grid of samples per class")
     prev.add_argument("--task", choices=["age", "expression"], default="age")

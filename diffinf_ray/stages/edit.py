@@ -1,0 +1,191 @@
+"""Edit stage: the generative correction of every high-influence training sample, as a Ray Data
+actor pool (METHOD.md stage 6).
+
+In:  manifest_noisy/ train rows (sample_id, image, label) whose influence/influence.parquet
+     `is_high` is set; the frozen models of earlier stages: autoencoder/ (model.json),
+     checkpoints/ (the last classifier: g(x)), predictor/ (h_w), lossnets/ (F_id, parser,
+     perceptual distance).
+Out: edits/edits.parquet   one row per edited sample: sample_id, label, image (PNG of the
+                           edit), image_original (PNG), loss_total, loss_id, loss_struct,
+                           loss_perc, loss_pixel, loss_si, lpips (the perceptual distance of
+                           lossnets.json to the original), identity_similarity (cosine, F_id),
+                           p_high_before, p_high_after, iterations, reconstruction_mse, attempts
+     edits/quarantine.parquet  rows that failed `edit.max_attempts` times, with the reason
+                               (manifest.QUARANTINE_SCHEMA); high-influence rows = edits +
+                               quarantined, always.
+Each actor loads every frozen model once (from a local or s3:// run root), on a GPU when
+`edit.use_gpu` (`edit.gpus_per_actor` < 1 packs several actors on one GPU). An exception while
+editing a batch is retried up to `edit.max_attempts` times, then each row of the batch is tried
+alone, so one bad row cannot sink its batch; an actor that dies (OOM, preemption) is restarted
+by Ray Data and its batch re-run (Ray Data's defaults: max_restarts=-1, max_task_retries=-1).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pyarrow as pa
+
+from diffinf_ray.config import Config
+from diffinf_ray.run_root import RunRoot
+from diffinf_ray.storage import StorageOptions
+
+log = logging.getLogger(__name__)
+
+STAGE_FOLDER = "edits"
+RESULT_COLUMNS = ("loss_total", "loss_id", "loss_struct", "loss_perc", "loss_pixel", "loss_si",
+                  "p_high_before", "p_high_after", "iterations", "reconstruction_mse")
+
+
+def build_editor(cfg: Config, root: RunRoot, device: str):
+    """The editor core (edit/editor.py) over the frozen models of a run root."""
+    from diffinf_ray.diffae.autoencoder import DiffusionAutoencoder
+    from diffinf_ray.edit.editor import EditSettings, LatentEditor
+    from diffinf_ray.models.checkpoint import load_checkpoint
+    from diffinf_ray.stages.autoencoder import load_run_autoencoder
+    from diffinf_ray.stages.lossnets import load_edit_losses
+    from diffinf_ray.stages.predictor import classifier_checkpoint, load_run_predictor
+
+    section = cfg.edit
+    model = load_run_autoencoder(root, map_location=device).to(device)
+    autoencoder = DiffusionAutoencoder(model, encode_steps=section.encode_steps,
+                                       decode_steps=section.decode_steps,
+                                       checkpoint=section.checkpoint)
+    classifier = load_checkpoint(classifier_checkpoint(root)).build_model().to(device)
+    predictor = load_run_predictor(root).to(device)
+    losses, _ = load_edit_losses(cfg, root, device)
+    return LatentEditor(autoencoder, classifier, predictor, losses, w_si=section.w_si,
+                        settings=EditSettings.from_section(section), device=device)
+
+
+def to_png_batch(images: np.ndarray) -> list[bytes]:
+    """(B, 3, H, W) float in [-1, 1] -> PNG bytes per image (rounded to uint8)."""
+    from diffinf_ray.data.images import encode_png
+
+    pixels = np.clip(np.rint((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    return [encode_png(p.transpose(1, 2, 0)) for p in pixels]
+
+
+class LatentEditActor:
+    """Ray Data actor: rows (sample_id, image, label) -> edit rows (module docstring)."""
+
+    def __init__(self, config: dict, root_uri: str, storage_options: StorageOptions | None):
+        import torch
+
+        self.cfg = Config.model_validate(config)
+        self.device = "cuda" if self.cfg.edit.use_gpu and torch.cuda.is_available() else "cpu"
+        self.editor = build_editor(self.cfg, RunRoot(root_uri, storage_options), self.device)
+
+    def _edit(self, images: list[bytes], labels: np.ndarray) -> dict[str, np.ndarray]:
+        import torch
+
+        from diffinf_ray.data.images import to_tensor_batch
+
+        x = torch.from_numpy(to_tensor_batch(images))
+        return self.editor.edit(x, torch.from_numpy(labels.astype(np.int64)))
+
+    def _attempt(self, images, labels) -> tuple[dict | None, int, str | None]:
+        error = None
+        for attempt in range(1, self.cfg.edit.max_attempts + 1):
+            try:
+                return self._edit(images, labels), attempt, None
+            except Exception as err:  # noqa: BLE001 - any failure is retried, then recorded
+                error = f"{type(err).__name__}: {err}"
+                log.warning("edit attempt %d of %d rows failed: %s", attempt, len(images), error)
+        return None, self.cfg.edit.max_attempts, error
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images, labels = list(batch["image"]), batch["label"]
+        n = len(images)
+        result, attempts, error = self._attempt(images, labels)
+        if result is not None:
+            parts = [(np.arange(n), result, attempts, None)]
+        else:  # one row at a time, so only the rows that fail are quarantined
+            parts = []
+            for i in range(n):
+                r, a, e = self._attempt(images[i:i + 1], labels[i:i + 1])
+                parts.append((np.array([i]), r, attempts + a, e))
+        out = {"sample_id": batch["sample_id"], "label": batch["label"],
+               "image_original": batch["image"],
+               "image": np.empty(n, dtype=object), "error": np.empty(n, dtype=object),
+               "attempts": np.zeros(n, dtype=np.int32)}
+        for name in RESULT_COLUMNS:
+            out[name] = np.full(n, np.nan)
+        for rows, r, a, e in parts:
+            out["attempts"][rows] = a
+            if r is None:
+                out["error"][rows] = e
+                continue
+            pngs = to_png_batch(np.asarray(r["edited"]))
+            for j, row in enumerate(rows):
+                out["image"][row] = pngs[j]
+            for name in RESULT_COLUMNS:
+                out[name][rows] = np.asarray(r[name], dtype=np.float64)
+        out["lpips"] = out["loss_perc"].copy()
+        out["identity_similarity"] = 1.0 - out["loss_id"]
+        return out
+
+
+def high_influence_rows(root: RunRoot):
+    """A Ray Dataset of the train rows flagged high-influence (sample_id, image, label)."""
+    from diffinf_ray.stages.influence import high_influence_ids
+    from diffinf_ray.stages.train import split_dataset
+
+    flagged = high_influence_ids(root)
+    if not flagged:
+        raise ValueError("the high-influence set is empty; nothing to edit (influence.tau?)")
+    ds = split_dataset(root.noisy_manifest, "train", ["sample_id", "image", "label"])
+    keep = frozenset(flagged)
+    return ds.filter(lambda row: row["sample_id"] in keep), len(flagged)
+
+
+def edit_dataset(cfg: Config, root: RunRoot, rows, actor_cls=None):
+    """Map the edit actors (`LatentEditActor` unless given) over a Ray Dataset of
+    (sample_id, image, label) rows."""
+    import ray
+
+    section = cfg.edit
+    return rows.map_batches(
+        actor_cls or LatentEditActor,
+        fn_constructor_kwargs={"config": cfg.model_dump(mode="json"),
+                               "root_uri": root.base.uri, "storage_options": root.options},
+        compute=ray.data.ActorPoolStrategy(size=section.actors),
+        num_cpus=cfg.ray.data_actor_cpus,
+        num_gpus=section.gpus_per_actor if section.use_gpu else 0,
+        batch_size=section.batch_size,
+        batch_format="numpy",
+    )
+
+
+def run_edit(cfg: Config, root: RunRoot) -> dict:
+    import pandas as pd
+
+    from diffinf_ray.manifest import QUARANTINE_SCHEMA
+
+    rows, expected = high_influence_rows(root)
+    df = edit_dataset(cfg, root, rows).to_pandas()
+    df["sample_id"] = df["sample_id"].astype(str)
+    df = df.sort_values("sample_id", kind="stable").reset_index(drop=True)
+    failed = df["error"].notna()
+    ok = df[~failed].drop(columns="error")
+    out = root.child(STAGE_FOLDER)
+    table = pa.Table.from_pandas(ok, preserve_index=False)
+    out.child("edits.parquet").write_table(table)
+    quarantine = pd.DataFrame({"sample_id": df.loc[failed, "sample_id"],
+                               "source": "edit", "stage": "edit",
+                               "reason": df.loc[failed, "error"].astype(str)})
+    out.child("quarantine.parquet").write_table(
+        pa.Table.from_pandas(quarantine, schema=QUARANTINE_SCHEMA, preserve_index=False))
+    if len(df) != expected:
+        raise RuntimeError(f"edit: {expected} high-influence rows in, {len(df)} out "
+                           f"({len(ok)} edited, {int(failed.sum())} quarantined)")
+    summary = {"high_influence_rows": expected, "edited": len(ok),
+               "quarantined": int(failed.sum())}
+    if len(ok):
+        for name in ("lpips", "identity_similarity", "p_high_before", "p_high_after",
+                     "loss_total", "iterations", "reconstruction_mse"):
+            summary[f"mean_{name}"] = float(ok[name].mean())
+        summary["share_p_high_below_stop"] = float((ok["p_high_after"] < cfg.edit.stop_p_high)
+                                                   .mean())
+    return summary

@@ -1,0 +1,161 @@
+"""Oracle stage (synthfaces only): independent judges of the edits. They never guide an edit.
+
+In:  edits/edits.parquet (sample_id, label, image, image_original), manifest_noisy/ (label_clean,
+     is_corrupted of the edited rows); the oracle section.
+Out: oracle/manifest/     a separate synthfaces draw (seed run.seed + oracle.seed_offset: other
+                          people, other renderings), with clean labels
+     oracle/checkpoints/  the attribute oracle: the project's classifier trained with Ray Train
+                          on the draw's clean labels (train recipe, oracle.epochs)
+     oracle/identity/     the identity oracle: an embedder trained on the draw's identities
+     oracle/judgements.parquet  per edit: oracle_pred_before/after, identity_similarity_oracle
+     oracle/report.json   attribute oracle test accuracy; share of edits the oracle assigns to
+                          the target (assigned) label before vs after, overall and split by
+                          whether the assigned label was corrupted; identity retention: share of
+                          edits whose oracle similarity to the original passes the threshold at
+                          which 1% of different-person pairs of the draw's test split pass (and
+                          the share of same-person pairs that pass it, for scale)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from diffinf_ray.config import Config, ConfigError
+from diffinf_ray.run_root import RunRoot
+
+STAGE_FOLDER = "oracle"
+FALSE_ACCEPT_RATE = 0.01
+
+
+def oracle_config(cfg: Config) -> Config:
+    """The run's config for the oracle's own draw and training."""
+    tree = cfg.model_dump(mode="json")
+    tree["run"]["seed"] = cfg.run.seed + cfg.oracle.seed_offset
+    tree["data"]["synthfaces"]["num_samples"] = cfg.oracle.num_samples
+    tree["data"]["synthfaces"]["num_identities"] = cfg.oracle.num_identities
+    tree["train"]["epochs"] = cfg.oracle.epochs
+    tree["train"]["batch_size"] = cfg.oracle.batch_size
+    return Config.model_validate(tree)
+
+
+def _draw_rows(root: RunRoot, split: str, columns: list[str]) -> pd.DataFrame:
+    df = root.manifest.read_table(columns=["sample_id", "split", *columns]).to_pandas()
+    return df[df["split"] == split].sort_values("sample_id", kind="stable").reset_index(drop=True)
+
+
+def _embed(model, pngs, batch: int = 256) -> np.ndarray:
+    import torch
+    import torch.nn.functional as F
+
+    from diffinf_ray.data.images import to_tensor_batch
+
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(pngs), batch):
+            x = torch.from_numpy(to_tensor_batch(list(pngs[i:i + batch])))
+            out.append(F.normalize(model(x).flatten(1), dim=1).numpy())
+    return np.concatenate(out)
+
+
+def _predict(model, pngs, batch: int = 256) -> np.ndarray:
+    import torch
+
+    from diffinf_ray.data.images import to_tensor_batch
+
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(pngs), batch):
+            x = torch.from_numpy(to_tensor_batch(list(pngs[i:i + batch])))
+            out.append(model(x).argmax(1).numpy())
+    return np.concatenate(out)
+
+
+def identity_threshold(embeddings: np.ndarray, identities: np.ndarray) -> tuple[float, float]:
+    """(threshold at 1% false accepts among different-person pairs, same-person accept rate)."""
+    sims = embeddings @ embeddings.T
+    upper = np.triu_indices(len(identities), k=1)
+    same = identities[upper[0]] == identities[upper[1]]
+    pair_sims = sims[upper]
+    if not same.any() or same.all():
+        raise ValueError("the identity oracle's test split needs same- and different-person pairs")
+    threshold = float(np.quantile(pair_sims[~same], 1.0 - FALSE_ACCEPT_RATE))
+    return threshold, float((pair_sims[same] > threshold).mean())
+
+
+def run_oracle(cfg: Config, root: RunRoot) -> dict:
+    import torch
+
+    from diffinf_ray.data.images import to_tensor_batch
+    from diffinf_ray.edit.identity import save_identity_embedder, train_identity_embedder
+    from diffinf_ray.models.checkpoint import list_checkpoints, load_checkpoint
+    from diffinf_ray.stages.evaluate import evaluate_checkpoints
+    from diffinf_ray.stages.ingest import _ingest_synthfaces
+    from diffinf_ray.stages.train import train_classifier
+
+    if cfg.data.source != "synthfaces":
+        raise ConfigError("the oracle stage judges synthfaces edits only (it draws its own "
+                          "synthfaces set); remove it from `stages` for other data")
+    ocfg = oracle_config(cfg)
+    oroot = RunRoot(root.child(STAGE_FOLDER).uri, root.options)
+    oroot.manifest.delete()  # a resumed stage draws again rather than appending
+    _ingest_synthfaces(ocfg, oroot)
+
+    # attribute oracle: the project's classifier on the draw's clean labels
+    num_classes = len(cfg.class_names)
+    train_classifier(ocfg, oroot.manifest, oroot.checkpoints, num_classes)
+    attribute_metrics = evaluate_checkpoints(ocfg, oroot.manifest, oroot.checkpoints,
+                                             oroot.child("evaluation"))
+    attribute = load_checkpoint(list_checkpoints(oroot.checkpoints)[-1]).build_model().eval()
+
+    # identity oracle: an embedder trained on the draw's people
+    train = _draw_rows(oroot, "train", ["image", "identity"])
+    embedder, embedder_report = train_identity_embedder(
+        torch.from_numpy(to_tensor_batch(list(train["image"]))), train["identity"].tolist(),
+        embed_dim=cfg.lossnets.identity_embed_dim, epochs=cfg.lossnets.identity_epochs,
+        lr=cfg.lossnets.lr, batch_size=cfg.lossnets.batch_size,
+        seed=cfg.run.seed + cfg.oracle.seed_offset)
+    embedder.eval()
+    save_identity_embedder(embedder, oroot.child("identity"))
+    test = _draw_rows(oroot, "test", ["image", "identity"])
+    threshold, same_accept = identity_threshold(_embed(embedder, test["image"].to_numpy()),
+                                                test["identity"].to_numpy())
+
+    edits = root.child("edits", "edits.parquet").read_table(
+        columns=["sample_id", "label", "image", "image_original"]).to_pandas()
+    truth = root.noisy_manifest.read_table(
+        columns=["sample_id", "label_clean", "is_corrupted"]).to_pandas()
+    edits = edits.merge(truth, on="sample_id", how="left")
+    before = _predict(attribute, edits["image_original"].to_numpy())
+    after = _predict(attribute, edits["image"].to_numpy())
+    sim = (_embed(embedder, edits["image"].to_numpy())
+           * _embed(embedder, edits["image_original"].to_numpy())).sum(1)
+    target = edits["label"].to_numpy(np.int64)
+    root.child(STAGE_FOLDER, "judgements.parquet").write_table(pa.table({
+        "sample_id": edits["sample_id"].astype(str), "label": target.astype(np.int32),
+        "is_corrupted": pa.array(edits["is_corrupted"].tolist(), pa.bool_()),
+        "oracle_pred_before": before.astype(np.int32), "oracle_pred_after": after.astype(np.int32),
+        "identity_similarity_oracle": sim.astype(np.float64)}))
+
+    def shares(mask: np.ndarray) -> dict:
+        if not mask.any():
+            return {"edits": 0}
+        return {"edits": int(mask.sum()),
+                "oracle_target_before": float((before[mask] == target[mask]).mean()),
+                "oracle_target_after": float((after[mask] == target[mask]).mean())}
+
+    corrupted = edits["is_corrupted"].fillna(False).to_numpy(bool)
+    report = {
+        "attribute_oracle": {"test_accuracy": attribute_metrics.get("accuracy"),
+                             "draw_seed": ocfg.run.seed, "samples": cfg.oracle.num_samples},
+        "identity_oracle": {**embedder_report, "threshold_at_far_1pct": threshold,
+                            "same_person_accept_rate": same_accept},
+        "all": shares(np.ones(len(edits), bool)),
+        "corrupted_label": shares(corrupted),
+        "clean_label": shares(~corrupted),
+        "identity_retention": float((sim > threshold).mean()) if len(sim) else None,
+        "mean_identity_similarity_oracle": float(sim.mean()) if len(sim) else None,
+    }
+    root.child(STAGE_FOLDER, "report.json").write_json(report)
+    return report

@@ -1,0 +1,206 @@
+"""Report stage: one page per run with everything the method is judged by.
+
+In:  evaluation/, removal/evaluation/, baselines/<method>/evaluation/, retrain/evaluation/
+     (metrics.json each: whichever exist), edits/edits.parquet, oracle/report.json,
+     lossnets/lossnets.json, influence/ and predictor/ reports, stages/*.json (wall times).
+Out: report/metrics.csv        one row per training condition: accuracy, AUROC (x100), kappa, ECE
+     report/lpips_by_class.csv per-class perceptual distance of the edits (mean, std, count)
+     report/grid_<class>.png   originals (top row of each pair) above their edits
+     report/report.md, report/report.html  the tables, the oracle and identity figures, the
+                               distances used (LPIPS or the stated fallback), stage wall times
+"""
+
+from __future__ import annotations
+
+import html
+import io
+
+import numpy as np
+import pandas as pd
+
+from diffinf_ray.config import STAGES, Config
+from diffinf_ray.run_root import RunRoot
+
+STAGE_FOLDER = "report"
+GRID_COLUMNS = 8
+
+
+def _read_json(location):
+    return location.read_json() if location.exists() else None
+
+
+def condition_metrics(root: RunRoot) -> pd.DataFrame:
+    """Test metrics of every training condition the run has, one row each."""
+    conditions = [("noisy", root.child("evaluation")),
+                  ("removal", root.child("removal", "evaluation"))]
+    baselines = root.child("baselines")
+    if baselines.exists():
+        for method in sorted(d.rsplit("/", 1)[-1] for d in baselines.list_dirs()):
+            conditions.append((method, baselines.child(method, "evaluation")))
+    conditions.append(("diffinf", root.child("retrain", "evaluation")))
+    rows = []
+    for name, folder in conditions:
+        m = _read_json(folder.child("metrics.json"))
+        if m is None:
+            continue
+        rows.append({"condition": name, "accuracy": m["accuracy"],
+                     "auroc": m.get("auroc_macro_ovr"), "kappa": m.get("kappa_linear"),
+                     "ece": m.get("ece"), "epoch": m.get("epoch")})
+    return pd.DataFrame(rows)
+
+
+def lpips_by_class(edits: pd.DataFrame, class_names: list[str]) -> pd.DataFrame:
+    rows = []
+    for c, name in enumerate(class_names):
+        values = edits.loc[edits["label"] == c, "lpips"].to_numpy(float)
+        rows.append({"class": name, "edits": len(values),
+                     "lpips_mean": float(values.mean()) if len(values) else None,
+                     "lpips_std": float(values.std()) if len(values) else None})
+    return pd.DataFrame(rows)
+
+
+def before_after_grid(edits: pd.DataFrame, columns: int = GRID_COLUMNS) -> bytes:
+    """PNG: pairs of rows, originals above their edits, `columns` samples per row."""
+    import torch
+    from PIL import Image
+
+    from diffinf_ray.data.images import to_tensor_batch
+    from diffinf_ray.diffae.quality import image_grid
+
+    rows = []
+    for start in range(0, len(edits), columns):
+        part = edits.iloc[start:start + columns]
+        rows.append(list(torch.from_numpy(to_tensor_batch(list(part["image_original"])))))
+        rows.append(list(torch.from_numpy(to_tensor_batch(list(part["image"])))))
+    buf = io.BytesIO()
+    Image.fromarray(image_grid(rows)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _table_md(df: pd.DataFrame, digits: int = 3) -> str:
+    if df.empty:
+        return "(none)\n"
+    head = "| " + " | ".join(df.columns) + " |\n|" + "---|" * len(df.columns) + "\n"
+
+    def cell(v):
+        if v is None or (isinstance(v, float) and np.isnan(v)):
+            return "-"
+        return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+    return head + "".join("| " + " | ".join(cell(v) for v in row) + " |\n"
+                          for row in df.itertuples(index=False))
+
+
+def stage_times(root: RunRoot) -> pd.DataFrame:
+    rows = []
+    for stage in STAGES:
+        rec = root.stage_record(stage)
+        if rec and rec.get("status") == "done":
+            rows.append({"stage": stage, "wall_seconds": rec.get("wall_seconds")})
+    return pd.DataFrame(rows)
+
+
+def run_report(cfg: Config, root: RunRoot) -> dict:
+    out = root.child(STAGE_FOLDER)
+    names = cfg.class_names
+    metrics = condition_metrics(root)
+    out.child("metrics.csv").write_bytes(metrics.to_csv(index=False).encode())
+    md = [f"# DiffInf report: {cfg.run.name}\n",
+          f"Task `{cfg.data.task}` ({', '.join(names)}), {cfg.noise.kind} noise at "
+          f"{cfg.noise.rate:.0%}, data `{cfg.data.source}`, seed {cfg.run.seed}.\n",
+          "## Clean test split\n", _table_md(metrics, 2)]
+    summary: dict = {"conditions": metrics.to_dict(orient="records")}
+
+    influence = _read_json(root.child("influence", "detection.json"))
+    if influence and "tracin" in influence:
+        t = influence["tracin"]
+        md += ["\n## Detection (TracIn self-influence vs the injected corruption)\n",
+               f"top-{cfg.influence.tau:.0%}: precision {t['precision']:.3f}, recall "
+               f"{t['recall']:.3f}; AUROC {t['auroc']:.3f}\n"]
+    predictor = _read_json(root.child("predictor", "report.json"))
+    if predictor:
+        md.append(f"\nInfluence predictor h_w: held-out AUROC {predictor['heldout_auroc']:.3f} "
+                  f"({predictor['heldout_rows']} held-out rows).\n")
+
+    edits_loc = root.child("edits", "edits.parquet")
+    grids = []
+    if edits_loc.exists():
+        edits = edits_loc.read_table().to_pandas().sort_values("sample_id", kind="stable")
+        lossnets = _read_json(root.child("lossnets", "lossnets.json")) or {}
+        lp = lpips_by_class(edits, names)
+        out.child("lpips_by_class.csv").write_bytes(lp.to_csv(index=False).encode())
+        perceptual = lossnets.get("perceptual", {}).get("name", "unknown")
+        identity = lossnets.get("identity", {})
+        md += ["\n## Edits\n",
+               f"{len(edits)} edits. Perceptual distance: **{perceptual}**. Identity network: "
+               f"**{identity.get('kind', 'unknown')}**"
+               + (f" ({identity['note']})" if identity.get("note") else "") + ".\n\n",
+               _table_md(lp), "\n",
+               f"Mean identity similarity to the original (F_id): "
+               f"{edits['identity_similarity'].mean():.3f}; mean p_high before "
+               f"{edits['p_high_before'].mean():.3f}, after {edits['p_high_after'].mean():.3f}.\n"]
+        summary["lpips_by_class"] = lp.to_dict(orient="records")
+        for c, name in enumerate(names):
+            part = edits[edits["label"] == c].head(2 * GRID_COLUMNS)
+            if len(part):
+                file = f"grid_{name}.png"
+                out.child(file).write_bytes(before_after_grid(part))
+                grids.append((name, file))
+        for name, file in grids:
+            md.append(f"\n**{name}** (label; originals above edits)\n\n![{name}]({file})\n")
+
+    oracle = _read_json(root.child("oracle", "report.json"))
+    if oracle:
+        a = oracle["all"]
+        md += ["\n## Independent judges (oracle; never used by the edit)\n",
+               f"Attribute oracle (clean labels, separate draw): test accuracy "
+               f"{oracle['attribute_oracle']['test_accuracy']:.3f}.\n\n",
+               "| edits | oracle says target label: before | after |\n|---|---|---|\n"]
+        for key in ("all", "corrupted_label", "clean_label"):
+            s = oracle[key]
+            if s.get("edits"):
+                md.append(f"| {key} ({s['edits']}) | {s['oracle_target_before']:.3f} | "
+                          f"{s['oracle_target_after']:.3f} |\n")
+        md.append(f"\nIdentity retention (oracle similarity above the 1%-false-accept threshold "
+                  f"{oracle['identity_oracle']['threshold_at_far_1pct']:.3f}; same-person pairs "
+                  f"pass at {oracle['identity_oracle']['same_person_accept_rate']:.3f}): "
+                  f"{oracle['identity_retention']:.3f}.\n")
+        summary["oracle"] = {"target_before": a.get("oracle_target_before"),
+                             "target_after": a.get("oracle_target_after"),
+                             "identity_retention": oracle["identity_retention"]}
+    times = stage_times(root)
+    md += ["\n## Stage wall times (s)\n", _table_md(times, 1)]
+    text = "".join(md)
+    out.child("report.md").write_bytes(text.encode())
+    out.child("report.html").write_bytes(_html(text, cfg.run.name).encode())
+    return summary
+
+
+def _html(markdown_text: str, title: str) -> str:
+    """A self-contained HTML page of the report (tables and images; no external assets)."""
+    body, table = [], []
+
+    def flush():
+        if table:
+            rows = [r.strip("|").split("|") for r in table if not set(r) <= set("|-")]
+            cells = ["<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in r) + "</tr>"
+                     for r in rows]
+            body.append("<table border=1 cellpadding=4>" + "".join(cells) + "</table>")
+            table.clear()
+
+    for line in markdown_text.splitlines():
+        if line.startswith("|"):
+            table.append(line)
+            continue
+        flush()
+        if line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            body.append(f"<h{level}>{html.escape(line.lstrip('# '))}</h{level}>")
+        elif line.startswith("!["):
+            src = line[line.index("(") + 1:line.rindex(")")]
+            body.append(f'<img src="{html.escape(src)}" style="image-rendering:pixelated">')
+        elif line.strip():
+            body.append(f"<p>{html.escape(line).replace('**', '')}</p>")
+    flush()
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
+            f"</title></head><body>{''.join(body)}</body></html>")

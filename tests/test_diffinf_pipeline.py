@@ -1,0 +1,162 @@
+"""The whole method end to end on a real local Ray at CI size: noisy baseline, TracIn,
+autoencoder, influence predictor, loss networks, edits (Ray Data actors), refine, retrain,
+oracle judges and the report."""
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from diffinf_ray.config import load_config
+from diffinf_ray.pipeline import open_run_root, run_pipeline
+
+TINY = "jobs/configs/tiny.yaml"
+STAGES = ("[ingest,noise,train,evaluate,influence,removal,autoencoder,predictor,lossnets,edit,"
+          "refine,retrain,oracle,report]")
+
+
+def tiny_diffinf(root, *extra):
+    return load_config(TINY, [
+        f"run.root={root}", f"stages={STAGES}", "data.synthfaces.with_masks=true",
+        "influence.tau=0.15",
+        "autoencoder.preset=tiny", "autoencoder.steps=30", "autoencoder.batch_size=16",
+        "autoencoder.quality_images=4", "autoencoder.quality_steps=[5]",
+        "autoencoder.interpolation_pairs=1", "autoencoder.interpolation_columns=3",
+        "autoencoder.interpolation_steps=5",
+        "predictor.epochs=30", "lossnets.identity_epochs=1", "lossnets.parsing_epochs=1",
+        "edit.iterations=2", "edit.encode_steps=3", "edit.decode_steps=3", "edit.batch_size=8",
+        "oracle.num_samples=120", "oracle.num_identities=30", "oracle.epochs=1", *extra])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def diffinf_run(ray_local, tmp_path_factory):
+    root = tmp_path_factory.mktemp("diffinf_run")
+    cfg = tiny_diffinf(root)
+    return cfg, root, run_pipeline(cfg)
+
+
+def test_every_high_influence_row_is_edited_and_the_refined_set_keeps_its_size(diffinf_run):
+    cfg, root, results = diffinf_run
+    influence = pq.read_table(root / "influence" / "influence.parquet").to_pandas()
+    flagged = set(influence.sample_id[influence.is_high])
+    edits = pq.read_table(root / "edits" / "edits.parquet").to_pandas()
+    quarantined = pq.read_table(root / "edits" / "quarantine.parquet").to_pandas()
+    assert set(edits.sample_id) | set(quarantined.sample_id) == flagged
+    assert len(edits) + len(quarantined) == len(flagged)
+    assert np.isfinite(edits[["loss_total", "lpips", "identity_similarity",
+                              "p_high_before", "p_high_after"]].to_numpy()).all()
+
+    noisy = pq.read_table(root / "manifest_noisy").to_pandas().set_index("sample_id")
+    refined = pq.read_table(root / "refined").to_pandas().set_index("sample_id")
+    assert sorted(refined.index) == sorted(noisy.index)
+    train = refined[refined.split == "train"]
+    assert len(train) == (noisy.split == "train").sum()
+    assert (refined.label == noisy.loc[refined.index, "label"]).all()  # labels unchanged
+    assert set(train.index[train.is_edited]) == set(edits.sample_id)
+    edited = edits.set_index("sample_id")
+    for sid in list(edited.index)[:5]:
+        assert refined.loc[sid, "image"] == edited.loc[sid, "image"]
+        assert refined.loc[sid, "image_original"] == noisy.loc[sid, "image"]
+    untouched = train.index[~train.is_edited]
+    assert (refined.loc[untouched, "image"] == noisy.loc[untouched, "image"]).all()
+
+
+def test_retrain_report_and_judges(diffinf_run):
+    cfg, root, results = diffinf_run
+    metrics = json.loads((root / "retrain" / "evaluation" / "metrics.json").read_text())
+    assert 0 <= metrics["accuracy"] <= 100
+    predictor = json.loads((root / "predictor" / "report.json").read_text())
+    assert 0 <= predictor["heldout_auroc"] <= 1
+    oracle = json.loads((root / "oracle" / "report.json").read_text())
+    assert oracle["all"]["edits"] == pq.read_table(root / "edits" / "edits.parquet").num_rows
+    report = (root / "report" / "report.md").read_text()
+    for condition in ("noisy", "removal", "diffinf"):
+        assert f"| {condition} |" in report
+    assert "Perceptual distance" in report and (root / "report" / "report.html").exists()
+    assert list((root / "report").glob("grid_*.png"))
+
+
+def test_ray_stage_gives_the_cores_edits(diffinf_run):
+    """The actor pool's edits equal the editor core's on the same rows (same seed)."""
+    import torch
+
+    from diffinf_ray.data.images import to_tensor_batch
+    from diffinf_ray.stages.edit import build_editor
+
+    cfg, root, _ = diffinf_run
+    edits = pq.read_table(root / "edits" / "edits.parquet").to_pandas().head(4)
+    editor = build_editor(cfg, open_run_root(cfg), "cpu")
+    direct = editor.edit(torch.from_numpy(to_tensor_batch(list(edits.image_original))),
+                         torch.from_numpy(edits.label.to_numpy(np.int64)))
+    ours = to_tensor_batch(list(edits.image))
+    expected = np.clip(np.rint((direct["edited"] + 1) * 127.5), 0, 255) / 127.5 - 1
+    assert np.abs(ours - expected).max() <= 2 / 127.5 + 1e-6  # PNG rounding, batch-size noise
+    np.testing.assert_allclose(edits.p_high_after, direct["p_high_after"], atol=1e-4)
+
+
+def test_a_killed_actor_is_retried_and_no_row_is_lost(diffinf_run, tmp_path):
+    """An actor process that dies mid-batch is restarted by Ray Data and the batch re-run."""
+    import os
+    import sys
+
+    import cloudpickle
+
+    from diffinf_ray.stages.edit import LatentEditActor, edit_dataset, high_influence_rows
+
+    cfg, root, _ = diffinf_run
+    marker = tmp_path / "died_once"
+
+    class DiesOnce(LatentEditActor):
+        def __call__(self, batch):
+            if not marker.exists():
+                marker.write_text("x")
+                os._exit(1)  # the whole actor process goes, as in an OOM kill
+            return super().__call__(batch)
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    rows, expected = high_influence_rows(open_run_root(cfg))
+    out = edit_dataset(cfg, open_run_root(cfg), rows, actor_cls=DiesOnce).to_pandas()
+    assert marker.exists()
+    assert len(out) == expected and out.error.isna().all()
+    assert sorted(out.sample_id) == sorted(
+        pq.read_table(root / "edits" / "edits.parquet").column("sample_id").to_pylist())
+
+
+def test_a_failing_row_is_retried_then_quarantined(diffinf_run):
+    import sys
+
+    import cloudpickle
+
+    from diffinf_ray.stages.edit import LatentEditActor, edit_dataset, high_influence_rows
+
+    cfg, root, _ = diffinf_run
+    rows, expected = high_influence_rows(open_run_root(cfg))
+    bad = sorted(pq.read_table(root / "edits" / "edits.parquet").column("sample_id")
+                 .to_pylist())[0]
+
+    class FailsOnOneRow(LatentEditActor):
+        def _edit(self, images, labels):
+            if any(img == self.bad_image for img in images):
+                raise RuntimeError("cannot edit this one")
+            return super()._edit(images, labels)
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    noisy = pq.read_table(root / "manifest_noisy").to_pandas().set_index("sample_id")
+    FailsOnOneRow.bad_image = noisy.loc[bad, "image"]
+    out = edit_dataset(cfg, open_run_root(cfg), rows, actor_cls=FailsOnOneRow).to_pandas()
+    assert len(out) == expected
+    failed = out[out.error.notna()]
+    assert list(failed.sample_id) == [bad]
+    assert "cannot edit this one" in failed.error.iloc[0]
+    assert failed.attempts.iloc[0] >= cfg.edit.max_attempts
