@@ -21,6 +21,8 @@ class RunRoot:
         self.base = Location(uri, options)
 
     def __getattr__(self, name: str):  # fs, path, display, child, ... of the base folder
+        if name == "base" or name.startswith("__"):  # not set yet (unpickling)
+            raise AttributeError(name)
         return getattr(self.base, name)
 
     def __str__(self) -> str:

@@ -29,7 +29,6 @@ import pyarrow as pa
 
 from diffinf_ray.config import Config
 from diffinf_ray.run_root import RunRoot
-from diffinf_ray.storage import StorageOptions
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +69,14 @@ def to_png_batch(images: np.ndarray) -> list[bytes]:
 class LatentEditActor:
     """Ray Data actor: rows (sample_id, image, label) -> edit rows (module docstring)."""
 
-    def __init__(self, config: dict, root_uri: str, storage_options: StorageOptions | None):
+    def __init__(self, config: dict, root: RunRoot):
+        # `root` travels pickled, so a sweep trial's root (sweep.SharedRunRoot) keeps reading
+        # the stages it shares with the base run
         import torch
 
         self.cfg = Config.model_validate(config)
         self.device = "cuda" if self.cfg.edit.use_gpu and torch.cuda.is_available() else "cpu"
-        self.editor = build_editor(self.cfg, RunRoot(root_uri, storage_options), self.device)
+        self.editor = build_editor(self.cfg, root, self.device)
 
     def _edit(self, images: list[bytes], labels: np.ndarray) -> dict[str, np.ndarray]:
         import torch
@@ -148,8 +149,7 @@ def edit_dataset(cfg: Config, root: RunRoot, rows, actor_cls=None):
     section = cfg.edit
     return rows.map_batches(
         actor_cls or LatentEditActor,
-        fn_constructor_kwargs={"config": cfg.model_dump(mode="json"),
-                               "root_uri": root.base.uri, "storage_options": root.options},
+        fn_constructor_kwargs={"config": cfg.model_dump(mode="json"), "root": root},
         compute=ray.data.ActorPoolStrategy(size=section.actors),
         num_cpus=cfg.ray.data_actor_cpus,
         num_gpus=section.gpus_per_actor if section.use_gpu else 0,

@@ -120,6 +120,8 @@ def _train_loop(loop_config: dict) -> None:
             local_shuffle_seed=loop_config["seed"] + epoch,
         ):
             images, labels = batch["image"], batch["label"]
+            if len(labels) < 2:  # BatchNorm cannot train on one sample (a last batch of 1)
+                continue
             if train_cfg.augment:
                 flip = torch.rand(images.shape[0], device=images.device) < 0.5
                 images = torch.where(flip[:, None, None, None], images.flip(-1), images)
