@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test test-all lint clean
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 needed, found " + sys.version' 
@@ -19,8 +19,14 @@ setup: $(VENV)/.installed
 demo: setup
 	$(PY) -m jobs.pipeline --config jobs/configs/demo.yaml
 
-# Quick start 2: the tests (what CI runs).
+# Quick start 2: the tests (what CI runs): all but the heaviest real-Ray ones, to keep CI
+# within 30 minutes on 2 cores.
 test: setup lint
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow"
+
+# Everything, the slow real-Ray tests too (a Tune sweep with restore, the experiment runner,
+# every baseline method on Ray Train): about 15 more minutes on an idle 2-core box.
+test-all: setup lint
 	$(PY) -m pytest -q -p no:cacheprovider
 
 lint: setup

@@ -107,3 +107,14 @@ def ray_local(tmp_path_factory):
              _temp_dir=str(tmp_path_factory.mktemp("ray")), configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+# Tests that use these fixtures run a Tune sweep or train every baseline method with Ray Train:
+# marked slow (`make test-all`; CI runs `make test`).
+SLOW_FIXTURES = {"tiny_sweep", "baseline_run"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
