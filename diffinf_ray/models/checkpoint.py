@@ -11,6 +11,11 @@ with `torch.load(weights_only=True)` (no pickled code runs):
     epoch             int, 1-based count of finished epochs
     learning_rate     float, the learning rate in force during that epoch (TracIn's eta_t)
     architecture      {"name", "num_classes", "head_hidden"}
+    peer_states       optional list of further classifier state_dicts of the same architecture:
+                      the checkpoint is then an ensemble that predicts the mean of its members'
+                      logits, `model_state` being its first member (noisy-label baselines such as
+                      ELR+ and ProMix, stages/baselines.py). Code that needs one network (TracIn)
+                      reads `model_state` alone.
 """
 
 from __future__ import annotations
@@ -18,9 +23,10 @@ from __future__ import annotations
 import io
 import posixpath
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
+from torch import nn
 
 from diffinf_ray.models.classifier import AttributeClassifier, build_classifier
 from diffinf_ray.storage import Location
@@ -45,13 +51,34 @@ class ClassifierCheckpoint:
     learning_rate: float
     architecture: dict
     optimizer_state: dict | None = None
+    peer_states: list[dict[str, torch.Tensor]] | None = None
 
-    def build_model(self) -> AttributeClassifier:
-        """A classifier of the recorded architecture with these weights, in eval mode."""
+    def build_model(self) -> AttributeClassifier | MeanLogitEnsemble:
+        """A classifier of the recorded architecture with these weights, in eval mode (the
+        ensemble of it and its peers when the checkpoint has `peer_states`)."""
         arch = self.architecture
         model = build_classifier(arch["num_classes"], arch.get("head_hidden", 256))
         load_into(model, self)
-        return model.eval()
+        if not self.peer_states:
+            return model.eval()
+        members = [model]
+        for i, state in enumerate(self.peer_states, start=1):
+            peer = build_classifier(arch["num_classes"], arch.get("head_hidden", 256))
+            load_into(peer, replace(self, model_state=state, source=f"{self.source} (peer {i})",
+                                    peer_states=None))
+            members.append(peer)
+        return MeanLogitEnsemble(members).eval()
+
+
+class MeanLogitEnsemble(nn.Module):
+    """Classifiers that predict together: the mean of their logits."""
+
+    def __init__(self, members: list[AttributeClassifier]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(images) for m in self.members]).mean(dim=0)
 
 
 def to_bytes(ckpt: dict) -> bytes:
@@ -77,6 +104,10 @@ def parse(data: bytes, source: str) -> ClassifierCheckpoint:
             f"{source}: missing or invalid 'learning_rate' ({lr!r}); TracIn weights each "
             "checkpoint by the learning rate in force, so checkpoints must record it"
         )
+    peers = raw.get("peer_states")
+    if peers is not None and not (isinstance(peers, list)
+                                  and all(isinstance(p, dict) for p in peers)):
+        raise CheckpointError(f"{source}: 'peer_states' must be a list of state dicts")
     return ClassifierCheckpoint(
         source=source,
         model_state=raw["model_state"],
@@ -84,6 +115,7 @@ def parse(data: bytes, source: str) -> ClassifierCheckpoint:
         learning_rate=float(lr),
         architecture=dict(raw["architecture"]),
         optimizer_state=raw.get("optimizer_state"),
+        peer_states=peers,
     )
 
 

@@ -170,7 +170,9 @@ def run_edit(cfg: Config, root: RunRoot) -> dict:
     failed = df["error"].notna()
     ok = df[~failed].drop(columns="error")
     out = root.child(STAGE_FOLDER)
-    table = pa.Table.from_pandas(ok, preserve_index=False)
+    ok = ok.astype({"label": np.int32, "attempts": np.int32, "iterations": np.int32})
+    # plain columns: no pandas metadata (Ray hands back Arrow-backed pandas dtypes)
+    table = pa.Table.from_pandas(ok, preserve_index=False).replace_schema_metadata(None)
     out.child("edits.parquet").write_table(table)
     quarantine = pd.DataFrame({"sample_id": df.loc[failed, "sample_id"],
                                "source": "edit", "stage": "edit",

@@ -1,0 +1,399 @@
+"""Baselines stage: every configured noisy-label method (diffinf_ray.baselines) trained with Ray
+Train on the noisy training split like the baseline classifier, and evaluated like it.
+
+In:  manifest_noisy/ (train rows: sample_id, image, label (assigned), is_corrupted; val rows for
+     the per-epoch validation; test rows for the evaluation); config sections `train` (workers,
+     GPU, CPUs per worker, epochs, batch size, lr and its schedule, checkpoint_every, augment),
+     `evaluate`, `baselines` (methods, options).
+Out, per method m of `baselines.methods`:
+  baselines/m/checkpoints/epoch_NNNN/checkpoint.pt   the method's test-time network
+      (`eval_model()`) in the classifier checkpoint format of models/checkpoint.py, so
+      `evaluate_checkpoints` and the influence code load it; an ensemble (ELR+, ProMix: mean of
+      two networks' logits) stores its first network as `model_state`, the other as
+      `peer_states`; no `optimizer_state` (the method's optimisers are in method_state.pt)
+  baselines/m/checkpoints/epoch_NNNN/method_state.pt  {"epoch", "method": method.state_dict()}
+      (networks, optimisers, EMA copies, per-sample state, counters) for resume
+  baselines/m/evaluation/metrics.json, predictions.parquet  (stages/evaluate.py, clean test split)
+  baselines/summary.json  {m: headline test metrics + the last epoch's training metrics}
+  Checkpoints are written every `train.checkpoint_every` epochs and at the last one.
+
+Options: `baselines.options[m]` is checked against the method's keys (method_defaults); an
+unknown key is a ConfigError naming the method and the key. The run fills in `epochs` (the
+total, = train.epochs) for ProSelfLC and ProMix, and Co-teaching's forget-rate estimate
+(`noise_rate` = noise.rate, the injected rate) unless forget_rate or noise_rate is given.
+
+Per-sample index: methods with per-sample state (ELR+ targets, ProMix selection) need a stable
+`index` in 0..N-1: the rank of the row's sample_id among the sorted sample_ids of the training
+split, joined onto each row by a Ray Data map. With several Ray Train workers each worker sees
+only its shard, but the index stays global: every worker holds N-sized per-sample tables and
+fills the rows of its shard (ProMix selects within the shard's samples). Batches also carry
+`is_corrupted` when it is known for every training row (diagnostics only, never for training).
+
+Several workers: the methods own their networks and optimisers (two networks, EMA copies, a
+pseudo head), so they are not wrapped in DDP; instead every worker builds the same initial
+weights (same seed) and each optimiser all-reduces (averages) its parameters' gradients before
+it steps, which is DDP's update. Batch-norm statistics stay per worker; rank 0's are saved.
+
+Resume: Ray Train V2 restores a run from `(storage_path, name)` = (baselines/m, checkpoints);
+the loop loads the latest method_state.pt and continues with the next epoch (the random
+generators are re-seeded per epoch, so resuming does not replay the first epochs' draws). A
+method whose last checkpoint is already at train.epochs is not started again, and its
+evaluation is kept when it is of that checkpoint (a stage interrupted after some methods).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from diffinf_ray.config import Config, ConfigError, TrainSection
+from diffinf_ray.models.checkpoint import (
+    CHECKPOINT_FILE,
+    checkpoint_dir_name,
+    epoch_of,
+    list_checkpoints,
+    to_bytes,
+)
+from diffinf_ray.stages.train import decode_for_training, learning_rate_at, split_dataset
+from diffinf_ray.storage import Location
+
+log = logging.getLogger(__name__)
+
+METHOD_STATE_FILE = "method_state.pt"
+# evaluation metrics copied into summary.json (metrics.json has them all)
+_HEADLINE = ("n", "accuracy", "auroc_macro_ovr", "kappa_linear", "ece", "epoch")
+
+
+# ----------------------------------------------------------------------------- options
+
+
+def method_options(cfg: Config, name: str) -> dict[str, Any]:
+    """What method `name` is built with: baselines.options[name] (checked against its keys) plus
+    the values the run decides (total epochs; Co-teaching's forget-rate estimate)."""
+    from diffinf_ray.baselines import method_defaults
+
+    known = method_defaults(name)
+    given: dict[str, Any] = dict(cfg.baselines.options.get(name, {}))
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        raise ConfigError(f"baselines.options.{name}: unknown key(s) {unknown}; "
+                          f"{name} takes {sorted(known)}")
+    if "epochs" in known:  # ProSelfLC's and ProMix's schedules need the total
+        if given.get("epochs", cfg.train.epochs) != cfg.train.epochs:
+            raise ConfigError(f"baselines.options.{name}.epochs: the methods train for "
+                              f"train.epochs ({cfg.train.epochs}); leave it out")
+        given["epochs"] = cfg.train.epochs
+    if name == "small_loss" and given.get("forget_rate") is None \
+            and given.get("noise_rate") is None:
+        # the Co-teaching repo's default forget rate is the noise rate; here it is known
+        given["noise_rate"] = cfg.noise.rate
+        if cfg.noise.rate == 0:
+            log.warning("small_loss: noise.rate is 0, so Co-teaching forgets nothing; "
+                        "set baselines.options.small_loss.forget_rate for data with real noise")
+    return given
+
+
+def check_methods(cfg: Config, num_samples: int) -> dict[str, dict[str, Any]]:
+    """Every configured method's options, each checked by building the method once (a bad
+    value fails here, before any training starts)."""
+    from diffinf_ray.baselines import METHODS, build_method
+    from diffinf_ray.models.classifier import build_classifier
+
+    stray = sorted(set(cfg.baselines.options) - set(METHODS))
+    if stray:
+        raise ConfigError(f"baselines.options: unknown method(s) {stray}; known: {sorted(METHODS)}")
+    num_classes = len(cfg.class_names)
+    options = {}
+    for name in cfg.baselines.methods:
+        options[name] = method_options(cfg, name)
+        build_method(name, num_classes, num_samples, options[name],
+                     lambda: build_classifier(num_classes, cfg.train.head_hidden), cfg.train.lr)
+    return options
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def training_ids(manifest: Location) -> tuple[np.ndarray, bool]:
+    """Sorted sample_ids of the training split (the per-sample index is a row's rank in it),
+    and whether is_corrupted is known for all of them."""
+    table = manifest.read_table(columns=["sample_id", "split", "is_corrupted"]).to_pandas()
+    train = table[table["split"] == "train"]
+    if train.empty:
+        raise ValueError(f"{manifest.display}: the training split is empty")
+    ids = np.sort(train["sample_id"].astype(str).to_numpy())
+    if len(np.unique(ids)) != len(ids):
+        raise ValueError(f"{manifest.display}: duplicate sample_ids in the training split")
+    return ids, bool(train["is_corrupted"].notna().all())
+
+
+def decode_with_index(batch: dict[str, np.ndarray], train_ids: np.ndarray,
+                      with_corruption: bool) -> dict[str, np.ndarray]:
+    """Ray Data batch fn: decode_for_training plus `index` (the row's rank in the sorted
+    training ids) and, when known for all rows, `is_corrupted`."""
+    out = decode_for_training(batch)
+    ids = batch["sample_id"].astype(str)
+    index = np.searchsorted(train_ids, ids)
+    found = index < len(train_ids)
+    found[found] = train_ids[index[found]] == ids[found]
+    if not found.all():
+        raise ValueError(f"sample_ids not in the training split: {ids[~found][:5].tolist()}")
+    out["index"] = index.astype(np.int64)
+    if with_corruption:
+        out["is_corrupted"] = batch["is_corrupted"].astype(bool)
+    return out
+
+
+# ----------------------------------------------------------------------------- worker side
+
+
+def checkpoint_members(model) -> list:
+    """The classifiers a method's `eval_model()` predicts with (one, or the members whose
+    logits it averages), for the classifier checkpoint format."""
+    from diffinf_ray.baselines.base import LogitAverage
+    from diffinf_ray.baselines.promix import DualHeadNet
+    from diffinf_ray.models.classifier import AttributeClassifier
+
+    if isinstance(model, AttributeClassifier):
+        return [model]
+    if isinstance(model, DualHeadNet):  # predicts with its primary head: forward == base(x)
+        return [model.base]
+    if isinstance(model, LogitAverage):
+        return [c for member in model.members for c in checkpoint_members(member)]
+    raise TypeError(f"cannot store a {type(model).__name__} as a classifier checkpoint")
+
+
+def classifier_payload(method, epoch: int, lr: float) -> dict:
+    """models/checkpoint.py's format for the method's test-time network (plain tensors)."""
+    members = checkpoint_members(method.eval_model())
+
+    def cpu_state(model) -> dict:
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+    payload = {"model_state": cpu_state(members[0]), "epoch": epoch, "learning_rate": lr,
+               "architecture": members[0].architecture(), "method": method.name}
+    if len(members) > 1:
+        payload["peer_states"] = [cpu_state(m) for m in members[1:]]
+    return payload
+
+
+def average_gradients_before_step(method) -> None:
+    """Data parallelism for a method's own optimisers: each averages its parameters' gradients
+    over the workers (one flat all-reduce) before it steps. A parameter without a gradient on
+    this worker counts as zero, so every worker reduces the same buffer."""
+    import torch
+    import torch.distributed as dist
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    world = dist.get_world_size()
+
+    def hook(optimizer, args, kwargs) -> None:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = _flatten_dense_tensors(grads)
+        dist.all_reduce(flat)
+        flat.div_(world)
+        for p, g in zip(params, _unflatten_dense_tensors(flat, grads), strict=True):
+            p.grad = g
+
+    # MethodBase keeps its optimisers here (the NoisyLabelMethod protocol has no accessor)
+    for optimizer in method._optimizers:
+        optimizer.register_step_pre_hook(hook)
+
+
+def _method_loop(loop_config: dict) -> None:
+    """Runs on every Ray Train worker: the epoch contract of baselines/base.py (scan pass
+    without augmentation, on_epoch_start, training steps, on_epoch_end), then validation."""
+    import ray.train
+    import torch
+    import torch.nn.functional as F
+    from ray.train import Checkpoint
+
+    from diffinf_ray.baselines import build_method
+    from diffinf_ray.models.classifier import build_classifier
+
+    train_cfg = TrainSection.model_validate(loop_config["train"])
+    name, seed, num_classes = loop_config["method"], loop_config["seed"], loop_config["num_classes"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+
+    torch.manual_seed(seed)  # the same initial weights on every worker
+    method = build_method(name, num_classes, loop_config["num_samples"], loop_config["options"],
+                          lambda: build_classifier(num_classes, train_cfg.head_hidden),
+                          train_cfg.lr)
+    method.to(device)
+    start_epoch = 1
+    resume = ray.train.get_checkpoint()
+    if resume is not None:
+        with resume.as_directory() as d:
+            saved = torch.load(Path(d) / METHOD_STATE_FILE, map_location="cpu", weights_only=True)
+        method.load_state_dict(saved["method"])
+        start_epoch = int(saved["epoch"]) + 1
+        if rank == 0:
+            print(f"[baselines:{name}] resuming after epoch {saved['epoch']} from {resume.path}",
+                  flush=True)
+    if world > 1:
+        average_gradients_before_step(method)
+
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    bs = train_cfg.batch_size
+    for epoch in range(start_epoch, train_cfg.epochs + 1):
+        torch.manual_seed(seed + 1000 * epoch + rank)  # mixup draws: per epoch and worker
+        lr = learning_rate_at(train_cfg, epoch)
+        method.set_lr(lr)
+        if method.needs_scan(epoch):  # e.g. ProMix's per-sample losses; no augmentation
+            with torch.no_grad():
+                for batch in train_shard.iter_torch_batches(batch_size=bs, device=device):
+                    method.scan_batch(batch, epoch)
+        method.on_epoch_start(epoch)
+        sums: dict[str, float] = {}
+        counts: dict[str, float] = {}
+        for step, batch in enumerate(train_shard.iter_torch_batches(
+            batch_size=bs, device=device, local_shuffle_buffer_size=4 * bs,
+            local_shuffle_seed=seed + epoch,
+        )):
+            if train_cfg.augment:
+                images = batch["image"]
+                flip = torch.rand(images.shape[0], device=images.device) < 0.5
+                batch["image"] = torch.where(flip[:, None, None, None], images.flip(-1), images)
+            n = float(len(batch["label"]))
+            for key, value in method.training_step(batch, epoch, step).items():
+                sums[key] = sums.get(key, 0.0) + float(value) * n
+                counts[key] = counts.get(key, 0.0) + n
+        method.on_epoch_end(epoch)
+
+        model = method.eval_model().eval()
+        val_n, val_correct, val_loss = 0, 0, 0.0
+        with torch.no_grad():
+            for batch in val_shard.iter_torch_batches(batch_size=256, device=device):
+                logits = model(batch["image"])
+                val_loss += F.cross_entropy(logits, batch["label"], reduction="sum").item()
+                val_correct += (logits.argmax(1) == batch["label"]).sum().item()
+                val_n += len(batch["label"])
+        train_metrics = {f"train_{k}": sums[k] / counts[k] for k in sums}
+        metrics = {"epoch": epoch, "learning_rate": lr, **train_metrics,
+                   "val_loss": val_loss / max(1, val_n),
+                   "val_accuracy": 100 * val_correct / max(1, val_n)}
+        if rank == 0:
+            # every metric the method reports: loss, and e.g. the selected share (kept_fraction,
+            # chosen_fraction) and its clean share (label_precision)
+            shown = " ".join(f"{k} {v:.4f}" for k, v in sorted(train_metrics.items()))
+            print(f"[baselines:{name}] epoch {epoch}/{train_cfg.epochs} lr {lr:.2e} {shown} | "
+                  f"val loss {metrics['val_loss']:.4f} acc {metrics['val_accuracy']:.1f}%",
+                  flush=True)
+        save = epoch % train_cfg.checkpoint_every == 0 or epoch == train_cfg.epochs
+        if save and rank == 0:
+            with tempfile.TemporaryDirectory() as tmp:
+                (Path(tmp) / CHECKPOINT_FILE).write_bytes(
+                    to_bytes(classifier_payload(method, epoch, lr)))
+                torch.save({"epoch": epoch, "method": method.state_dict()},
+                           Path(tmp) / METHOD_STATE_FILE)
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
+                                 checkpoint_dir_name=checkpoint_dir_name(epoch))
+        else:
+            ray.train.report(metrics)  # a barrier: every worker reports every epoch
+
+
+# ----------------------------------------------------------------------------- driver side
+
+
+def train_method(cfg: Config, manifest: Location, checkpoints: Location, name: str,
+                 options: dict[str, Any], train_ids: np.ndarray, with_corruption: bool) -> dict:
+    """Fit method `name` on the train split of `manifest` with Ray Train (validating on its val
+    split), checkpointing to `checkpoints` (resumed when it holds a run). Returns the metrics
+    of the last epoch."""
+    import ray.train
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from diffinf_ray.ray_session import worker_env
+
+    datasets = {
+        "train": split_dataset(manifest, "train", ["sample_id", "image", "label", "is_corrupted"])
+        .map_batches(decode_with_index, fn_kwargs={"train_ids": train_ids,
+                                                   "with_corruption": with_corruption}),
+        "val": split_dataset(manifest, "val", ["image", "label"]).map_batches(decode_for_training),
+    }
+    loop_config = {
+        "train": cfg.train.model_dump(mode="json"),
+        "method": name,
+        "options": options,
+        "num_classes": len(cfg.class_names),
+        "num_samples": len(train_ids),
+        "seed": cfg.run.seed,
+    }
+    parent, run_name = checkpoints.path.rsplit("/", 1)
+    trainer = TorchTrainer(
+        _method_loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=cfg.train.num_workers,
+            use_gpu=cfg.train.use_gpu,
+            resources_per_worker={"CPU": cfg.train.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=parent,
+            storage_filesystem=checkpoints.fs,
+            checkpoint_config=CheckpointConfig(num_to_keep=None),
+            failure_config=FailureConfig(max_failures=0),
+            worker_runtime_env={"env_vars": worker_env()},
+        ),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    return {k: v for k, v in (result.metrics or {}).items() if isinstance(v, int | float)}
+
+
+def trained_epochs(checkpoints: Location) -> int:
+    """Epoch of the last checkpoint under `checkpoints` (0 when there is none)."""
+    found = list_checkpoints(checkpoints)
+    return (epoch_of(found[-1].path) or 0) if found else 0
+
+
+def last_reported_metrics(checkpoints: Location) -> dict:
+    """The metrics reported with the latest checkpoint of a finished Ray Train run."""
+    import ray.train
+
+    result = ray.train.Result.from_path(checkpoints.path, storage_filesystem=checkpoints.fs)
+    return {k: v for k, v in (result.metrics or {}).items() if isinstance(v, int | float)}
+
+
+def run_baselines(cfg: Config, root) -> dict:
+    """Pipeline entry: train and evaluate every method of `baselines.methods`, in order."""
+    from diffinf_ray.stages.evaluate import evaluate_checkpoints
+
+    manifest = root.noisy_manifest
+    train_ids, with_corruption = training_ids(manifest)
+    options = check_methods(cfg, len(train_ids))
+    out = root.child("baselines")
+    summary = {}
+    for name in cfg.baselines.methods:
+        folder = out.child(name)
+        checkpoints, evaluation = folder.child("checkpoints"), folder.child("evaluation")
+        done = trained_epochs(checkpoints)
+        if done >= cfg.train.epochs:  # finished before an interruption: no new worker group
+            last_epoch = last_reported_metrics(checkpoints)
+        else:
+            last_epoch = train_method(cfg, manifest, checkpoints, name, options[name], train_ids,
+                                      with_corruption)
+            done = trained_epochs(checkpoints)
+        saved = evaluation.child("metrics.json")
+        if saved.exists() and saved.read_json().get("epoch") == done:
+            metrics = saved.read_json()
+        else:
+            metrics = evaluate_checkpoints(cfg, manifest, checkpoints, evaluation,
+                                           extra={"method": name, "options": options[name]})
+        summary[name] = {**{k: metrics.get(k) for k in _HEADLINE}, "last_epoch": last_epoch}
+        log.info("baselines: %s test accuracy %.1f%%", name, metrics["accuracy"])
+    out.child("summary.json").write_json(summary)
+    return summary
