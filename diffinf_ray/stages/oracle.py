@@ -12,8 +12,9 @@ Out: oracle/manifest/     a separate synthfaces draw (seed run.seed + oracle.see
                           the target (assigned) label before vs after, overall and split by
                           whether the assigned label was corrupted; identity retention: share of
                           edits whose oracle similarity to the original passes the threshold at
-                          which 1% of different-person pairs of the draw's test split pass (and
-                          the share of same-person pairs that pass it, for scale)
+                          which 1% of different-person pairs of the draw's test split pass, and
+                          the equal-error-rate threshold (with the share of same-person pairs
+                          that pass each, and mean same/different-person similarity, for scale)
 """
 
 from __future__ import annotations
@@ -72,16 +73,27 @@ def _predict(model, pngs, batch: int = 256) -> np.ndarray:
     return np.concatenate(out)
 
 
-def identity_threshold(embeddings: np.ndarray, identities: np.ndarray) -> tuple[float, float]:
-    """(threshold at 1% false accepts among different-person pairs, same-person accept rate)."""
+def identity_thresholds(embeddings: np.ndarray, identities: np.ndarray) -> dict:
+    """Similarity thresholds of the identity oracle on its own test split: at 1% false accepts
+    among different-person pairs, and at the equal error rate; with the mean similarity of
+    same- and different-person pairs and the share of same-person pairs each threshold passes."""
     sims = embeddings @ embeddings.T
     upper = np.triu_indices(len(identities), k=1)
     same = identities[upper[0]] == identities[upper[1]]
     pair_sims = sims[upper]
     if not same.any() or same.all():
         raise ValueError("the identity oracle's test split needs same- and different-person pairs")
-    threshold = float(np.quantile(pair_sims[~same], 1.0 - FALSE_ACCEPT_RATE))
-    return threshold, float((pair_sims[same] > threshold).mean())
+    far1 = float(np.quantile(pair_sims[~same], 1.0 - FALSE_ACCEPT_RATE))
+    grid = np.unique(pair_sims)
+    far = np.array([(pair_sims[~same] > t).mean() for t in grid])
+    frr = np.array([(pair_sims[same] <= t).mean() for t in grid])
+    eer_t = float(grid[np.argmin(np.abs(far - frr))])
+    return {"threshold_at_far_1pct": far1,
+            "same_person_accept_rate": float((pair_sims[same] > far1).mean()),
+            "threshold_at_eer": eer_t,
+            "same_person_accept_rate_at_eer": float((pair_sims[same] > eer_t).mean()),
+            "mean_same_person_similarity": float(pair_sims[same].mean()),
+            "mean_different_person_similarity": float(pair_sims[~same].mean())}
 
 
 def run_oracle(cfg: Config, root: RunRoot) -> dict:
@@ -119,8 +131,8 @@ def run_oracle(cfg: Config, root: RunRoot) -> dict:
     embedder.eval()
     save_identity_embedder(embedder, oroot.child("identity"))
     test = _draw_rows(oroot, "test", ["image", "identity"])
-    threshold, same_accept = identity_threshold(_embed(embedder, test["image"].to_numpy()),
-                                                test["identity"].to_numpy())
+    thresholds = identity_thresholds(_embed(embedder, test["image"].to_numpy()),
+                                     test["identity"].to_numpy())
 
     edits = root.child("edits", "edits.parquet").read_table(
         columns=["sample_id", "label", "image", "image_original"]).to_pandas()
@@ -149,12 +161,14 @@ def run_oracle(cfg: Config, root: RunRoot) -> dict:
     report = {
         "attribute_oracle": {"test_accuracy": attribute_metrics.get("accuracy"),
                              "draw_seed": ocfg.run.seed, "samples": cfg.oracle.num_samples},
-        "identity_oracle": {**embedder_report, "threshold_at_far_1pct": threshold,
-                            "same_person_accept_rate": same_accept},
+        "identity_oracle": {**embedder_report, **thresholds},
         "all": shares(np.ones(len(edits), bool)),
         "corrupted_label": shares(corrupted),
         "clean_label": shares(~corrupted),
-        "identity_retention": float((sim > threshold).mean()) if len(sim) else None,
+        "identity_retention": (float((sim > thresholds["threshold_at_far_1pct"]).mean())
+                               if len(sim) else None),
+        "identity_retention_at_eer": (float((sim > thresholds["threshold_at_eer"]).mean())
+                                      if len(sim) else None),
         "mean_identity_similarity_oracle": float(sim.mean()) if len(sim) else None,
     }
     root.child(STAGE_FOLDER, "report.json").write_json(report)
