@@ -70,9 +70,27 @@ def test_fingerprints_chain_upstream(tmp_path):
 
 
 def test_shipped_configs_validate():
+    """Pipeline configs load; experiment and sweep files (a top-level `base:`) load with their
+    own loaders, which validate every run config they make."""
     from pathlib import Path
+
+    import yaml
+
+    from diffinf_ray.experiment import load_experiment
+    from diffinf_ray.sweep import load_sweep
 
     configs = sorted((Path(__file__).parents[1] / "jobs" / "configs").glob("*.yaml"))
     assert configs
+    kinds = set()
     for path in configs:
-        load_config(path)
+        tree = yaml.safe_load(path.read_text())
+        if "base" not in tree:
+            load_config(path)
+            kinds.add("pipeline")
+        elif "params" in tree:
+            load_sweep(path)
+            kinds.add("sweep")
+        else:
+            load_experiment(path)
+            kinds.add("experiment")
+    assert kinds == {"pipeline", "sweep", "experiment"}
