@@ -21,16 +21,13 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 from diffinf_ray.diffae.model import DiffAEConfig, DiffAEModel
+from diffinf_ray.models.weights import WeightsError  # one error type for every weight file
 from diffinf_ray.storage import Location
 
 FORMAT = "diffinf-diffae/1"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 EMA_WEIGHTS_FILE = "ema.safetensors"
-
-
-class WeightsError(ValueError):
-    """Weights that cannot be used (missing, corrupt, wrong hash or shapes); names the source."""
 
 
 def sha256_hex(data: bytes) -> str:
@@ -71,6 +68,49 @@ def save_autoencoder(model: DiffAEModel, uri: str | Location, ema_state: dict | 
         manifest["files"][name] = {"sha256": sha256_hex(data)}
     folder.child(CONFIG_FILE).write_bytes(json.dumps(manifest, indent=2, sort_keys=True).encode())
     return manifest
+
+
+def write_weights_folder(folder: Location, state: dict[str, torch.Tensor], fmt: str,
+                         config: dict, weights_file: str, extra: dict | None = None) -> dict:
+    """A small model's folder: <folder>/<weights_file> (safetensors) and <folder>/config.json
+    ({format, config, files: {weights_file: {sha256}}, **extra}); returns the manifest."""
+    data = state_dict_to_bytes(state, metadata={"format": fmt})
+    folder.child(weights_file).write_bytes(data)
+    manifest = {"format": fmt, "config": config,
+                "files": {weights_file: {"sha256": sha256_hex(data)}}, **(extra or {})}
+    folder.child(CONFIG_FILE).write_bytes(json.dumps(manifest, indent=2, sort_keys=True).encode())
+    return manifest
+
+
+def read_weights_folder(folder: Location, fmt: str,
+                        weights_file: str) -> tuple[dict, dict[str, torch.Tensor], str]:
+    """(manifest, state dict, weights display name) of a folder written by
+    `write_weights_folder`: format and the recorded sha256 checked; WeightsError naming the
+    file otherwise."""
+    manifest_loc = folder.child(CONFIG_FILE)
+    try:
+        manifest = json.loads(manifest_loc.read_bytes().decode())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise WeightsError(f"{manifest_loc.display}: not valid JSON ({err})") from err
+    if manifest.get("format") != fmt:
+        raise WeightsError(
+            f"{manifest_loc.display}: format {manifest.get('format')!r}, expected {fmt!r}")
+    recorded = manifest.get("files", {}).get(weights_file, {}).get("sha256")
+    if recorded is None:
+        raise WeightsError(f"{manifest_loc.display}: records no sha256 for {weights_file}")
+    loc = folder.child(weights_file)
+    data = loc.read_bytes()
+    check_sha256(data, recorded, f"{loc.display} (hash recorded in {CONFIG_FILE})")
+    return manifest, state_dict_from_bytes(data, loc.display), loc.display
+
+
+def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str):
+    """`model` with `state` loaded strictly; WeightsError naming `where` on a mismatch."""
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise WeightsError(f"{where}: weights do not fit the config: {err}") from err
+    return model
 
 
 def load_autoencoder(

@@ -14,18 +14,20 @@ stage 6): x (B, 3, H, W) RGB in [-1, 1] -> (B, R, H, W) region logits, different
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load as load_safetensors
 from torch import nn
 
-from diffinf_ray.diffae.weights import state_dict_to_bytes
-from diffinf_ray.models.weights import WeightsError, load_verified_state_dict, sha256_of
+from diffinf_ray.diffae.weights import (
+    load_state_strict,
+    read_weights_folder,
+    write_weights_folder,
+)
+from diffinf_ray.models.weights import WeightsError, load_verified_state_dict
 from diffinf_ray.storage import Location, StorageOptions
 
 # -- BiSeNet (zllrunning/face-parsing.PyTorch) --------------------------------------------------
@@ -236,7 +238,6 @@ def load_bisenet(uri: str, sha256: str | None, storage_options: StorageOptions |
 # -- a small parser trained here ----------------------------------------------------------------
 
 FORMAT = "diffinf-small-parser/1"
-CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
 
@@ -403,38 +404,13 @@ def _folder(location_or_path: str | Location) -> Location:
 def save_parser(model: SmallParser, location_or_path: str | Location) -> dict:
     """Write <folder>/config.json ({format, config, files: {name: {sha256}}}) and
     <folder>/model.safetensors; returns the config written."""
-    folder = _folder(location_or_path)
-    data = state_dict_to_bytes(model.state_dict(), metadata={"format": FORMAT})
-    folder.child(WEIGHTS_FILE).write_bytes(data)
-    manifest = {"format": FORMAT, "config": model.config(),
-                "files": {WEIGHTS_FILE: {"sha256": sha256_of(data)}}}
-    folder.child(CONFIG_FILE).write_bytes(json.dumps(manifest, indent=2, sort_keys=True).encode())
-    return manifest
+    return write_weights_folder(_folder(location_or_path), model.state_dict(), FORMAT,
+                                model.config(), WEIGHTS_FILE)
 
 
 def load_parser(location_or_path: str | Location) -> SmallParser:
-    """The parser saved at the folder, frozen, in eval mode (weights' sha256 checked against
+    """The model saved at the folder, frozen, in eval mode (weights' sha256 checked against
     config.json); WeightsError naming the file otherwise."""
-    folder = _folder(location_or_path)
-    config_loc = folder.child(CONFIG_FILE)
-    try:
-        manifest = json.loads(config_loc.read_bytes().decode())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise WeightsError(f"{config_loc.display}: not valid JSON ({err})") from err
-    if manifest.get("format") != FORMAT:
-        raise WeightsError(f"{config_loc.display}: format {manifest.get('format')!r}, "
-                           f"expected {FORMAT!r}")
-    weights_loc = folder.child(WEIGHTS_FILE)
-    data = weights_loc.read_bytes()
-    recorded = manifest.get("files", {}).get(WEIGHTS_FILE, {}).get("sha256")
-    if recorded is None:
-        raise WeightsError(f"{config_loc.display}: records no sha256 for {WEIGHTS_FILE}")
-    if sha256_of(data) != recorded:
-        raise WeightsError(f"{weights_loc.display}: sha256 {sha256_of(data)} does not match the "
-                           f"{recorded} recorded in {CONFIG_FILE}")
-    model = SmallParser(**manifest["config"])
-    try:
-        model.load_state_dict(load_safetensors(data), strict=True)
-    except Exception as err:  # safetensors header errors, or missing/unexpected/misshapen keys
-        raise WeightsError(f"{weights_loc.display}: weights do not fit the config: {err}") from err
+    manifest, state, where = read_weights_folder(_folder(location_or_path), FORMAT, WEIGHTS_FILE)
+    model = load_state_strict(SmallParser(**manifest["config"]), state, where)
     return model.eval().requires_grad_(False)

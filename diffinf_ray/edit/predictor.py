@@ -21,7 +21,6 @@ high-influence", not the true label.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from collections.abc import Sequence
 
@@ -32,17 +31,14 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from diffinf_ray.diffae.weights import (
-    WeightsError,
-    check_sha256,
-    sha256_hex,
-    state_dict_from_bytes,
-    state_dict_to_bytes,
+    load_state_strict,
+    read_weights_folder,
+    write_weights_folder,
 )
 from diffinf_ray.models.classifier import FEATURE_DIM
 from diffinf_ray.storage import Location
 
 FORMAT = "diffinf-predictor/1"
-CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "predictor.safetensors"
 # Salt of the partition hash: without it, hashing sample_id with the run seed would reproduce
 # the train/val/test split's uniform draw (data.ingest.hash_split), and "u < fit_fraction" would
@@ -195,17 +191,10 @@ def save_predictor(model: InfluencePredictor, uri: str | Location,
                    report: dict | None = None) -> dict:
     """Write <uri>/config.json ({format, config, files: {name: {sha256}}, report}) and
     <uri>/predictor.safetensors; returns the manifest."""
-    folder = _folder(uri)
-    data = state_dict_to_bytes(model.state_dict(), metadata={"format": FORMAT})
-    folder.child(WEIGHTS_FILE).write_bytes(data)
-    manifest = {"format": FORMAT, "config": model.config(),
-                "files": {WEIGHTS_FILE: {"sha256": sha256_hex(data)}}}
-    if report is not None:
-        manifest["report"] = report
     # NaN AUROCs are not JSON; write them as null.
-    text = json.dumps(_nan_to_none(manifest), indent=2, sort_keys=True)
-    folder.child(CONFIG_FILE).write_bytes(text.encode())
-    return manifest
+    extra = {"report": _nan_to_none(report)} if report is not None else None
+    return write_weights_folder(_folder(uri), model.state_dict(), FORMAT, model.config(),
+                                WEIGHTS_FILE, extra)
 
 
 def _nan_to_none(obj):
@@ -219,24 +208,6 @@ def _nan_to_none(obj):
 def load_predictor(uri: str | Location,
                    map_location: str | torch.device = "cpu") -> InfluencePredictor:
     """The predictor saved at `uri`, frozen, in eval mode (hash checked against config.json)."""
-    folder = _folder(uri)
-    manifest_loc = folder.child(CONFIG_FILE)
-    try:
-        manifest = json.loads(manifest_loc.read_bytes().decode())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise WeightsError(f"{manifest_loc.display}: not valid JSON ({err})") from err
-    if manifest.get("format") != FORMAT:
-        raise WeightsError(
-            f"{manifest_loc.display}: format {manifest.get('format')!r}, expected {FORMAT!r}")
-    loc = folder.child(WEIGHTS_FILE)
-    data = loc.read_bytes()
-    recorded = manifest.get("files", {}).get(WEIGHTS_FILE, {}).get("sha256")
-    if recorded is None:
-        raise WeightsError(f"{manifest_loc.display}: records no sha256 for {WEIGHTS_FILE}")
-    check_sha256(data, recorded, f"{loc.display} (hash recorded in {CONFIG_FILE})")
-    model = InfluencePredictor(**manifest["config"])
-    try:
-        model.load_state_dict(state_dict_from_bytes(data, loc.display), strict=True)
-    except RuntimeError as err:
-        raise WeightsError(f"{loc.display}: weights do not fit the config: {err}") from err
+    manifest, state, where = read_weights_folder(_folder(uri), FORMAT, WEIGHTS_FILE)
+    model = load_state_strict(InfluencePredictor(**manifest["config"]), state, where)
     return model.to(map_location).eval().requires_grad_(False)
