@@ -269,9 +269,9 @@ class EditSection(_Section):
 
 
 class OracleSection(_Section):
-    """Independent judges (stage `oracle`, synthfaces only): an attribute classifier trained on
-    clean labels of a separate synthfaces draw, and an identity oracle (an embedder trained on
-    that draw's identities). They judge the edits and never guide them."""
+    """Independent judges (stages `judges` and `oracle`, synthfaces only): an attribute
+    classifier trained on clean labels of a separate synthfaces draw, and an identity oracle (an
+    embedder trained on that draw's identities). They judge the edits and never guide them."""
 
     num_samples: int = Field(3000, ge=100)
     num_identities: int = Field(600, ge=2)
@@ -295,8 +295,8 @@ class BaselinesSection(_Section):
 
 
 STAGES = ("ingest", "noise", "train", "evaluate", "influence", "cleanlab", "removal",
-          "baselines", "autoencoder", "predictor", "lossnets", "edit", "refine", "retrain", "oracle",
-          "report")
+          "baselines", "autoencoder", "predictor", "lossnets", "edit", "refine", "retrain", "judges",
+          "oracle", "report")
 
 
 class Config(_Section):
@@ -345,7 +345,8 @@ _STAGE_SECTIONS = {
     "edit": ("edit",),
     "refine": (),
     "retrain": ("train", "evaluate"),  # the baseline recipe on the refined training split
-    "oracle": ("oracle",),
+    "judges": ("data", "train", "lossnets", "oracle"),  # its own draw, recipe and embedder
+    "oracle": (),
     "report": (),
 }
 _UPSTREAM = {
@@ -358,7 +359,8 @@ _UPSTREAM = {
     "edit": ("predictor", "lossnets", "autoencoder"),
     "refine": ("edit",),
     "retrain": ("refine",),
-    "oracle": ("edit",),  # its own synthfaces draw; judges the edits
+    "judges": (),  # its own synthfaces draw: independent of every other stage's outputs
+    "oracle": ("edit", "judges"),
     "report": ("evaluate", "removal", "baselines", "retrain", "oracle"),
 }
 

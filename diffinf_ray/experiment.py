@@ -84,8 +84,8 @@ from diffinf_ray.storage import Location, StorageOptions, display_uri
 log = logging.getLogger(__name__)
 
 DEFAULT_STAGES = ["ingest", "noise", "train", "evaluate", "influence", "removal", "baselines",
-                  "autoencoder", "predictor", "lossnets", "edit", "refine", "retrain", "oracle",
-                  "report"]
+                  "autoencoder", "predictor", "lossnets", "edit", "refine", "retrain", "judges",
+                  "oracle", "report"]
 BASELINE_STAGES = ["ingest", "noise", "train", "evaluate"]  # clean ceiling, noise-rate runs
 # Keys the runner sets itself per run; overriding them would make runs collide.
 MANAGED_KEYS = ("run.root", "run.name", "run.seed", "stages")

@@ -35,6 +35,7 @@ STAGE_FUNCTIONS = {
     "edit": "diffinf_ray.stages.edit:run_edit",
     "refine": "diffinf_ray.stages.refine:run_refine",
     "retrain": "diffinf_ray.stages.refine:run_retrain",
+    "judges": "diffinf_ray.stages.oracle:run_judges",
     "oracle": "diffinf_ray.stages.oracle:run_oracle",
     "report": "diffinf_ray.stages.report:run_report",
 }
@@ -61,6 +62,7 @@ STAGE_OUTPUTS = {
     "edit": ("edits",),
     "refine": ("refined",),
     "retrain": ("retrain",),
+    "judges": ("judges",),
     "oracle": ("oracle",),
     "report": ("report",),
 }

@@ -69,6 +69,19 @@ def test_fingerprints_chain_upstream(tmp_path):
         assert fingerprint(base, stage) != fingerprint(other_noise, stage)
 
 
+def test_judges_do_not_rerun_when_the_edits_change(tmp_path):
+    """The judges draw and train on their own data: new edit settings or noise re-judge the
+    edits (oracle) without retraining the judges; an oracle setting retrains them."""
+    path = write(tmp_path, "")
+    base = load_config(path)
+    for override in ("edit.w_id=3.0", "noise.rate=0.1", "influence.tau=0.2"):
+        changed = load_config(path, [override])
+        assert fingerprint(base, "judges") == fingerprint(changed, "judges"), override
+        assert fingerprint(base, "oracle") != fingerprint(changed, "oracle"), override
+    bigger = load_config(path, ["oracle.num_samples=500"])
+    assert fingerprint(base, "judges") != fingerprint(bigger, "judges")
+
+
 def test_shipped_configs_validate():
     """Pipeline configs load; experiment and sweep files (a top-level `base:`) load with their
     own loaders, which validate every run config they make."""

@@ -13,7 +13,7 @@ from diffinf_ray.pipeline import open_run_root, run_pipeline
 
 TINY = "jobs/configs/tiny.yaml"
 STAGES = ("[ingest,noise,train,evaluate,influence,removal,autoencoder,predictor,lossnets,edit,"
-          "refine,retrain,oracle,report]")
+          "refine,retrain,judges,oracle,report]")
 
 
 def tiny_diffinf(root, *extra):
@@ -80,6 +80,9 @@ def test_retrain_report_and_judges(diffinf_run):
     assert 0 <= predictor["heldout_auroc"] <= 1
     oracle = json.loads((root / "oracle" / "report.json").read_text())
     assert oracle["all"]["edits"] == pq.read_table(root / "edits" / "edits.parquet").num_rows
+    judges = json.loads((root / "judges" / "report.json").read_text())
+    assert oracle["identity_oracle"] == judges["identity_oracle"]  # the oracle reads the judges
+    assert 0 <= judges["attribute_oracle"]["test_accuracy"] <= 100
     report = (root / "report" / "report.md").read_text()
     for condition in ("noisy", "removal", "diffinf"):
         assert f"| {condition} |" in report

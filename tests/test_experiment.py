@@ -243,7 +243,7 @@ def test_failure_is_recorded_and_the_runner_goes_on_then_resumes(fake_stages, tm
                                   "edit", "refine", "retrain", "oracle"}
     # stages that do not read train's outputs still ran; the report shows what exists
     assert rec["stages_ran"] == ["ingest", "noise", "baselines", "autoencoder", "lossnets",
-                                 "report"]
+                                 "judges", "report"]
     assert all(r["status"] == "done" for k, r in state["runs"].items() if k != failing.id)
 
     table = (tmp_path / "r" / "table" / "table.md").read_text()

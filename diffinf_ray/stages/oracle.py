@@ -1,20 +1,29 @@
-"""Oracle stage (synthfaces only): independent judges of the edits. They never guide an edit.
+"""Independent judges (synthfaces only) of the edits, in two stages. They never guide an edit.
 
-In:  edits/edits.parquet (sample_id, label, image, image_original), manifest_noisy/ (label_clean,
-     is_corrupted of the edited rows); the oracle section.
-Out: oracle/manifest/     a separate synthfaces draw (seed run.seed + oracle.seed_offset: other
+Stage `judges` (reads only the config: it draws its own data, so it does not re-run when the
+edits change, and a sweep's trials share it):
+In:  the data, train, lossnets and oracle sections.
+Out: judges/manifest/     a separate synthfaces draw (seed run.seed + oracle.seed_offset: other
                           people, other renderings), with clean labels
-     oracle/checkpoints/  the attribute oracle: the project's classifier trained with Ray Train
+     judges/checkpoints/  the attribute oracle: the project's classifier trained with Ray Train
                           on the draw's clean labels (train recipe, oracle.epochs)
-     oracle/identity/     the identity oracle: an embedder trained on the draw's identities
-     oracle/judgements.parquet  per edit: oracle_pred_before/after, identity_similarity_oracle
-     oracle/report.json   attribute oracle test accuracy; share of edits the oracle assigns to
-                          the target (assigned) label before vs after, overall and split by
-                          whether the assigned label was corrupted; identity retention: share of
-                          edits whose oracle similarity to the original passes the threshold at
-                          which 1% of different-person pairs of the draw's test split pass, and
-                          the equal-error-rate threshold (with the share of same-person pairs
-                          that pass each, and mean same/different-person similarity, for scale)
+     judges/evaluation/   its metrics on the draw's test split
+     judges/identity/     the identity oracle: an embedder trained on the draw's identities
+     judges/report.json   attribute oracle test accuracy; the identity oracle's training report
+                          and its thresholds on the draw's test split: the similarity at which 1%
+                          of different-person pairs pass and the equal-error-rate threshold (with
+                          the share of same-person pairs that pass each, and mean same- and
+                          different-person similarity, for scale)
+
+Stage `oracle`:
+In:  judges/, edits/edits.parquet (sample_id, label, image, image_original), manifest_noisy/
+     (label_clean, is_corrupted of the edited rows).
+Out: oracle/judgements.parquet  per edit: oracle_pred_before/after, identity_similarity_oracle
+     oracle/report.json   the judges' report, plus: the share of edits the attribute oracle
+                          assigns to the target (assigned) label before vs after, overall and split
+                          by whether the assigned label was corrupted; identity retention: the
+                          share of edits whose oracle similarity to the original passes each
+                          threshold
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ import pyarrow as pa
 from diffinf_ray.config import Config, ConfigError
 from diffinf_ray.run_root import RunRoot
 
+JUDGES_FOLDER = "judges"
 STAGE_FOLDER = "oracle"
 FALSE_ACCEPT_RATE = 0.01
 
@@ -96,43 +106,74 @@ def identity_thresholds(embeddings: np.ndarray, identities: np.ndarray) -> dict:
             "mean_different_person_similarity": float(pair_sims[~same].mean())}
 
 
-def run_oracle(cfg: Config, root: RunRoot) -> dict:
+def _require_synthfaces(cfg: Config, stage: str) -> None:
+    if cfg.data.source != "synthfaces":
+        raise ConfigError(f"the {stage} stage judges synthfaces edits only (the judges train on "
+                          "their own synthfaces draw); remove `judges` and `oracle` from `stages` "
+                          "for other data")
+
+
+def run_judges(cfg: Config, root: RunRoot) -> dict:
     import torch
 
     from diffinf_ray.data.images import to_tensor_batch
     from diffinf_ray.edit.identity import save_identity_embedder, train_identity_embedder
-    from diffinf_ray.models.checkpoint import list_checkpoints, load_checkpoint
     from diffinf_ray.stages.evaluate import evaluate_checkpoints
     from diffinf_ray.stages.ingest import _ingest_synthfaces
     from diffinf_ray.stages.train import train_classifier
 
-    if cfg.data.source != "synthfaces":
-        raise ConfigError("the oracle stage judges synthfaces edits only (it draws its own "
-                          "synthfaces set); remove it from `stages` for other data")
+    _require_synthfaces(cfg, "judges")
     ocfg = oracle_config(cfg)
-    oroot = RunRoot(root.child(STAGE_FOLDER).uri, root.options)
-    oroot.manifest.delete()  # a resumed stage draws again rather than appending
-    _ingest_synthfaces(ocfg, oroot)
+    jroot = RunRoot(root.child(JUDGES_FOLDER).uri, root.options)
+    jroot.manifest.delete()  # a resumed stage draws again rather than appending
+    _ingest_synthfaces(ocfg, jroot)
 
     # attribute oracle: the project's classifier on the draw's clean labels
-    num_classes = len(cfg.class_names)
-    train_classifier(ocfg, oroot.manifest, oroot.checkpoints, num_classes)
-    attribute_metrics = evaluate_checkpoints(ocfg, oroot.manifest, oroot.checkpoints,
-                                             oroot.child("evaluation"))
-    attribute = load_checkpoint(list_checkpoints(oroot.checkpoints)[-1]).build_model().eval()
+    train_classifier(ocfg, jroot.manifest, jroot.checkpoints, len(cfg.class_names))
+    attribute_metrics = evaluate_checkpoints(ocfg, jroot.manifest, jroot.checkpoints,
+                                             jroot.child("evaluation"))
 
     # identity oracle: an embedder trained on the draw's people
-    train = _draw_rows(oroot, "train", ["image", "identity"])
+    train = _draw_rows(jroot, "train", ["image", "identity"])
     embedder, embedder_report = train_identity_embedder(
         torch.from_numpy(to_tensor_batch(list(train["image"]))), train["identity"].tolist(),
         embed_dim=cfg.lossnets.identity_embed_dim, epochs=cfg.lossnets.identity_epochs,
         lr=cfg.lossnets.lr, batch_size=cfg.lossnets.batch_size,
         seed=cfg.run.seed + cfg.oracle.seed_offset)
     embedder.eval()
-    save_identity_embedder(embedder, oroot.child("identity"))
-    test = _draw_rows(oroot, "test", ["image", "identity"])
+    save_identity_embedder(embedder, jroot.child("identity"))
+    test = _draw_rows(jroot, "test", ["image", "identity"])
     thresholds = identity_thresholds(_embed(embedder, test["image"].to_numpy()),
                                      test["identity"].to_numpy())
+    report = {
+        "attribute_oracle": {"test_accuracy": attribute_metrics.get("accuracy"),
+                             "draw_seed": ocfg.run.seed, "samples": cfg.oracle.num_samples},
+        "identity_oracle": {**embedder_report, **thresholds},
+    }
+    jroot.child("report.json").write_json(report)
+    return report
+
+
+def load_judges(root: RunRoot):
+    """(attribute oracle, identity oracle, judges report) of a finished `judges` stage."""
+    from diffinf_ray.edit.identity import load_identity_embedder
+    from diffinf_ray.models.checkpoint import list_checkpoints, load_checkpoint
+
+    jroot = RunRoot(root.child(JUDGES_FOLDER).uri, root.options)
+    checkpoints = list_checkpoints(jroot.checkpoints)
+    if not checkpoints or not jroot.child("report.json").exists():
+        raise FileNotFoundError(f"no finished judges under {jroot.uri}: the oracle stage needs "
+                                "the judges stage (add `judges` to `stages`)")
+    report = jroot.child("report.json").read_json()
+    attribute = load_checkpoint(checkpoints[-1]).build_model().eval()
+    embedder = load_identity_embedder(jroot.child("identity")).eval()
+    return attribute, embedder, report
+
+
+def run_oracle(cfg: Config, root: RunRoot) -> dict:
+    _require_synthfaces(cfg, "oracle")
+    attribute, embedder, judges = load_judges(root)
+    thresholds = judges["identity_oracle"]
 
     edits = root.child("edits", "edits.parquet").read_table(
         columns=["sample_id", "label", "image", "image_original"]).to_pandas()
@@ -159,9 +200,7 @@ def run_oracle(cfg: Config, root: RunRoot) -> dict:
 
     corrupted = edits["is_corrupted"].fillna(False).to_numpy(bool)
     report = {
-        "attribute_oracle": {"test_accuracy": attribute_metrics.get("accuracy"),
-                             "draw_seed": ocfg.run.seed, "samples": cfg.oracle.num_samples},
-        "identity_oracle": {**embedder_report, **thresholds},
+        **judges,
         "all": shares(np.ones(len(edits), bool)),
         "corrupted_label": shares(corrupted),
         "clean_label": shares(~corrupted),
