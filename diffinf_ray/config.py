@@ -249,7 +249,9 @@ class EditSection(_Section):
 
     optimize: Literal["z", "xT", "both"] = "both"
     iterations: int = Field(20, ge=1)  # Adam steps per sample (K)
-    lr: float = Field(0.05, gt=0)
+    # 0.05 moved each x_T element by ~0.05 in Adam's first step: 6x the pixel error of 0.01 for
+    # the same oracle outcome on 32 px synthfaces (benchmarks/RESULTS.md, edit settings)
+    lr: float = Field(0.01, gt=0)
     encode_steps: int = Field(20, ge=1, le=1000)  # DDIM inversion steps
     decode_steps: int = Field(10, ge=1, le=1000)  # differentiable DDIM decode steps (S)
     w_id: float = Field(1.0, ge=0)

@@ -64,7 +64,7 @@ class EditSettings:
 
     optimize: str = "both"  # "z" | "xT" | "both"
     iterations: int = 20  # K, Adam steps at most
-    lr: float = 0.05
+    lr: float = 0.01
     encode_steps: int = 20  # DDIM inversion steps
     decode_steps: int = 10  # differentiable DDIM decode steps
     stop_p_high: float = 0.2  # a sample is done once its p_high falls below this
