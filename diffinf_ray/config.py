@@ -426,20 +426,25 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+def read_yaml_mapping(path: str | Path, kind: str = "config") -> dict:
+    """The top-level mapping of a YAML file (`kind` names it in errors: config, experiment
+    file, sweep file); a ConfigError when it is missing, not YAML or not a mapping."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{kind} {p} does not exist")
+    try:
+        tree = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{p}: not valid YAML: {err}") from err
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{p}: top level must be a mapping")
+    return tree
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     """Read a YAML config (or the defaults when `path` is None), apply overrides, validate."""
     source = str(path) if path else "<defaults>"
-    tree: dict = {}
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
-        try:
-            tree = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{p}: not valid YAML: {err}") from err
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{p}: top level must be a mapping of sections")
+    tree: dict = read_yaml_mapping(path, "config file") if path else {}
     for key, value in parse_overrides(overrides or []):
         _set_dotted(tree, key, value, f"{source} (override {key})")
     try:

@@ -67,7 +67,6 @@ from typing import Annotated, Literal
 
 import numpy as np
 import pandas as pd
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from diffinf_ray.config import (
@@ -77,6 +76,7 @@ from diffinf_ray.config import (
     _format_validation_error,
     fingerprint,
     load_config,
+    read_yaml_mapping,
     upstream_stages,
 )
 from diffinf_ray.storage import Location, StorageOptions, display_uri
@@ -165,14 +165,7 @@ def load_experiment(path: str | Path) -> ExperimentConfig:
     """Read and validate an experiment YAML; `base` is resolved against the file's folder and
     every planned run's config is validated, so errors surface before anything runs."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"experiment file {p} does not exist")
-    try:
-        tree = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{p}: not valid YAML: {err}") from err
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{p}: top level must be a mapping")
+    tree = read_yaml_mapping(p, "experiment file")
     try:
         exp = ExperimentConfig.model_validate(tree)
     except ValidationError as err:

@@ -67,7 +67,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from diffinf_ray.config import (
@@ -78,6 +77,7 @@ from diffinf_ray.config import (
     fingerprint,
     load_config,
     parse_overrides,
+    read_yaml_mapping,
     upstream_stages,
 )
 from diffinf_ray.pipeline import STAGE_OUTPUTS, run_stage
@@ -296,14 +296,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepPla
     `scheduler.kind=fifo`); any other key is appended to the base config's `overrides`."""
     source = str(path)
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"sweep file {p} does not exist")
-    try:
-        tree = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{p}: not valid YAML: {err}") from err
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{p}: top level must be a mapping")
+    tree = read_yaml_mapping(p, "sweep file")
     for item, (key, value) in zip(overrides or [], parse_overrides(overrides or []),
                                   strict=True):
         head, _, rest = key.partition(".")

@@ -132,7 +132,7 @@ def test_edit_weight_trial_reads_the_baseline_from_the_base_root(tmp_path):
     # what the baseline, TracIn, the autoencoder and the loss networks wrote: from the base
     assert root.checkpoints.path == f"{in_base}/checkpoints"
     assert root.noisy_manifest.path == f"{in_base}/manifest_noisy"
-    for folder in ("influence", "autoencoder", "predictor", "lossnets"):
+    for folder in ("influence", "autoencoder", "predictor", "lossnets", "judges"):
         assert root.child(folder, "x.json").path == f"{in_base}/{folder}/x.json"
     # the edit and everything after it: the trial's own
     for folder in ("edits", "refined", "retrain", "oracle", "report"):
@@ -149,7 +149,8 @@ def test_noise_rate_trial_owns_noise_and_everything_downstream(tmp_path):
     cfg, base = finished_base(tmp_path)
     trial_cfg = with_values(cfg, {"noise.rate": 0.1})
     root = SharedRunRoot.for_trial(base, str(tmp_path / "trial"), trial_cfg)
-    assert root.shared_stages == {"ingest", "lossnets"}  # no labels in either
+    # no labels in ingest or lossnets; the judges draw their own data
+    assert root.shared_stages == {"ingest", "lossnets", "judges"}
     assert root.manifest.path == str(tmp_path / "base" / "manifest")
     owned = {folder for stage in STAGES if stage not in root.shared_stages
              for folder in STAGE_OUTPUTS[stage]}

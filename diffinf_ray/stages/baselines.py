@@ -58,7 +58,12 @@ from diffinf_ray.models.checkpoint import (
     list_checkpoints,
     to_bytes,
 )
-from diffinf_ray.stages.train import decode_for_training, learning_rate_at, split_dataset
+from diffinf_ray.stages.train import (
+    decode_for_training,
+    fit_with_ray_train,
+    learning_rate_at,
+    split_dataset,
+)
 from diffinf_ray.storage import Location
 
 log = logging.getLogger(__name__)
@@ -308,12 +313,6 @@ def train_method(cfg: Config, manifest: Location, checkpoints: Location, name: s
     """Fit method `name` on the train split of `manifest` with Ray Train (validating on its val
     split), checkpointing to `checkpoints` (resumed when it holds a run). Returns the metrics
     of the last epoch."""
-    import ray.train
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from diffinf_ray.ray_session import worker_env
-
     datasets = {
         "train": split_dataset(manifest, "train", ["sample_id", "image", "label", "is_corrupted"])
         .map_batches(decode_with_index, fn_kwargs={"train_ids": train_ids,
@@ -328,30 +327,7 @@ def train_method(cfg: Config, manifest: Location, checkpoints: Location, name: s
         "num_samples": len(train_ids),
         "seed": cfg.run.seed,
     }
-    parent, run_name = checkpoints.path.rsplit("/", 1)
-    trainer = TorchTrainer(
-        _method_loop,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(
-            num_workers=cfg.train.num_workers,
-            use_gpu=cfg.train.use_gpu,
-            resources_per_worker={"CPU": cfg.train.cpus_per_worker},
-        ),
-        run_config=RunConfig(
-            name=run_name,
-            storage_path=parent,
-            storage_filesystem=checkpoints.fs,
-            checkpoint_config=CheckpointConfig(num_to_keep=None),
-            failure_config=FailureConfig(max_failures=0),
-            worker_runtime_env={"env_vars": worker_env()},
-        ),
-        datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
-    )
-    result = trainer.fit()
-    if result.error is not None:
-        raise result.error
-    return {k: v for k, v in (result.metrics or {}).items() if isinstance(v, int | float)}
+    return fit_with_ray_train(_method_loop, loop_config, datasets, cfg, checkpoints)
 
 
 def trained_epochs(checkpoints: Location) -> int:

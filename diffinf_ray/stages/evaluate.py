@@ -19,8 +19,9 @@ from diffinf_ray.models.checkpoint import epoch_of, list_checkpoints, load_check
 from diffinf_ray.storage import Location
 
 
-class Predictor:
-    """Ray Data actor: PNG bytes -> class probabilities with one classifier checkpoint."""
+class ClassifierActor:
+    """Base of the Ray Data actors that run one classifier checkpoint (loaded once per actor,
+    in eval mode, on the GPU when asked and present) over batches of PNG bytes."""
 
     def __init__(self, checkpoint_uri: str, storage_options, use_gpu: bool):
         import torch
@@ -28,6 +29,28 @@ class Predictor:
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         ckpt = load_checkpoint(Location(checkpoint_uri, storage_options))
         self.model = ckpt.build_model().to(self.device)
+
+
+def map_with_classifier(cfg: Config, ds, actor_cls: type[ClassifierActor], checkpoint: Location):
+    """`ds.map_batches` with a pool of one `actor_cls` over `checkpoint` (a GPU when
+    `train.use_gpu`), batches of `evaluate.batch_size`."""
+    import ray
+
+    return ds.map_batches(
+        actor_cls,
+        fn_constructor_kwargs={"checkpoint_uri": checkpoint.uri,
+                               "storage_options": checkpoint.options,
+                               "use_gpu": cfg.train.use_gpu},
+        compute=ray.data.ActorPoolStrategy(size=1),
+        num_cpus=cfg.ray.data_actor_cpus,
+        num_gpus=1 if cfg.train.use_gpu else 0,
+        batch_size=cfg.evaluate.batch_size,
+        batch_format="numpy",
+    )
+
+
+class Predictor(ClassifierActor):
+    """Ray Data actor: PNG bytes -> class probabilities and predicted class."""
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
@@ -46,24 +69,11 @@ class Predictor:
 def predict_split(cfg: Config, manifest: Location, checkpoint: Location, split: str,
                   fold: tuple[int, int, bool] | None = None):
     """Predictions for one split (or one fold of it) as a pandas DataFrame, one row per sample."""
-    import ray
-
     from diffinf_ray.stages.train import split_dataset
 
     ds = split_dataset(manifest, split, ["sample_id", "image", "label", "label_clean", "group",
                                          "is_corrupted"], fold=fold)
-    preds = ds.map_batches(
-        Predictor,
-        fn_constructor_kwargs={"checkpoint_uri": checkpoint.uri,
-                               "storage_options": checkpoint.options,
-                               "use_gpu": cfg.train.use_gpu},
-        compute=ray.data.ActorPoolStrategy(size=1),
-        num_cpus=cfg.ray.data_actor_cpus,
-        num_gpus=1 if cfg.train.use_gpu else 0,
-        batch_size=cfg.evaluate.batch_size,
-        batch_format="numpy",
-    )
-    return preds.to_pandas()
+    return map_with_classifier(cfg, ds, Predictor, checkpoint).to_pandas()
 
 
 def evaluate_checkpoints(cfg: Config, manifest: Location, checkpoints: Location,

@@ -18,22 +18,14 @@ import pyarrow as pa
 
 from diffinf_ray.config import Config
 from diffinf_ray.run_root import RunRoot
+from diffinf_ray.stages.evaluate import ClassifierActor, map_with_classifier
 from diffinf_ray.storage import Location
 
 STAGE_FOLDER = "predictor"
 
 
-class FeatureExtractor:
+class FeatureExtractor(ClassifierActor):
     """Ray Data actor: PNG bytes -> g(x), the classifier backbone's pooled features."""
-
-    def __init__(self, checkpoint_uri: str, storage_options, use_gpu: bool):
-        import torch
-
-        from diffinf_ray.models.checkpoint import load_checkpoint
-
-        self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        ckpt = load_checkpoint(Location(checkpoint_uri, storage_options))
-        self.model = ckpt.build_model().to(self.device).eval()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
@@ -59,22 +51,10 @@ def classifier_checkpoint(root: RunRoot) -> Location:
 
 def training_features(cfg: Config, root: RunRoot, checkpoint: Location):
     """(sample_ids, labels, features) of the train split, sorted by sample_id."""
-    import ray
-
     from diffinf_ray.stages.train import split_dataset
 
     ds = split_dataset(root.noisy_manifest, "train", ["sample_id", "image", "label"])
-    out = ds.map_batches(
-        FeatureExtractor,
-        fn_constructor_kwargs={"checkpoint_uri": checkpoint.uri,
-                               "storage_options": checkpoint.options,
-                               "use_gpu": cfg.train.use_gpu},
-        compute=ray.data.ActorPoolStrategy(size=1),
-        num_cpus=cfg.ray.data_actor_cpus,
-        num_gpus=1 if cfg.train.use_gpu else 0,
-        batch_size=cfg.evaluate.batch_size,
-        batch_format="numpy",
-    ).to_pandas()
+    out = map_with_classifier(cfg, ds, FeatureExtractor, checkpoint).to_pandas()
     out["sample_id"] = out["sample_id"].astype(str)
     out = out.sort_values("sample_id", kind="stable").reset_index(drop=True)
     return (out["sample_id"].to_numpy(), out["label"].to_numpy(np.int64),

@@ -182,36 +182,21 @@ def load_init_backbone(train: TrainSection, storage_options) -> dict | None:
     return load_verified_state_dict(train.weights_uri, train.weights_sha256, storage_options)
 
 
-def train_classifier(cfg: Config, manifest: Location, checkpoints: Location, num_classes: int,
-                     exclude_ids: frozenset | None = None,
-                     fold: tuple[int, int, bool] | None = None) -> dict:
-    """Fit on the train split of `manifest` (minus `exclude_ids`, or one side of a K-fold
-    partition), validate on its val split, checkpoint to `checkpoints`.
-
-    Returns the metrics of the last epoch.
-    """
+def fit_with_ray_train(train_loop, loop_config: dict, datasets: dict, cfg: Config,
+                       checkpoints: Location) -> dict:
+    """Run `train_loop(loop_config)` on Ray Train workers (cfg.train's scaling) with Ray Data
+    `datasets` ("train" sharded across workers; every worker sees all of "val"), checkpoints
+    under `checkpoints` (a run there is resumed by the loop). Returns the last epoch's metrics.
+    The one TorchTrainer setup of the classifier and of every baseline method."""
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from diffinf_ray.ray_session import worker_env
 
-    columns = ["image", "label"]
-    datasets = {
-        "train": split_dataset(manifest, "train", columns, exclude_ids, fold)
-        .map_batches(decode_for_training),
-        "val": split_dataset(manifest, "val", columns).map_batches(decode_for_training),
-    }
-    loop_config = {
-        "train": cfg.train.model_dump(mode="json"),
-        "num_classes": num_classes,
-        "seed": cfg.run.seed,
-        "init_state": load_init_backbone(cfg.train, checkpoints.options),
-    }
-    parent = checkpoints.path.rsplit("/", 1)[0]
-    name = checkpoints.path.rsplit("/", 1)[1]
+    parent, name = checkpoints.path.rsplit("/", 1)
     trainer = TorchTrainer(
-        _train_loop,
+        train_loop,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(
             num_workers=cfg.train.num_workers,
@@ -234,6 +219,29 @@ def train_classifier(cfg: Config, manifest: Location, checkpoints: Location, num
     if result.error is not None:
         raise result.error
     return {k: v for k, v in (result.metrics or {}).items() if isinstance(v, int | float)}
+
+
+def train_classifier(cfg: Config, manifest: Location, checkpoints: Location, num_classes: int,
+                     exclude_ids: frozenset | None = None,
+                     fold: tuple[int, int, bool] | None = None) -> dict:
+    """Fit on the train split of `manifest` (minus `exclude_ids`, or one side of a K-fold
+    partition), validate on its val split, checkpoint to `checkpoints`.
+
+    Returns the metrics of the last epoch.
+    """
+    columns = ["image", "label"]
+    datasets = {
+        "train": split_dataset(manifest, "train", columns, exclude_ids, fold)
+        .map_batches(decode_for_training),
+        "val": split_dataset(manifest, "val", columns).map_batches(decode_for_training),
+    }
+    loop_config = {
+        "train": cfg.train.model_dump(mode="json"),
+        "num_classes": num_classes,
+        "seed": cfg.run.seed,
+        "init_state": load_init_backbone(cfg.train, checkpoints.options),
+    }
+    return fit_with_ray_train(_train_loop, loop_config, datasets, cfg, checkpoints)
 
 
 def run_train(cfg: Config, root) -> dict:
