@@ -37,7 +37,8 @@ def _root_cause(err: BaseException) -> BaseException:
     return err
 
 
-def _format_error(err: BaseException) -> str:
+def format_error(err: BaseException) -> str:
+    """An exception (unwrapped from Ray's wrappers) as the one line the CLIs print."""
     cause = _root_cause(err)
     text = str(cause).strip() or type(cause).__name__
     # Ray prefixes task errors with a traceback dump; keep the last line, which is the message.
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # one clear line for users; --debug for the traceback
         if args.debug:
             traceback.print_exc()
-        print(f"error: {_format_error(err)}", file=sys.stderr)
+        print(f"error: {format_error(err)}", file=sys.stderr)
         return 2
 
 

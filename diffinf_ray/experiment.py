@@ -73,8 +73,8 @@ from diffinf_ray.config import (
     STAGES,
     Config,
     ConfigError,
-    _format_validation_error,
     fingerprint,
+    format_validation_error,
     load_config,
     read_yaml_mapping,
     upstream_stages,
@@ -169,7 +169,7 @@ def load_experiment(path: str | Path) -> ExperimentConfig:
     try:
         exp = ExperimentConfig.model_validate(tree)
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(err, str(p))) from None
+        raise ConfigError(format_validation_error(err, str(p))) from None
     base = Path(exp.base)
     if not base.is_absolute():
         exp = exp.model_copy(update={"base": str(p.parent / base)})
@@ -292,7 +292,7 @@ def execute_run(run: Run) -> RunOutcome:
     When a stage fails, the stages that read its outputs (directly or through others) are
     skipped, the others still run: one crashing baseline must not cost the seed its DiffInf
     result."""
-    from diffinf_ray.cli import _format_error
+    from diffinf_ray.cli import format_error
     from diffinf_ray.pipeline import open_run_root, run_pipeline
 
     cfg = run.config
@@ -307,7 +307,7 @@ def execute_run(run: Run) -> RunOutcome:
             run_pipeline(cfg, stages=pending)
             break
         except Exception as err:  # recorded; the experiment goes on
-            message = _format_error(err)
+            message = format_error(err)
             records = {s: root.stage_record(s) for s in pending}
             failed = next((s for s in pending if not _is_done(cfg, records[s], s)), None)
             if failed is None or (records[failed] or {}).get("status") != "running":
@@ -728,7 +728,7 @@ def _print_plan(runs: list[Run]) -> None:
 def main(argv: list[str] | None = None) -> int:
     """`diffinf experiment CONFIG [--task T ...] [--dry-run] [--table-only]`. Exit status 0;
     1 when some run (or the table) failed, listing them; 2 for a config error."""
-    from diffinf_ray.cli import _format_error
+    from diffinf_ray.cli import format_error
 
     args = build_parser().parse_args(argv)
     if not logging.getLogger().handlers:
@@ -749,7 +749,7 @@ def main(argv: list[str] | None = None) -> int:
             import traceback
 
             traceback.print_exc()
-        print(f"error: {_format_error(err)}", file=sys.stderr)
+        print(f"error: {format_error(err)}", file=sys.stderr)
         return 2
     if args.dry_run:
         _print_plan(result.runs)
