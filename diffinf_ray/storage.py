@@ -79,6 +79,16 @@ def resolve(uri: str, options: StorageOptions | None = None) -> tuple[pafs.FileS
     raise StorageError(f"{uri!r}: unsupported scheme {parsed.scheme!r} (use a local path or s3://)")
 
 
+def absolute_uri(uri: str) -> str:
+    """A relative local path made absolute against the current directory (so that a process
+    with another working directory, e.g. a Ray Tune trial, finds the same folder); s3:// and
+    absolute paths unchanged."""
+    parsed = urlparse(str(uri))
+    if parsed.scheme == "" and not Path(str(uri)).expanduser().is_absolute():
+        return str(Path(str(uri)).expanduser().resolve())
+    return str(uri)
+
+
 def display_uri(uri: str) -> str:
     """The URI without its query string (no endpoint or other parameters in logs)."""
     return str(uri).split("?", 1)[0]

@@ -82,7 +82,7 @@ from diffinf_ray.config import (
 )
 from diffinf_ray.pipeline import STAGE_OUTPUTS, run_stage
 from diffinf_ray.run_root import RunRoot
-from diffinf_ray.storage import Location, StorageOptions
+from diffinf_ray.storage import Location, StorageOptions, absolute_uri
 
 log = logging.getLogger(__name__)
 
@@ -318,6 +318,11 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepPla
     base_path = (p.parent / spec.base).resolve() if not Path(spec.base).is_absolute() \
         else Path(spec.base)
     base = load_config(base_path, spec.overrides)
+    # Tune runs each trial in its own working directory: relative roots would point there.
+    base = base.model_copy(update={"run": base.run.model_copy(
+        update={"root": absolute_uri(base.run.root)})})
+    if spec.root:
+        spec.root = absolute_uri(spec.root)
 
     objective = spec.objective_stage
     needed = [s for s in STAGES if s == objective or s in upstream_stages(objective)]

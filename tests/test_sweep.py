@@ -50,6 +50,19 @@ def test_shipped_sweeps_share_the_upstream_stages():
     assert tiny.total_trials == 2
 
 
+def test_relative_roots_are_fixed_to_the_driver_directory(tmp_path, monkeypatch):
+    """Tune runs each trial in its own working directory; a relative run.root would send the
+    trial to an empty run root there (and rerun every shared stage)."""
+    monkeypatch.chdir(tmp_path)
+    plan = load_sweep(CONFIGS / "sweep_tiny.yaml")  # run.root=./runs/tiny_sweep
+    setup = plan.trial_setup()
+    assert setup.base_uri == str(tmp_path / "runs" / "tiny_sweep")
+    assert setup.trials_uri.startswith(str(tmp_path / "runs" / "tiny_sweep" / "sweeps"))
+    assert plan.base.run.root == setup.base_uri
+    rooted = load_sweep(CONFIGS / "sweep_tiny.yaml", ["root=./elsewhere"])
+    assert rooted.trial_setup().trials_uri == str(tmp_path / "elsewhere" / "trials")
+
+
 def test_sweeping_noise_rate_reruns_from_the_noise_stage():
     plan = load_sweep(CONFIGS / "sweep_tiny.yaml", ["params.noise.rate={uniform: [0.1, 0.4]}"])
     assert plan.shared == ["ingest"]
