@@ -427,6 +427,23 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+def with_absolute_paths(cfg: Config) -> Config:
+    """`cfg` with every relative local path made absolute against the current directory: the
+    run root, data.path and each section's *_uri (weights). For processes that run in another
+    working directory (Ray Tune trials). s3:// URIs and absolute paths are unchanged."""
+    from diffinf_ray.storage import absolute_uri
+
+    tree = cfg.model_dump(mode="json")
+    for name, section in tree.items():
+        if not isinstance(section, dict):
+            continue
+        for key, value in section.items():
+            if isinstance(value, str) and value and (
+                    key.endswith("_uri") or (name, key) in {("run", "root"), ("data", "path")}):
+                section[key] = absolute_uri(value)
+    return Config.model_validate(tree)
+
+
 def read_yaml_mapping(path: str | Path, kind: str = "config") -> dict:
     """The top-level mapping of a YAML file (`kind` names it in errors: config, experiment
     file, sweep file); a ConfigError when it is missing, not YAML or not a mapping."""

@@ -79,6 +79,7 @@ from diffinf_ray.config import (
     parse_overrides,
     read_yaml_mapping,
     upstream_stages,
+    with_absolute_paths,
 )
 from diffinf_ray.pipeline import STAGE_OUTPUTS, run_stage
 from diffinf_ray.run_root import RunRoot
@@ -318,9 +319,8 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepPla
     base_path = (p.parent / spec.base).resolve() if not Path(spec.base).is_absolute() \
         else Path(spec.base)
     base = load_config(base_path, spec.overrides)
-    # Tune runs each trial in its own working directory: relative roots would point there.
-    base = base.model_copy(update={"run": base.run.model_copy(
-        update={"root": absolute_uri(base.run.root)})})
+    # Tune runs each trial in its own working directory: relative paths would point there.
+    base = with_absolute_paths(base)
     if spec.root:
         spec.root = absolute_uri(spec.root)
 

@@ -59,6 +59,9 @@ def test_relative_roots_are_fixed_to_the_driver_directory(tmp_path, monkeypatch)
     assert setup.base_uri == str(tmp_path / "runs" / "tiny_sweep")
     assert setup.trials_uri.startswith(str(tmp_path / "runs" / "tiny_sweep" / "sweeps"))
     assert plan.base.run.root == setup.base_uri
+    weights = load_sweep(CONFIGS / "sweep_tiny.yaml", ["train.weights_uri=w/resnet.pt",
+                                                        "train.weights_sha256=" + "ab" * 32])
+    assert weights.base.train.weights_uri == str(tmp_path / "w" / "resnet.pt")
     rooted = load_sweep(CONFIGS / "sweep_tiny.yaml", ["root=./elsewhere"])
     assert rooted.trial_setup().trials_uri == str(tmp_path / "elsewhere" / "trials")
 
