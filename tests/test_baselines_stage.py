@@ -137,3 +137,20 @@ def test_resume_continues_with_the_saved_method_state(baseline_run):
     t1, t2 = first["method"]["extra"]["targets"][0], second["method"]["extra"]["targets"][0]
     assert bool((t1.sum(1) > 0).all())
     assert not torch.allclose(t1, t2)
+
+
+def test_promix_that_would_only_warm_up_is_warned(caplog):
+    """ProMix selects clean samples only after `pretrain_epochs`: a run no longer than its
+    warm-up is plain two-network cross-entropy, which the user must hear about."""
+    from diffinf_ray.stages.baselines import method_options
+
+    short = load_config("jobs/configs/tiny.yaml", ["train.epochs=10"])
+    with caplog.at_level("WARNING", logger="diffinf_ray.stages.baselines"):
+        method_options(short, "promix")
+    assert "only warms up" in caplog.text
+    caplog.clear()
+    fixed = load_config("jobs/configs/tiny.yaml", [
+        "train.epochs=10", "baselines.options={promix: {pretrain_epochs: 3}}"])
+    with caplog.at_level("WARNING", logger="diffinf_ray.stages.baselines"):
+        assert method_options(fixed, "promix")["pretrain_epochs"] == 3
+    assert "only warms up" not in caplog.text

@@ -92,6 +92,13 @@ def method_options(cfg: Config, name: str) -> dict[str, Any]:
             raise ConfigError(f"baselines.options.{name}.epochs: the methods train for "
                               f"train.epochs ({cfg.train.epochs}); leave it out")
         given["epochs"] = cfg.train.epochs
+    if name == "promix":
+        warmup = given.get("pretrain_epochs", known.get("pretrain_epochs"))
+        if warmup is not None and warmup >= cfg.train.epochs:
+            log.warning("promix: pretrain_epochs %s >= train.epochs %s, so ProMix only warms up "
+                        "(two networks, plain cross-entropy) and never selects clean samples; "
+                        "set baselines.options.promix.pretrain_epochs lower", warmup,
+                        cfg.train.epochs)
     if name == "small_loss" and given.get("forget_rate") is None \
             and given.get("noise_rate") is None:
         # the Co-teaching repo's default forget rate is the noise rate; here it is known
