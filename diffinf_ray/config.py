@@ -379,6 +379,11 @@ def upstream_stages(stage: str) -> set[str]:
     return found
 
 
+# Settings that only place work on the cluster: they hash as their defaults, so giving a Train
+# worker half a CPU (as a sweep on a small box must) does not rebuild a finished stage.
+_SCHEDULING_FIELDS = {"train": ("cpus_per_worker",), "edit": ("actors", "gpus_per_actor")}
+
+
 def fingerprint(cfg: Config, stage: str) -> str:
     """Hash of the settings `stage` and its upstream stages depend on (16 hex digits)."""
     parts = {"seed": cfg.run.seed}
@@ -386,7 +391,12 @@ def fingerprint(cfg: Config, stage: str) -> str:
     while todo:
         s = todo.pop()
         for section in _STAGE_SECTIONS[s]:
-            parts[section] = getattr(cfg, section).model_dump(mode="json")
+            values = getattr(cfg, section)
+            parts[section] = values.model_dump(mode="json")
+            if section in _SCHEDULING_FIELDS:
+                defaults = type(values)().model_dump(mode="json")
+                for name in _SCHEDULING_FIELDS[section]:
+                    parts[section][name] = defaults[name]
         todo.extend(_UPSTREAM[s])
     blob = json.dumps(parts, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

@@ -621,6 +621,23 @@ def build_tuner(plan: SweepPlan, restore: bool = True, callbacks: list | None = 
     )
 
 
+def check_trial_resources(plan: SweepPlan, cluster_cpus: float) -> None:
+    """Concurrent trials must leave a whole CPU for Ray Data's read tasks (each asks for 1):
+    otherwise the objective's Train run waits forever for its first block (RAY_NOTES 2.7)."""
+    spec, train = plan.spec, plan.base.train
+    per_trial = spec.trial_cpus + train.num_workers * train.cpus_per_worker
+    held = spec.max_concurrent_trials * per_trial
+    if cluster_cpus - held < 1:
+        raise ConfigError(
+            f"{plan.source}: {spec.max_concurrent_trials} trial(s) x (trial_cpus "
+            f"{spec.trial_cpus} + {train.num_workers} Train worker(s) x train.cpus_per_worker "
+            f"{train.cpus_per_worker}) hold {held:g} of the cluster's {cluster_cpus:g} CPUs, "
+            "leaving less than 1 for Ray Data's read tasks: the trials would hang. Lower "
+            "max_concurrent_trials, trial_cpus or train.cpus_per_worker (e.g. "
+            "`overrides: [train.cpus_per_worker=0.5]`: it does not change any stage's "
+            "fingerprint), or add CPUs")
+
+
 def run_sweep(plan: SweepPlan, restore: bool = True, callbacks: list | None = None) -> dict:
     """Run (or resume) the sweep: the shared stages once, then the Tune experiment; write
     results.csv, best.json and the plots. Returns the summary `write_results` gives.
@@ -636,6 +653,9 @@ def run_sweep(plan: SweepPlan, restore: bool = True, callbacks: list | None = No
     restoring = plan.experiment.child("tuner.pkl").exists()
     _check_same_sweep(plan, restoring)
     with ray_session(plan.base):
+        import ray
+
+        check_trial_resources(plan, ray.cluster_resources().get("CPU", 0.0))
         if plan.shared:
             log.info("sweep: shared stages %s in the base run root %s", plan.shared,
                      plan.base_root)

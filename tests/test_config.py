@@ -1,6 +1,6 @@
 import pytest
 
-from diffinf_ray.config import ConfigError, fingerprint, load_config
+from diffinf_ray.config import STAGES, ConfigError, fingerprint, load_config
 
 
 def write(tmp_path, text):
@@ -67,6 +67,15 @@ def test_fingerprints_chain_upstream(tmp_path):
     assert fingerprint(base, "ingest") == fingerprint(other_noise, "ingest")
     for stage in ("noise", "train", "evaluate"):
         assert fingerprint(base, stage) != fingerprint(other_noise, stage)
+
+
+def test_scheduling_settings_do_not_change_fingerprints(tmp_path):
+    path = write(tmp_path, "")
+    base = load_config(path)
+    placed = load_config(path, ["train.cpus_per_worker=0.5", "edit.actors=4",
+                                "edit.gpus_per_actor=0.5"])
+    assert all(fingerprint(base, s) == fingerprint(placed, s) for s in STAGES)
+    assert fingerprint(base, "train") != fingerprint(load_config(path, ["train.lr=0.01"]), "train")
 
 
 def test_judges_do_not_rerun_when_the_edits_change(tmp_path):

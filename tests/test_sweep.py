@@ -66,6 +66,19 @@ def test_relative_roots_are_fixed_to_the_driver_directory(tmp_path, monkeypatch)
     assert rooted.trial_setup().trials_uri == str(tmp_path / "elsewhere" / "trials")
 
 
+def test_trials_that_leave_no_cpu_for_reads_are_refused():
+    """On 2 CPUs a trial driver (0.5) + a Train worker (1) leave 0.5: Ray Data's read task
+    (1 CPU) never starts and the trial hangs; the shipped sweeps give the worker 0.5."""
+    from diffinf_ray.sweep import check_trial_resources
+
+    plan = load_sweep(CONFIGS / "sweep_age32_weights.yaml")
+    check_trial_resources(plan, 2.0)
+    hungry = load_sweep(CONFIGS / "sweep_age32_weights.yaml", ["train.cpus_per_worker=1"])
+    with pytest.raises(ConfigError, match="would hang"):
+        check_trial_resources(hungry, 2.0)
+    check_trial_resources(hungry, 8.0)
+
+
 def test_sweeping_noise_rate_reruns_from_the_noise_stage():
     plan = load_sweep(CONFIGS / "sweep_tiny.yaml", ["params.noise.rate={uniform: [0.1, 0.4]}"])
     assert plan.shared == ["ingest"]
