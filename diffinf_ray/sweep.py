@@ -13,6 +13,8 @@ Sweep file (SweepConfig; `base` is relative to the sweep file's folder, `root` l
     metric: val_accuracy                  # of the objective stage's classifier; mode max
     scheduler: {kind: asha, grace_period: 1, reduction_factor: 2}
     epochs_per_report: 2                  # one Tune report (an ASHA rung) per chunk of epochs
+    points_to_evaluate:                   # optional: tried first (each replaces one sample)
+      - {edit.w_id: 1.0}                  #   e.g. the base's own values, as a reference
 
 Shared work. A trial's config is base + overrides + its sampled values. The stages whose
 fingerprint (config.fingerprint) is the same for every value a param can take run once, before
@@ -183,6 +185,10 @@ class SweepConfig(_Model):
     root: str | None = None  # default: <base run.root>/sweeps/<name>
     params: dict[str, ParamSpec] = Field(min_length=1)
     num_samples: int = Field(1, ge=1)  # samples per grid point
+    # Settings tried first, e.g. the base config's own values as a reference trial
+    # ([{edit.w_id: 1.0, edit.w_reg: 1.0, edit.w_si: 1.0}]). Tune's rule: each point replaces
+    # one of the num_samples; keys a point leaves out are sampled.
+    points_to_evaluate: list[dict[str, Value]] = []
     metric: Literal[OBJECTIVE_METRICS] = "val_accuracy"
     mode: Literal["max", "min"] = "max"
     scheduler: SchedulerSection = SchedulerSection()
@@ -194,6 +200,19 @@ class SweepConfig(_Model):
     objective_stage: Literal["retrain", "removal"] = "retrain"
     epochs_per_report: int = Field(1, ge=1)
     seed: int = 0  # of the random search
+
+    @model_validator(mode="after")
+    def _points_fit(self) -> SweepConfig:
+        for i, point in enumerate(self.points_to_evaluate):
+            unknown = sorted(set(point) - set(self.params))
+            if unknown:
+                raise ValueError(f"points_to_evaluate[{i}] sets {unknown}, which are not "
+                                 f"swept params ({sorted(self.params)})")
+        if len(self.points_to_evaluate) > self.num_samples:
+            raise ValueError(f"{len(self.points_to_evaluate)} points_to_evaluate need "
+                             f"num_samples >= {len(self.points_to_evaluate)} (each point "
+                             "replaces one sample)")
+        return self
 
 
 # -- the plan: what runs once, what runs per trial ----------------------------------------
@@ -264,8 +283,8 @@ class SweepPlan:
     def identity(self) -> dict:
         """What a restored experiment must have been started with."""
         spec = self.spec.model_dump(mode="json", include={
-            "params", "num_samples", "metric", "mode", "scheduler", "objective_stage",
-            "epochs_per_report", "seed"})
+            "params", "num_samples", "points_to_evaluate", "metric", "mode", "scheduler",
+            "objective_stage", "epochs_per_report", "seed"})
         return {"sweep": spec, "base_fingerprints": self.fingerprints}
 
     @property
@@ -333,6 +352,8 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepPla
             raise ConfigError(f"{source}: params.{key} changes neither objective_stage "
                               f"{objective} nor a stage it reads; every value would score "
                               "the same")
+    for i, point in enumerate(spec.points_to_evaluate):  # a bad value fails here, not in a trial
+        with_values(base, point, f"{source}: points_to_evaluate[{i}]")
     affected = set().union(*by_key.values())
     epochs = [base.train.epochs]
     if "train.epochs" in spec.params:
@@ -586,11 +607,19 @@ def _clear(plan: SweepPlan) -> None:
             plan.root.child(posixpath.basename(path)).delete()
 
 
+def search_algorithm(spec: SweepConfig):
+    """Tune's random/grid search: `points_to_evaluate` first, then seeded samples."""
+    from ray.tune.search import BasicVariantGenerator
+
+    return BasicVariantGenerator(
+        points_to_evaluate=[dict(p) for p in spec.points_to_evaluate] or None,
+        max_concurrent=spec.max_concurrent_trials, random_state=spec.seed)
+
+
 def build_tuner(plan: SweepPlan, restore: bool = True, callbacks: list | None = None):
     """A Tuner for the sweep: restored from the sweep root's experiment when there is one."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search import BasicVariantGenerator
 
     spec = plan.spec
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=plan.trial_setup()),
@@ -612,8 +641,7 @@ def build_tuner(plan: SweepPlan, restore: bool = True, callbacks: list | None = 
         tune_config=tune.TuneConfig(
             metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
             scheduler=scheduler, trial_dirname_creator=_trial_dirname,
-            search_alg=BasicVariantGenerator(max_concurrent=spec.max_concurrent_trials,
-                                             random_state=spec.seed)),
+            search_alg=search_algorithm(spec)),
         run_config=tune.RunConfig(
             name=EXPERIMENT, storage_path=plan.root.path, callbacks=callbacks,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
@@ -774,6 +802,7 @@ def describe(plan: SweepPlan) -> str:
         f"{plan.max_reports} report(s) per trial, scheduler {spec.scheduler.kind}",
         f"  trials           num_samples {spec.num_samples}, at most "
         f"{spec.max_concurrent_trials} at a time, {spec.trial_cpus} CPU per trial driver",
+        *(f"  tried first      {json.dumps(p)}" for p in spec.points_to_evaluate),
         "  params",
     ]
     lines += [f"    {k}: {v.model_dump(mode='json')}" for k, v in spec.params.items()]

@@ -125,6 +125,45 @@ def test_restore_refuses_a_changed_search_space(tmp_path):
         _check_same_sweep(changed, restoring=True)
 
 
+@pytest.mark.parametrize("points, message", [
+    ("[{edit.w_sii: 1.0}]", "not swept params"),
+    ("[{edit.w_id: 1.0}, {edit.w_id: 2.0}]", "need num_samples >= 2"),
+    ("[{edit.w_id: -1.0}]", r"points_to_evaluate\[0\].*edit.w_id"),
+])
+def test_bad_points_to_evaluate(tmp_path, points, message):
+    path = write_sweep(tmp_path, f"base: {CONFIGS / 'tiny.yaml'}\nnum_samples: 1\n"
+                                 f"params: {{edit.w_id: {{loguniform: [0.1, 10]}}}}\n"
+                                 f"points_to_evaluate: {points}\n")
+    with pytest.raises(ConfigError, match=message):
+        load_sweep(path)
+
+
+def test_points_to_evaluate_run_first_then_seeded_samples(ray_local, tmp_path):
+    """The search the sweep hands Tune: the reference point is the first trial and replaces
+    one sample; the samples are the seeded draws (dotted keys stay flat)."""
+    from diffinf_ray.sweep import search_algorithm
+
+    plan = load_sweep(CONFIGS / "sweep_age32_weights.yaml")
+    assert plan.spec.points_to_evaluate == [{"edit.w_id": 1.0, "edit.w_reg": 1.0,
+                                             "edit.w_si": 1.0}]
+
+    def configs(spec):
+        tuner = tune.Tuner(lambda config: {"score": 0.0}, param_space=plan.param_space(),
+                           tune_config=tune.TuneConfig(num_samples=spec.num_samples,
+                                                       search_alg=search_algorithm(spec)),
+                           run_config=tune.RunConfig(storage_path=str(tmp_path),
+                                                     verbose=0))
+        trials = sorted(tuner.fit(), key=lambda r: r.path)  # trial ids count up
+        return [{k: r.config[k] for k in plan.spec.params} for r in trials]
+
+    first = configs(plan.spec)
+    assert len(first) == plan.spec.num_samples
+    assert first[0] == plan.spec.points_to_evaluate[0]
+    assert all(0.1 <= v <= 10 for c in first[1:] for v in c.values())
+    assert len({json.dumps(c, sort_keys=True) for c in first}) == len(first)
+    assert configs(plan.spec) == first  # seeded: the same trials again
+
+
 def test_dry_run_prints_the_plan(capsys):
     assert main([str(CONFIGS / "sweep_tiny.yaml"), "--dry-run", "num_samples=2"]) == 0
     out = capsys.readouterr().out
