@@ -19,6 +19,8 @@ import sys
 from diffinf_ray.config import load_config
 from diffinf_ray.pipeline import run_pipeline
 
+NOISE_GAP_STAGES = ["ingest", "noise", "train", "evaluate"]  # whatever the config's stages say
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -34,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, [*args.overrides, f"data.task={args.task}",
                                         f"noise.rate={rate}",
                                         f"run.root={base.run.root}/{args.task}_{name}"])
-        rows[name] = run_pipeline(cfg)["evaluate"]
+        rows[name] = run_pipeline(cfg, stages=NOISE_GAP_STAGES)["evaluate"]
     print(f"\n{args.task}: clean-test metrics (train.epochs={base.train.epochs}, "
           f"{base.data.synthfaces.num_samples} samples, {base.data.synthfaces.resolution} px)")
     print("| labels | accuracy | AUROC | kappa (linear) | ECE |")
