@@ -44,3 +44,14 @@ def ray_session(cfg: Config) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+def without_progress_bars(datasets: dict) -> dict:
+    """`datasets` (Ray Data, handed to Ray Train) with their progress bars off, the driver's
+    left on. Train runs them in its workers and split coordinator, whose tqdm output reaches the
+    driver as raw lines full of cursor moves: they garble the terminal and log, and keep
+    redrawing finished bars long after the epoch. The training loop's per-epoch line is the
+    progress there."""
+    for ds in datasets.values():
+        ds.context.enable_progress_bars = False  # the context this dataset (and its run) uses
+    return datasets

@@ -154,3 +154,19 @@ def test_ingest_user_table_quarantines_bad_rows(ray_local, tmp_path):
     manifest = pq.read_table(tmp_path / "run" / "manifest").to_pandas()
     assert set(manifest.label) <= {0, 1}
     assert not set(manifest.sample_id) & set(quarantine.sample_id)
+
+
+def test_datasets_for_ray_train_run_without_progress_bars(ray_local):
+    """Train executes its datasets in its workers, whose tqdm bars reach the driver as raw
+    cursor moves; those datasets run with bars off, the driver's own datasets keep them."""
+    import ray.data
+
+    from diffinf_ray.ray_session import without_progress_bars
+
+    driver_side = ray.data.range(4)
+    datasets = without_progress_bars({"train": ray.data.range(8).map_batches(lambda b: b),
+                                      "val": ray.data.range(4)})
+    assert [ds.context.enable_progress_bars for ds in datasets.values()] == [False, False]
+    assert datasets["train"].count() == 8  # still runs
+    assert ray.data.DataContext.get_current().enable_progress_bars
+    assert driver_side.context.enable_progress_bars

@@ -252,7 +252,7 @@ def train_autoencoder(cfg: Config, manifest: Location, out: Location, model_conf
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from diffinf_ray.ray_session import worker_env
+    from diffinf_ray.ray_session import without_progress_bars, worker_env
     from diffinf_ray.stages.train import decode_for_training, split_dataset
 
     section = cfg.autoencoder
@@ -280,7 +280,7 @@ def train_autoencoder(cfg: Config, manifest: Location, out: Location, model_conf
             failure_config=FailureConfig(max_failures=0),
             worker_runtime_env={"env_vars": worker_env()},
         ),
-        datasets={"train": train},
+        datasets=without_progress_bars({"train": train}),
     )
     result = trainer.fit()
     if result.error is not None:

@@ -192,7 +192,7 @@ def fit_with_ray_train(train_loop, loop_config: dict, datasets: dict, cfg: Confi
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from diffinf_ray.ray_session import worker_env
+    from diffinf_ray.ray_session import without_progress_bars, worker_env
 
     parent, name = checkpoints.path.rsplit("/", 1)
     trainer = TorchTrainer(
@@ -211,7 +211,7 @@ def fit_with_ray_train(train_loop, loop_config: dict, datasets: dict, cfg: Confi
             failure_config=FailureConfig(max_failures=0),
             worker_runtime_env={"env_vars": worker_env()},
         ),
-        datasets=datasets,
+        datasets=without_progress_bars(datasets),
         # every worker validates on the whole (small) val split; only train is sharded
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
