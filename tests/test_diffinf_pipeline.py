@@ -87,7 +87,18 @@ def test_retrain_report_and_judges(diffinf_run):
     for condition in ("noisy", "removal", "diffinf"):
         assert f"| {condition} |" in report
     assert "Perceptual distance" in report and (root / "report" / "report.html").exists()
+    assert "Identity oracle: verification AUROC" in report  # how far to trust its figures
     assert list((root / "report").glob("grid_*.png"))
+
+
+def test_a_weak_identity_oracle_is_flagged():
+    from diffinf_ray.stages.report import _identity_oracle_quality
+
+    weak = _identity_oracle_quality({"verification_auroc": 0.68, "val_identities": 42})
+    assert "verification AUROC 0.680 on 42" in weak and "weak judge" in weak
+    assert "weak judge" not in _identity_oracle_quality({"verification_auroc": 0.9,
+                                                         "val_identities": 85})
+    assert _identity_oracle_quality({}) == ""
 
 
 def test_ray_stage_gives_the_cores_edits(diffinf_run):

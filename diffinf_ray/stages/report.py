@@ -91,6 +91,24 @@ def _table_md(df: pd.DataFrame, digits: int = 3) -> str:
                           for row in df.itertuples(index=False))
 
 
+WEAK_IDENTITY_ORACLE_AUROC = 0.75
+
+
+def _identity_oracle_quality(io: dict) -> str:
+    """How far to trust the identity figures: the identity oracle's verification AUROC on the
+    held-out people of its own draw (same- vs different-person pairs), flagged when weak."""
+    auroc = io.get("verification_auroc")
+    if auroc is None:
+        return ""
+    line = (f"\nIdentity oracle: verification AUROC {auroc:.3f} on {io.get('val_identities')} "
+            "held-out people of its draw.")
+    if auroc < WEAK_IDENTITY_ORACLE_AUROC:
+        line += (f" **A weak judge** (below {WEAK_IDENTITY_ORACLE_AUROC}): the identity "
+                 "retention figures below say little; give the judges a larger draw or more "
+                 "epochs (oracle.num_samples, lossnets.identity_epochs).")
+    return line + "\n"
+
+
 def stage_times(root: RunRoot) -> pd.DataFrame:
     rows = []
     for stage in STAGES:
@@ -162,10 +180,11 @@ def run_report(cfg: Config, root: RunRoot) -> dict:
                 md.append(f"| {key} ({s['edits']}) | {s['oracle_target_before']:.3f} | "
                           f"{s['oracle_target_after']:.3f} |\n")
         io = oracle["identity_oracle"]
+        md.append(_identity_oracle_quality(io))
         md.append(f"\nIdentity oracle on its own test split: mean similarity of same-person pairs "
-                  f"{io['mean_same_person_similarity']:.3f}, different-person pairs "
-                  f"{io['mean_different_person_similarity']:.3f}; edit vs original: "
-                  f"{oracle['mean_identity_similarity_oracle']:.3f}.\n\n"
+                  f"{io['mean_same_person_similarity']:.4f}, different-person pairs "
+                  f"{io['mean_different_person_similarity']:.4f}; edit vs original: "
+                  f"{oracle['mean_identity_similarity_oracle']:.4f}.\n\n"
                   f"Identity retention (share of edits above the threshold): "
                   f"{oracle['identity_retention_at_eer']:.3f} at the equal-error-rate threshold "
                   f"{io['threshold_at_eer']:.3f} (same-person pairs pass at "
