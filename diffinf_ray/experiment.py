@@ -278,7 +278,7 @@ def _stamp(record: dict | None) -> tuple | None:
     if not record:
         return None
     return (record.get("fingerprint"), record.get("status"), record.get("finished_at"),
-            record.get("wall_seconds"))
+            record.get("wall_seconds"), record.get("attempt"))
 
 
 def _is_done(cfg: Config, record: dict | None, stage: str) -> bool:
