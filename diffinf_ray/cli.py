@@ -84,10 +84,15 @@ def _cmd_run(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     stages = [args.name] if getattr(args, "name", None) else None
-    results = run_pipeline(cfg, stages=stages, force=args.force)
+    results = run_pipeline(cfg, stages=stages, force=args.force,
+                           keep_going=getattr(args, "keep_going", False))
     _print_metrics(results)
     print(f"\nrun root: {open_run_root(cfg)}")
-    return 0
+    for stage, outcome in results.outcomes.items():
+        if outcome.status in ("failed", "blocked"):
+            print(f"stage {stage} {outcome.status}: {format_error(outcome.error)}",
+                  file=sys.stderr)
+    return 1 if results.failed else 0
 
 
 def _cmd_config(args) -> int:
@@ -128,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config")
     run.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=3")
     run.add_argument("--force", action="store_true", help="re-run stages even if done")
+    run.add_argument("--keep-going", action="store_true",
+                     help="after a failed stage, run the stages that do not read its outputs")
     run.set_defaults(func=_cmd_run)
 
     stage = sub.add_parser("stage", help="run one stage")

@@ -3,19 +3,20 @@
 - An unknown or mistyped key is an error that names the key and the file.
 - `key=value` overrides with dotted keys (`train.epochs=3`) are applied before validation;
   values are parsed as YAML scalars (`3` -> int, `true` -> bool, `[1,2]` -> list).
-- `fingerprint(cfg, stage)` hashes the config sections a stage depends on (plus its upstream
-  stages'), so `diffinf run` can skip stages already done with the same settings.
+- `fingerprint(cfg, stage)` (stage_registry.py) hashes the settings a stage reads (plus its
+  upstream stages'), so `diffinf run` can skip stages already done with the same settings.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+# The stage table lives in stage_registry; these names are re-exported for the config's users.
+from diffinf_ray.stage_registry import STAGES, fingerprint, upstream_stages  # noqa: F401
 
 
 class ConfigError(ValueError):
@@ -296,11 +297,6 @@ class BaselinesSection(_Section):
     options: dict[str, dict[str, int | float | bool | str]] = {}
 
 
-STAGES = ("ingest", "noise", "train", "evaluate", "influence", "cleanlab", "removal",
-          "baselines", "autoencoder", "predictor", "lossnets", "edit", "refine", "retrain", "judges",
-          "oracle", "report")
-
-
 class Config(_Section):
     run: RunSection = RunSection()
     storage: StorageSection = StorageSection()
@@ -329,77 +325,6 @@ class Config(_Section):
 
         spec = SynthFacesSpec(task=self.data.task, age_bins=tuple(map(tuple, self.data.age_bins)))
         return list(class_names(spec))
-
-
-# Which config sections each stage's outputs depend on, and its upstream stages.
-_STAGE_SECTIONS = {
-    "ingest": ("data",),
-    "noise": ("noise",),
-    "train": ("train",),
-    "evaluate": ("evaluate",),
-    "influence": ("influence",),
-    "cleanlab": ("train", "evaluate", "cleanlab"),  # K classifiers trained like the baseline
-    "removal": ("train", "evaluate"),  # retrain without the flagged set, evaluate
-    "baselines": ("train", "evaluate", "baselines"),
-    "autoencoder": ("autoencoder",),
-    "predictor": ("predictor",),
-    "lossnets": ("lossnets",),
-    "edit": ("edit",),
-    "refine": (),
-    "retrain": ("train", "evaluate"),  # the baseline recipe on the refined training split
-    "judges": ("data", "train", "lossnets", "oracle"),  # its own draw, recipe and embedder
-    "oracle": (),
-    "report": (),
-}
-_UPSTREAM = {
-    "ingest": (), "noise": ("ingest",), "train": ("noise",), "evaluate": ("train",),
-    "influence": ("train",), "cleanlab": ("noise",), "removal": ("influence",),
-    "autoencoder": ("noise",),  # trains on the assigned (noisy) labels
-    "baselines": ("noise",),
-    "predictor": ("influence",),
-    "lossnets": ("ingest",),  # images, identities and region masks; no labels
-    "edit": ("predictor", "lossnets", "autoencoder"),
-    "refine": ("edit",),
-    "retrain": ("refine",),
-    "judges": (),  # its own synthfaces draw: independent of every other stage's outputs
-    "oracle": ("edit", "judges"),
-    "report": ("evaluate", "removal", "baselines", "retrain", "oracle"),
-}
-
-
-def upstream_stages(stage: str) -> set[str]:
-    """Every stage whose outputs `stage` reads, directly or through others."""
-    found: set[str] = set()
-    todo = list(_UPSTREAM[stage])
-    while todo:
-        s = todo.pop()
-        if s not in found:
-            found.add(s)
-            todo.extend(_UPSTREAM[s])
-    return found
-
-
-# Settings that only place work on the cluster: they hash as their defaults, so giving a Train
-# worker half a CPU (as a sweep on a small box must) does not rebuild a finished stage.
-_SCHEDULING_FIELDS = {"train": ("cpus_per_worker",), "edit": ("actors", "gpus_per_actor")}
-
-
-def fingerprint(cfg: Config, stage: str) -> str:
-    """Hash of the settings `stage` and its upstream stages depend on (16 hex digits)."""
-    parts = {"seed": cfg.run.seed}
-    todo = [stage]
-    while todo:
-        s = todo.pop()
-        for section in _STAGE_SECTIONS[s]:
-            values = getattr(cfg, section)
-            parts[section] = values.model_dump(mode="json")
-            if section in _SCHEDULING_FIELDS:
-                defaults = type(values)().model_dump(mode="json")
-                for name in _SCHEDULING_FIELDS[section]:
-                    parts[section][name] = defaults[name]
-        todo.extend(_UPSTREAM[s])
-    blob = json.dumps(parts, sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def _set_dotted(tree: dict, dotted: str, value, source: str) -> None:

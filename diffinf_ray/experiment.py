@@ -73,11 +73,9 @@ from diffinf_ray.config import (
     STAGES,
     Config,
     ConfigError,
-    fingerprint,
     format_validation_error,
     load_config,
     read_yaml_mapping,
-    upstream_stages,
 )
 from diffinf_ray.storage import Location, StorageOptions, display_uri
 
@@ -89,8 +87,6 @@ DEFAULT_STAGES = ["ingest", "noise", "train", "evaluate", "influence", "removal"
 BASELINE_STAGES = ["ingest", "noise", "train", "evaluate"]  # clean ceiling, noise-rate runs
 # Keys the runner sets itself per run; overriding them would make runs collide.
 MANAGED_KEYS = ("run.root", "run.name", "run.seed", "stages")
-# Stages that run even when an upstream stage failed: they show whatever exists.
-TOLERANT_STAGES = frozenset({"report"})
 
 # Table 1's rows in the paper's order (condition key -> label); the clean ceiling is ours.
 CONDITIONS = {
@@ -274,18 +270,6 @@ class ExperimentResult:
         return [o for o in self.outcomes if o.status != "done"]
 
 
-def _stamp(record: dict | None) -> tuple | None:
-    if not record:
-        return None
-    return (record.get("fingerprint"), record.get("status"), record.get("finished_at"),
-            record.get("wall_seconds"), record.get("attempt"))
-
-
-def _is_done(cfg: Config, record: dict | None, stage: str) -> bool:
-    return bool(record) and record.get("status") == "done" and \
-        record.get("fingerprint") == fingerprint(cfg, stage)
-
-
 def execute_run(run: Run) -> RunOutcome:
     """Run one planned run's stages with `run_pipeline`, resuming by fingerprint.
 
@@ -293,37 +277,24 @@ def execute_run(run: Run) -> RunOutcome:
     skipped, the others still run: one crashing baseline must not cost the seed its DiffInf
     result."""
     from diffinf_ray.cli import format_error
-    from diffinf_ray.pipeline import open_run_root, run_pipeline
+    from diffinf_ray.pipeline import run_pipeline
 
-    cfg = run.config
-    root = open_run_root(cfg)
-    wanted = [s for s in STAGES if s in cfg.stages]
-    before = {s: _stamp(root.stage_record(s)) for s in wanted}
     errors: dict[str, str] = {}
-    pending = list(wanted)
+    ran: list[str] = []
     started = time.perf_counter()
-    while pending:
-        try:
-            run_pipeline(cfg, stages=pending)
-            break
-        except Exception as err:  # recorded; the experiment goes on
-            message = format_error(err)
-            records = {s: root.stage_record(s) for s in pending}
-            failed = next((s for s in pending if not _is_done(cfg, records[s], s)), None)
-            if failed is None or (records[failed] or {}).get("status") != "running":
-                errors["run"] = message  # not inside a stage (Ray start, storage)
-                log.error("run %s failed: %s", run.id, message)
-                break
-            errors[failed] = message
-            log.error("run %s: stage %s failed: %s", run.id, failed, message)
-            blocked = [s for s in pending if failed in upstream_stages(s)
-                       and s not in TOLERANT_STAGES]
-            for s in blocked:
-                errors[s] = f"not run: needs {failed}"
-            pending = [s for s in pending if s != failed and s not in blocked
-                       and not _is_done(cfg, records[s], s)]
-    ran = [s for s in wanted if _stamp(root.stage_record(s)) != before[s]
-           and _is_done(cfg, root.stage_record(s), s)]
+    try:
+        result = run_pipeline(run.config, keep_going=True)
+    except Exception as err:  # not inside a stage (Ray start, storage): recorded, the experiment goes on
+        errors["run"] = format_error(err)
+        log.error("run %s failed: %s", run.id, errors["run"])
+    else:
+        ran = result.with_status("ran")
+        for stage, outcome in result.outcomes.items():
+            if outcome.status == "failed":
+                errors[stage] = format_error(outcome.error)
+                log.error("run %s: stage %s failed: %s", run.id, stage, errors[stage])
+            elif outcome.status == "blocked":
+                errors[stage] = f"not run: {outcome.error}"
     return RunOutcome(run, "failed" if errors else "done", ran, errors,
                       round(time.perf_counter() - started, 2))
 

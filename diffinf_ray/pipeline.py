@@ -1,123 +1,158 @@
-"""`diffinf run`: the configured stages in order, each skipped when its outputs already exist
-for the same config fingerprint (config.fingerprint), so a crashed or extended run resumes.
+"""The stage lifecycle, in one place: `diffinf run`, the experiment runner and every sweep trial
+run their stages through `run_pipeline` / `run_stage`.
 
-A stage whose fingerprint changed is run again, and so is every stage that reads its outputs.
+A stage is skipped when its record under the run root says it finished with the same config
+fingerprint (stage_registry.fingerprint), so a crashed or extended run resumes. A stage whose
+fingerprint changed has its old outputs deleted and runs again, and so does every stage that
+reads its outputs. Each stage sees only the settings its fingerprint covers
+(stage_registry.config_for_stage).
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
 
-from diffinf_ray.config import STAGES, Config, dump_config, fingerprint, upstream_stages
+from diffinf_ray.config import Config, dump_config
 from diffinf_ray.run_root import RunRoot
+from diffinf_ray.stage_registry import (
+    REGISTRY,
+    STAGES,
+    config_for_stage,
+    fingerprint,
+    upstream_stages,
+)
 from diffinf_ray.storage import StorageOptions
 
 log = logging.getLogger(__name__)
 
-
-# Each stage's entry point `run_<stage>(cfg, root) -> summary`, imported when the stage runs
-# (the driver then only loads torch, cleanlab, diffusers... for the stages it needs).
-STAGE_FUNCTIONS = {
-    "ingest": "diffinf_ray.stages.ingest:run_ingest",
-    "noise": "diffinf_ray.stages.noise:run_noise",
-    "train": "diffinf_ray.stages.train:run_train",
-    "evaluate": "diffinf_ray.stages.evaluate:run_evaluate",
-    "influence": "diffinf_ray.stages.influence:run_influence",
-    "cleanlab": "diffinf_ray.stages.detectors:run_cleanlab",
-    "removal": "diffinf_ray.stages.detectors:run_removal",
-    "baselines": "diffinf_ray.stages.baselines:run_baselines",
-    "autoencoder": "diffinf_ray.stages.autoencoder:run_autoencoder",
-    "predictor": "diffinf_ray.stages.predictor:run_predictor",
-    "lossnets": "diffinf_ray.stages.lossnets:run_lossnets",
-    "edit": "diffinf_ray.stages.edit:run_edit",
-    "refine": "diffinf_ray.stages.refine:run_refine",
-    "retrain": "diffinf_ray.stages.refine:run_retrain",
-    "judges": "diffinf_ray.stages.oracle:run_judges",
-    "oracle": "diffinf_ray.stages.oracle:run_oracle",
-    "report": "diffinf_ray.stages.report:run_report",
-}
+# A stage's work: `run_<stage>(cfg, root) -> summary` (the registry's entry), or a caller's
+# replacement for it (a sweep trial trains its objective stage in chunks to report to Tune).
+StageBody = Callable[[Config, RunRoot], dict]
 
 
-def stage_function(stage: str) -> Callable[[Config, RunRoot], dict]:
-    module, _, name = STAGE_FUNCTIONS[stage].partition(":")
-    return getattr(importlib.import_module(module), name)
+@dataclass
+class StageOutcome:
+    """What became of one stage in one pipeline run. `blocked`: not run because a stage whose
+    outputs it reads failed in this run."""
+
+    stage: str
+    status: Literal["ran", "skipped", "failed", "blocked"]
+    fingerprint: str
+    summary: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    error: BaseException | None = None
 
 
-# What a stage owns under the run root: cleared before it runs with a new fingerprint.
-STAGE_OUTPUTS = {
-    "ingest": ("manifest", "quarantine"),
-    "noise": ("manifest_noisy",),
-    "train": ("checkpoints",),
-    "evaluate": ("evaluation",),
-    "influence": ("influence",),
-    "cleanlab": ("cleanlab",),
-    "removal": ("removal",),
-    "baselines": ("baselines",),
-    "autoencoder": ("autoencoder",),
-    "predictor": ("predictor",),
-    "lossnets": ("lossnets",),
-    "edit": ("edits",),
-    "refine": ("refined",),
-    "retrain": ("retrain",),
-    "judges": ("judges",),
-    "oracle": ("oracle",),
-    "report": ("report",),
-}
+class PipelineRun(Mapping):
+    """The outcome of every stage asked for, in pipeline order; as a mapping, {stage: summary}
+    of the stages that finished (ran now or before)."""
+
+    def __init__(self, outcomes: dict[str, StageOutcome]):
+        self.outcomes = outcomes
+
+    def __getitem__(self, stage: str) -> dict:
+        outcome = self.outcomes[stage]
+        if outcome.status not in ("ran", "skipped"):
+            raise KeyError(f"stage {stage} did not finish ({outcome.status})")
+        return outcome.summary
+
+    def __iter__(self) -> Iterator[str]:
+        return (s for s, o in self.outcomes.items() if o.status in ("ran", "skipped"))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def with_status(self, *statuses: str) -> list[str]:
+        return [s for s, o in self.outcomes.items() if o.status in statuses]
+
+    @property
+    def failed(self) -> dict[str, BaseException]:
+        return {s: o.error for s, o in self.outcomes.items() if o.status == "failed"}
+
+
+def stage_function(stage: str) -> StageBody:
+    return REGISTRY[stage].function()
 
 
 def open_run_root(cfg: Config) -> RunRoot:
     return RunRoot(cfg.run.root, StorageOptions(cfg.storage.endpoint_override, cfg.storage.region))
 
 
-def run_stage(cfg: Config, root: RunRoot, stage: str, force: bool = False) -> tuple[dict, bool]:
-    """Run one stage unless done with the same fingerprint. Returns (summary, ran)."""
+def is_done(root: RunRoot, cfg: Config, stage: str) -> bool:
+    """Whether `stage` finished under `root` with the settings of `cfg`."""
+    record = root.stage_record(stage) or {}
+    return record.get("status") == "done" and record.get("fingerprint") == fingerprint(cfg, stage)
+
+
+def run_stage(cfg: Config, root: RunRoot, stage: str, force: bool = False,
+              body: StageBody | None = None) -> StageOutcome:
+    """Run one stage unless it is done with the same fingerprint (or `force`). Exceptions of
+    the stage propagate; its record then stays "running", so a rerun runs it again."""
     fp = fingerprint(cfg, stage)
     record = root.stage_record(stage) or {}
     same = record.get("fingerprint") == fp
     if not force and same and record.get("status") == "done":
         log.info("stage %s: done already (fingerprint %s), skipped", stage, fp)
-        return record.get("summary", {}), False
+        return StageOutcome(stage, "skipped", fp, record.get("summary", {}))
     if force or (record and not same):
         if record and not same:
             log.info("stage %s: settings changed (%s -> %s); its old outputs are replaced",
                      stage, record.get("fingerprint"), fp)
-        for folder in STAGE_OUTPUTS[stage]:
+        for folder in REGISTRY[stage].outputs:
             root.child(folder).delete()
     elif same:
         log.info("stage %s: resuming an unfinished run (fingerprint %s)", stage, fp)
     root.mark_started(stage, fp)
     started = time.perf_counter()
     log.info("stage %s: running (fingerprint %s)", stage, fp)
-    summary = stage_function(stage)(cfg, root)
+    summary = (body or stage_function(stage))(config_for_stage(cfg, stage), root)
     seconds = time.perf_counter() - started
     root.mark_done(stage, fp, summary, seconds)
     log.info("stage %s: finished in %.1f s", stage, seconds)
-    return summary, True
+    return StageOutcome(stage, "ran", fp, summary, seconds)
 
 
-def run_pipeline(cfg: Config, stages: list[str] | None = None, force: bool = False) -> dict:
-    """Run `stages` (default: the config's) in pipeline order; returns {stage: summary}."""
+def run_pipeline(cfg: Config, stages: list[str] | None = None, force: bool = False,
+                 keep_going: bool = False, root: RunRoot | None = None,
+                 bodies: Mapping[str, StageBody] | None = None) -> PipelineRun:
+    """Run `stages` (default: the config's) in pipeline order under `root` (default: the
+    config's run root).
+
+    A stage re-runs when a stage whose outputs it reads ran in this call. When a stage fails,
+    the error propagates, unless `keep_going`: then the stages that read its outputs are
+    `blocked` (but tolerant ones, the report, still run), the others run, and the failure is in
+    the returned outcomes."""
     from diffinf_ray.ray_session import ray_session
 
     wanted = stages or cfg.stages
     unknown = [s for s in wanted if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; known: {list(STAGES)}")
-    root = open_run_root(cfg)
+    root = root or open_run_root(cfg)
     root.child("config.yaml").write_bytes(dump_config(cfg).encode())
-    results: dict = {}
-    ran: set[str] = set()
+    outcomes: dict[str, StageOutcome] = {}
     with ray_session(cfg):
-        for stage in STAGES:
-            if stage not in wanted:
+        for stage in (s for s in STAGES if s in wanted):
+            upstream = upstream_stages(stage)
+            failed = [s for s in STAGES if s in upstream and s in outcomes
+                      and outcomes[s].status == "failed"]
+            if failed and not REGISTRY[stage].tolerant:
+                log.error("stage %s: not run, it reads the outputs of %s", stage, failed[0])
+                outcomes[stage] = StageOutcome(stage, "blocked", fingerprint(cfg, stage),
+                                               error=RuntimeError(f"needs {failed[0]}"))
                 continue
-            # a stage re-runs when something it reads was just rebuilt
-            stale = bool(ran & upstream_stages(stage))
-            summary, did_run = run_stage(cfg, root, stage, force=force or stale)
-            if did_run:
-                ran.add(stage)
-            results[stage] = summary
-    return results
+            stale = any(outcomes[s].status == "ran" for s in upstream if s in outcomes)
+            try:
+                outcomes[stage] = run_stage(cfg, root, stage, force=force or stale,
+                                            body=(bodies or {}).get(stage))
+            except Exception as err:
+                if not keep_going:
+                    raise
+                log.error("stage %s failed: %s", stage, err)
+                outcomes[stage] = StageOutcome(stage, "failed", fingerprint(cfg, stage),
+                                               error=err)
+    return PipelineRun(outcomes)

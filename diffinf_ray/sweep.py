@@ -63,9 +63,9 @@ import logging
 import math
 import posixpath
 import tempfile
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -75,7 +75,6 @@ from diffinf_ray.config import (
     STAGES,
     Config,
     ConfigError,
-    dump_config,
     fingerprint,
     load_config,
     parse_overrides,
@@ -83,8 +82,9 @@ from diffinf_ray.config import (
     upstream_stages,
     with_absolute_paths,
 )
-from diffinf_ray.pipeline import STAGE_OUTPUTS, run_stage
+from diffinf_ray.pipeline import is_done, run_pipeline
 from diffinf_ray.run_root import RunRoot
+from diffinf_ray.stage_registry import REGISTRY
 from diffinf_ray.storage import Location, StorageOptions, absolute_uri
 
 log = logging.getLogger(__name__)
@@ -399,19 +399,15 @@ class SharedRunRoot(RunRoot):
         self.shared_base = RunRoot(options.base_uri,
                                    StorageOptions(options.endpoint_override, options.region))
         self.shared_stages = frozenset(options.shared_stages)
-        self._routes = {folder for stage in self.shared_stages for folder in STAGE_OUTPUTS[stage]}
+        self._routes = {folder for stage in self.shared_stages
+                        for folder in REGISTRY[stage].outputs}
 
     @classmethod
     def for_trial(cls, base: RunRoot, trial_uri: str, cfg: Config,
                   exclude: Iterable[str] = ()) -> SharedRunRoot:
         """The trial root at `trial_uri` for config `cfg`, sharing with `base` every stage
         (but `exclude`) that base has done with the same fingerprint."""
-        shared = []
-        for stage in STAGES:
-            record = base.stage_record(stage) if stage not in exclude else None
-            if (record and record.get("status") == "done"
-                    and record.get("fingerprint") == fingerprint(cfg, stage)):
-                shared.append(stage)
+        shared = [s for s in STAGES if s not in exclude and is_done(base, cfg, s)]
         trial = Location(trial_uri, base.options)
         options = SharedStorageOptions(
             base.options.endpoint_override, base.options.region, trial_uri=trial.uri,
@@ -511,30 +507,16 @@ def _report(metrics: dict) -> None:
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
-def train_objective(cfg: Config, root: RunRoot, setup: TrialSetup, stale: bool) -> dict:
-    """The objective stage in chunks of epochs, a Tune report after each (module docstring)."""
+def train_objective(cfg: Config, root: RunRoot, setup: TrialSetup) -> dict:
+    """The objective stage's work in chunks of epochs, a Tune report after each but the last
+    (module docstring); the pipeline's `run_stage` runs it in place of the stage's own."""
     from diffinf_ray.stages.evaluate import evaluate_checkpoints
     from diffinf_ray.stages.train import train_classifier
 
     stage = setup.objective_stage
-    fp = fingerprint(cfg, stage)
-    record = root.stage_record(stage) or {}
-    if stale or (record and record.get("fingerprint") != fp):
-        for folder in STAGE_OUTPUTS[stage]:
-            root.child(folder).delete()
-        record = {}
-    base_metrics = {"trial_root": root.display, "epochs": cfg.train.epochs}
-    if record.get("status") == "done":  # finished before a restart: report it again
-        summary = record["summary"]
-        final = {k: summary[k] for k in OBJECTIVE_METRICS if k in summary}
-        _report({**base_metrics, **final, "epoch": cfg.train.epochs,
-                 "test_accuracy": summary["accuracy"]})
-        return summary
-
     manifest, exclude_ids, extra = _objective_inputs(stage, root)
     out = root.child(stage)
-    root.mark_started(stage, fp)
-    started = time.perf_counter()
+    base_metrics = {"trial_root": root.display, "epochs": cfg.train.epochs}
     done_epoch = _reported_epoch()
     ends = reports_per_trial(cfg.train.epochs, setup.epochs_per_report, cfg.train.lr_schedule)
     metrics: dict = {}
@@ -551,15 +533,14 @@ def train_objective(cfg: Config, root: RunRoot, setup: TrialSetup, stale: bool) 
             _report({**base_metrics, **metrics, "epoch": end})
     evaluation = evaluate_checkpoints(cfg, manifest, out.child("checkpoints"),
                                       out.child("evaluation"), extra=extra)
-    summary = {**evaluation, **metrics}
-    root.mark_done(stage, fp, summary, time.perf_counter() - started)
-    _report({**base_metrics, **metrics, "epoch": cfg.train.epochs,
-             "test_accuracy": float(evaluation["accuracy"])})
-    return summary
+    return {**evaluation, **metrics}
 
 
 def run_trial(params: dict, setup: TrialSetup) -> None:
-    """Tune function trainable: the stages this trial's values affect, then the objective."""
+    """Tune function trainable: the stages this trial's values affect, then the objective;
+    the stages it shares with the base run are skipped (done there with the same
+    fingerprint). The final report follows the objective's stage record, so a trial restored
+    after it finished reports the same result again."""
     from ray import tune
 
     trial_id = tune.get_context().get_trial_id()
@@ -568,15 +549,13 @@ def run_trial(params: dict, setup: TrialSetup) -> None:
     cfg = with_values(Config.model_validate(setup.base_config),
                       {**params, "run.root": trial_uri}, f"trial {trial_id}")
     root = SharedRunRoot.for_trial(base, trial_uri, cfg, exclude={setup.objective_stage})
-    root.child("config.yaml").write_bytes(dump_config(cfg).encode())
-    ran: set[str] = set()
-    for stage in setup.stages:
-        if stage == setup.objective_stage or stage in root.shared_stages:
-            continue
-        _, did_run = run_stage(cfg, root, stage, force=bool(ran & upstream_stages(stage)))
-        if did_run:
-            ran.add(stage)
-    train_objective(cfg, root, setup, stale=bool(ran & upstream_stages(setup.objective_stage)))
+    objective = setup.objective_stage
+    run = run_pipeline(cfg, stages=list(setup.stages), root=root,
+                       bodies={objective: partial(train_objective, setup=setup)})
+    summary = run[objective]
+    _report({"trial_root": root.display, "epochs": cfg.train.epochs,
+             **{k: summary[k] for k in OBJECTIVE_METRICS if k in summary},
+             "epoch": cfg.train.epochs, "test_accuracy": float(summary["accuracy"])})
 
 
 def _trial_dirname(trial) -> str:

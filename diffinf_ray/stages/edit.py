@@ -29,6 +29,7 @@ import pyarrow as pa
 
 from diffinf_ray.config import Config
 from diffinf_ray.run_root import RunRoot
+from diffinf_ray.stage_registry import config_for_stage
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ class LatentEditActor:
         # the stages it shares with the base run
         import torch
 
-        self.cfg = Config.model_validate(config)
+        self.cfg = config_for_stage(Config.model_validate(config), "edit")
         self.device = "cuda" if self.cfg.edit.use_gpu and torch.cuda.is_available() else "cpu"
         self.editor = build_editor(self.cfg, root, self.device)
 

@@ -93,11 +93,7 @@ def _parsing_record(cfg: Config, root: RunRoot, log) -> dict | None:
                 "sha256": section.parsing_sha256.lower(),
                 "num_classes": section.parsing_num_classes}
     if "mask" not in _schema_names(root.manifest):
-        if cfg.edit.l_struct > 0:
-            raise ConfigError("the structure loss needs lossnets.parsing_uri (a BiSeNet "
-                              "face-parsing checkpoint) or a `mask` column to train a parser on; "
-                              "or set edit.l_struct=0")
-        return None
+        return None  # no parser: the edit stage refuses a structure loss (load_edit_losses)
     from diffinf_ray.data.images import to_tensor_batch
     from diffinf_ray.edit.parsing import save_parser, train_parser
     from diffinf_ray.manifest import REGIONS
@@ -153,9 +149,13 @@ def load_edit_losses(cfg: Config, root: RunRoot, device: str = "cpu"):
 
     record = root.child(STAGE_FOLDER, RECORD).read_json()
     identity = load_identity(record["identity"], root.options, device)
+    e = cfg.edit
+    if record["parsing"] is None and e.l_struct > 0:
+        raise ConfigError("the structure loss needs lossnets.parsing_uri (a BiSeNet "
+                          "face-parsing checkpoint) or a `mask` column to train a parser on; "
+                          "or set edit.l_struct=0")
     parsing = load_parsing(record["parsing"], root.options, device)
     perceptual = perceptual_distance(cfg, identity, root.options, device)
-    e = cfg.edit
     weights = LossWeights(w_id=e.w_id, w_reg=e.w_reg, l_struct=e.l_struct, l_perc=e.l_perc,
                           l_pixel=e.l_pixel)
     return EditLosses(identity, parsing, perceptual, weights), perceptual.name

@@ -1,0 +1,218 @@
+"""Every stage of the pipeline, declared once: what it runs, which settings it reads, which
+stages' outputs it reads, and which folders of the run root it owns.
+
+From these declarations follow
+- `STAGES`, the pipeline order;
+- `fingerprint(cfg, stage)`: the hash of the settings a stage reads, and of its upstream
+  stages' settings, so a finished stage is skipped while they stay the same (pipeline.py);
+- `config_for_stage(cfg, stage)`: the config as the stage sees it. It holds only what the
+  fingerprint covers, so a stage cannot read a setting that would leave its outputs stale: an
+  undeclared read is an `UndeclaredSettingError` naming the stage and the key, at once, on any
+  config. (This is how `influence.tau` read by the cleanlab stage but hashed by another was
+  found.)
+
+What every stage may read without declaring it: `run.seed` (hashed for every stage),
+`run.root`, and the `storage` and `ray` sections (where data lives and how work is placed: they
+do not change outputs). A stage reads its upstream stages' settings freely: they are in its
+fingerprint through them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+# Readable by every stage and not hashed (the `run.seed` is hashed for all, see fingerprint).
+AMBIENT = {"run": ("root", "seed"), "storage": None, "ray": None}
+
+# Settings that only place work on the cluster: they hash as their defaults, so giving a Train
+# worker half a CPU (as a sweep on a small box must) does not rebuild a finished stage.
+SCHEDULING_FIELDS = {"train": ("cpus_per_worker",), "edit": ("actors", "gpus_per_actor")}
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage. `reads` names config sections (`train`) or single settings (`influence.tau`);
+    `upstream` the stages whose outputs it reads; `outputs` the run-root folders it owns (cleared
+    before it runs with a new fingerprint). `tolerant`: it runs on whatever its upstream stages
+    left, even when one of them failed (the report)."""
+
+    name: str
+    entry: str  # "module:function", imported only when the stage runs
+    reads: tuple[str, ...]
+    upstream: tuple[str, ...]
+    outputs: tuple[str, ...]
+    tolerant: bool = False
+
+    def function(self) -> Callable:
+        module, _, name = self.entry.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+
+def _stage(name: str, entry: str, reads=(), upstream=(), outputs=None, tolerant=False) -> Stage:
+    module, _, function = entry.partition(":")
+    return Stage(name, f"diffinf_ray.stages.{module}:{function}", tuple(reads), tuple(upstream),
+                 tuple(outputs or (name,)), tolerant)
+
+
+REGISTRY: dict[str, Stage] = {s.name: s for s in (
+    _stage("ingest", "ingest:run_ingest", ["data"], outputs=["manifest", "quarantine"]),
+    _stage("noise", "noise:run_noise", ["noise"], ["ingest"], outputs=["manifest_noisy"]),
+    _stage("train", "train:run_train", ["train"], ["noise"], outputs=["checkpoints"]),
+    _stage("evaluate", "evaluate:run_evaluate", ["evaluate"], ["train"], outputs=["evaluation"]),
+    _stage("influence", "influence:run_influence", ["influence"], ["train"]),
+    # K classifiers trained like the baseline; detection figures at the influence budget tau
+    _stage("cleanlab", "detectors:run_cleanlab",
+           ["train", "evaluate", "cleanlab", "influence.tau", "influence.per_class"], ["noise"]),
+    # the baseline recipe retrained without the flagged set
+    _stage("removal", "detectors:run_removal", ["train", "evaluate"], ["influence"]),
+    _stage("baselines", "baselines:run_baselines", ["train", "evaluate", "baselines"], ["noise"]),
+    # trains on the assigned (noisy) labels
+    _stage("autoencoder", "autoencoder:run_autoencoder", ["autoencoder"], ["noise"]),
+    _stage("predictor", "predictor:run_predictor", ["predictor"], ["influence"]),
+    # images, identities and region masks; no labels
+    _stage("lossnets", "lossnets:run_lossnets", ["lossnets"], ["ingest"]),
+    _stage("edit", "edit:run_edit", ["edit"], ["predictor", "lossnets", "autoencoder"],
+           outputs=["edits"]),
+    _stage("refine", "refine:run_refine", [], ["edit"], outputs=["refined"]),
+    # the baseline recipe on the refined training split
+    _stage("retrain", "refine:run_retrain", ["train", "evaluate"], ["refine"]),
+    # its own synthfaces draw, recipe and embedder: independent of every other stage's outputs
+    _stage("judges", "oracle:run_judges", ["data", "train", "lossnets", "oracle"]),
+    _stage("oracle", "oracle:run_oracle", [], ["edit", "judges"]),
+    _stage("report", "report:run_report", ["run.name"],
+           ["evaluate", "removal", "baselines", "retrain", "oracle"], tolerant=True),
+)}
+
+STAGES: tuple[str, ...] = tuple(REGISTRY)
+
+
+def upstream_stages(stage: str) -> set[str]:
+    """Every stage whose outputs `stage` reads, directly or through others."""
+    found: set[str] = set()
+    todo = list(REGISTRY[stage].upstream)
+    while todo:
+        s = todo.pop()
+        if s not in found:
+            found.add(s)
+            todo.extend(REGISTRY[s].upstream)
+    return found
+
+
+def covered_settings(stage: str) -> dict[str, tuple[str, ...] | None]:
+    """{section: fields, or None for the whole section} that `stage`'s fingerprint covers: what
+    it and its upstream stages declare."""
+    covered: dict[str, set[str] | None] = {}
+    for s in (stage, *upstream_stages(stage)):
+        for key in REGISTRY[s].reads:
+            section, _, field = key.partition(".")
+            if not field:
+                covered[section] = None
+            elif covered.get(section, set()) is not None:
+                covered.setdefault(section, set()).add(field)
+    return {k: (None if v is None else tuple(sorted(v))) for k, v in covered.items()}
+
+
+def fingerprint_parts(cfg, stage: str) -> dict:
+    """The values `fingerprint` hashes: run.seed and every covered setting (scheduling-only
+    settings as their defaults)."""
+    parts: dict[str, Any] = {"seed": cfg.run.seed}
+    for section, fields in covered_settings(stage).items():
+        values = getattr(cfg, section)
+        dumped = values.model_dump(mode="json")
+        if section in SCHEDULING_FIELDS:
+            defaults = type(values)().model_dump(mode="json")
+            for name in SCHEDULING_FIELDS[section]:
+                dumped[name] = defaults[name]
+        parts[section] = dumped if fields is None else {f: dumped[f] for f in fields}
+    return parts
+
+
+def fingerprint(cfg, stage: str) -> str:
+    """Hash of the settings `stage` and its upstream stages depend on (16 hex digits)."""
+    blob = json.dumps(fingerprint_parts(cfg, stage), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# -- the config as one stage sees it ------------------------------------------------------
+
+
+class UndeclaredSettingError(AttributeError):
+    """A stage read a setting its fingerprint does not cover."""
+
+
+def readable_settings(stage: str) -> dict[str, tuple[str, ...] | None]:
+    """{section: fields or None (all)} that `stage` may read: what its fingerprint covers plus
+    the ambient settings."""
+    readable = dict(covered_settings(stage))
+    for section, fields in AMBIENT.items():
+        have = readable.get(section, ())
+        readable[section] = (None if fields is None or have is None
+                             else tuple(sorted({*have, *fields})))
+    return readable
+
+
+class _Restricted:
+    """A pydantic model (the config or one section) showing only `allowed` of its fields."""
+
+    def __init__(self, model, allowed: dict[str, Any], stage: str, where: str):
+        object.__setattr__(self, "_model", model)
+        object.__setattr__(self, "_allowed", allowed)  # field -> sub-permission (None: all)
+        object.__setattr__(self, "_stage", stage)
+        object.__setattr__(self, "_where", where)
+
+    def __getattr__(self, name: str):
+        if name.startswith("__") or name in ("_model", "_allowed", "_stage", "_where"):
+            raise AttributeError(name)
+        model = self._model
+        if name not in type(model).model_fields:
+            return getattr(model, name)  # methods and properties (e.g. class_names)
+        if name not in self._allowed:
+            key = f"{self._where}{name}"
+            raise UndeclaredSettingError(
+                f"stage {self._stage} read the setting {key!r}, which its fingerprint does not "
+                f"cover: add {key!r} to the stage's `reads` in diffinf_ray/stage_registry.py")
+        fields = self._allowed[name]
+        value = getattr(model, name)
+        if fields is None:
+            return value
+        return _Restricted(value, dict.fromkeys(fields), self._stage, f"{self._where}{name}.")
+
+    def __setattr__(self, name: str, value) -> None:
+        getattr(self, name)  # only a readable setting may be changed (sweep epoch chunks)
+        setattr(self._model, name, value)
+
+    def __reduce__(self):  # pickles (Ray tasks, actors) as the same restricted view
+        return (_Restricted, (self._model, self._allowed, self._stage, self._where))
+
+    def __repr__(self) -> str:
+        return f"<settings of stage {self._stage}: {self._where or 'config'} {sorted(self._allowed)}>"
+
+    def model_dump(self, **kwargs) -> dict:
+        """Only the readable settings: a config rebuilt from it holds defaults elsewhere."""
+        out = {}
+        for name in self._allowed:
+            value = getattr(self, name)
+            out[name] = value.model_dump(**kwargs) if hasattr(value, "model_dump") else value
+        return out
+
+    def model_copy(self, deep: bool = False) -> _Restricted:
+        return _Restricted(self._model.model_copy(deep=deep), self._allowed, self._stage,
+                           self._where)
+
+    @property
+    def class_names(self) -> list[str]:
+        # derived from data.*: readable where `data` is (every stage after ingest, judges)
+        self.data  # noqa: B018 (raises UndeclaredSettingError where data is not readable)
+        return self._model.class_names
+
+
+def config_for_stage(cfg, stage: str):
+    """`cfg` as `stage` may read it (module docstring); passes through Ray pickling."""
+    if isinstance(cfg, _Restricted):
+        cfg = cfg._model
+    return _Restricted(cfg, readable_settings(stage), stage, "")

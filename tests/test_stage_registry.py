@@ -1,0 +1,134 @@
+"""The stage registry: fingerprints cover what each stage reads, and a stage cannot read more."""
+
+import pickle
+import subprocess
+import sys
+
+import pytest
+from pydantic import BaseModel
+
+from diffinf_ray.config import Config, load_config
+from diffinf_ray.stage_registry import (
+    REGISTRY,
+    SCHEDULING_FIELDS,
+    STAGES,
+    UndeclaredSettingError,
+    config_for_stage,
+    covered_settings,
+    fingerprint,
+    readable_settings,
+    upstream_stages,
+)
+
+TINY = "jobs/configs/tiny.yaml"
+
+
+def test_cleanlab_fingerprint_covers_the_influence_budget():
+    base = load_config(TINY)
+    other_tau = load_config(TINY, ["influence.tau=0.2"])
+    assert fingerprint(base, "cleanlab") != fingerprint(other_tau, "cleanlab")
+    # only tau and per_class: the influence stage's batch size leaves cleanlab's outputs alone
+    other_batch = load_config(TINY, ["influence.batch_size=7"])
+    assert fingerprint(base, "cleanlab") == fingerprint(other_batch, "cleanlab")
+    assert fingerprint(base, "influence") != fingerprint(other_batch, "influence")
+
+
+def test_diffinf_config_shows_the_cleanlab_fingerprint_change():
+    def cleanlab_line(*overrides: str) -> str:
+        out = subprocess.run([sys.executable, "-m", "diffinf_ray.cli", "config", TINY,
+                              *overrides], capture_output=True, text=True, check=True).stdout
+        return next(line for line in out.splitlines() if line.startswith("# fingerprint cleanlab"))
+
+    assert cleanlab_line() != cleanlab_line("influence.tau=0.2")
+
+
+def test_registry_is_consistent():
+    for name, stage in REGISTRY.items():
+        assert stage.name == name
+        assert all(STAGES.index(u) < STAGES.index(name) for u in stage.upstream), name
+        section_names = Config.model_fields
+        for key in stage.reads:
+            section, _, field = key.partition(".")
+            assert section in section_names, (name, key)
+            if field:
+                assert field in type(getattr(Config(), section)).model_fields, (name, key)
+        assert stage.function().__name__ == stage.entry.rpartition(":")[2]
+    owned = [folder for stage in REGISTRY.values() for folder in stage.outputs]
+    assert len(owned) == len(set(owned)), "two stages own one folder"
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # values set without validation
+@pytest.mark.parametrize("stage", STAGES)
+def test_every_readable_setting_changes_the_fingerprint(stage):
+    """What a stage can read (config_for_stage) is what its fingerprint hashes: changing any
+    readable setting (bar the ambient and scheduling-only ones) changes the fingerprint."""
+    base = Config()
+    ambient = {"run", "storage", "ray"}
+    for section, fields in readable_settings(stage).items():
+        if section in ambient:
+            continue
+        model = getattr(base, section)
+        for field in fields or type(model).model_fields:
+            if field in SCHEDULING_FIELDS.get(section, ()):
+                continue
+            changed = base.model_copy(deep=True)
+            value = getattr(model, field)
+            # set without validation: only the hash matters here
+            getattr(changed, section).__dict__[field] = _other_value(value)
+            assert fingerprint(changed, stage) != fingerprint(base, stage), (stage, section, field)
+
+
+def _other_value(value):
+    """A different value of the same shape as `value`."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int | float):
+        return value + 1
+    if isinstance(value, str):
+        return value + "x"
+    if value is None:
+        return "changed"
+    if isinstance(value, BaseModel):
+        name = next(iter(type(value).model_fields))
+        return value.model_copy(update={name: _other_value(getattr(value, name))})
+    if isinstance(value, dict):
+        return {**value, "x": 1}
+    return [*value, 1]
+
+
+def test_a_stage_cannot_read_an_undeclared_setting():
+    cfg = load_config(TINY)
+    view = config_for_stage(cfg, "noise")
+    assert view.noise.rate == cfg.noise.rate
+    assert view.data.task == cfg.data.task  # upstream (ingest) settings are covered
+    assert view.run.root == cfg.run.root and view.ray.num_cpus == cfg.ray.num_cpus  # ambient
+    with pytest.raises(UndeclaredSettingError, match=r"stage noise read the setting 'train'"):
+        _ = view.train
+    with pytest.raises(UndeclaredSettingError, match="'run.name'"):
+        _ = view.run.name
+
+
+def test_single_settings_are_readable_alone():
+    cfg = load_config(TINY, ["influence.tau=0.25"])
+    view = config_for_stage(cfg, "cleanlab")
+    assert covered_settings("cleanlab")["influence"] == ("per_class", "tau")
+    assert view.influence.tau == 0.25
+    with pytest.raises(UndeclaredSettingError, match="'influence.batch_size'"):
+        _ = view.influence.batch_size
+
+
+def test_the_view_pickles_and_dumps_only_what_it_shows():
+    cfg = load_config(TINY)
+    view = pickle.loads(pickle.dumps(config_for_stage(cfg, "edit")))
+    assert view.edit.lr == cfg.edit.lr
+    with pytest.raises(UndeclaredSettingError):
+        _ = view.baselines
+    dumped = view.model_dump(mode="json")
+    assert "baselines" not in dumped and "edit" in dumped
+    assert Config.model_validate(dumped).edit == cfg.edit
+    assert view.class_names == cfg.class_names
+
+
+def test_judges_read_no_other_stage():
+    assert upstream_stages("judges") == set()
+    assert "report" in [s for s, st in REGISTRY.items() if st.tolerant]
