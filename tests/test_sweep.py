@@ -13,8 +13,8 @@ import pytest
 from ray import tune
 
 from diffinf_ray.config import STAGES, ConfigError, fingerprint, load_config
-from diffinf_ray.pipeline import STAGE_OUTPUTS
 from diffinf_ray.run_root import RunRoot
+from diffinf_ray.stage_registry import REGISTRY
 from diffinf_ray.sweep import (
     SharedRunRoot,
     _check_same_sweep,
@@ -221,7 +221,7 @@ def test_noise_rate_trial_owns_noise_and_everything_downstream(tmp_path):
     assert root.shared_stages == {"ingest", "lossnets", "judges"}
     assert root.manifest.path == str(tmp_path / "base" / "manifest")
     owned = {folder for stage in STAGES if stage not in root.shared_stages
-             for folder in STAGE_OUTPUTS[stage]}
+             for folder in REGISTRY[stage].outputs}
     for folder in owned:
         assert root.child(folder).path == str(tmp_path / "trial" / folder)
     assert root.checkpoints.path == str(tmp_path / "trial" / "checkpoints")
