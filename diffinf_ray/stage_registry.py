@@ -73,7 +73,9 @@ REGISTRY: dict[str, Stage] = {s.name: s for s in (
     _stage("baselines", "baselines:run_baselines", ["train", "evaluate", "baselines"], ["noise"]),
     # trains on the assigned (noisy) labels
     _stage("autoencoder", "autoencoder:run_autoencoder", ["autoencoder"], ["noise"]),
-    _stage("predictor", "predictor:run_predictor", ["predictor"], ["influence"]),
+    # g(x) features are mapped with the evaluation batch size
+    _stage("predictor", "predictor:run_predictor", ["predictor", "evaluate.batch_size"],
+           ["influence"]),
     # images, identities and region masks; no labels
     _stage("lossnets", "lossnets:run_lossnets", ["lossnets"], ["ingest"]),
     _stage("edit", "edit:run_edit", ["edit"], ["predictor", "lossnets", "autoencoder"],

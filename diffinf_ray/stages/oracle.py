@@ -41,7 +41,8 @@ FALSE_ACCEPT_RATE = 0.01
 
 
 def oracle_config(cfg: Config) -> Config:
-    """The run's config for the oracle's own draw and training."""
+    """The run's config for the oracle's own draw and training. Built from the settings the
+    judges stage reads (stage_registry): the rest, e.g. the evaluation section, are defaults."""
     tree = cfg.model_dump(mode="json")
     tree["run"]["seed"] = cfg.run.seed + cfg.oracle.seed_offset
     tree["data"]["synthfaces"]["num_samples"] = cfg.oracle.num_samples

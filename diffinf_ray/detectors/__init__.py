@@ -1,0 +1,67 @@
+"""Registered label-noise detectors (one line each) and the detection report they share.
+
+To add one: a module with a `Detector` (base.py) and a line in `REGISTERED`.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+
+from diffinf_ray.detectors.base import Detector
+
+REGISTERED = (
+    "diffinf_ray.detectors.tracin:TRACIN",
+    "diffinf_ray.detectors.loss:LOSS",
+    "diffinf_ray.detectors.cleanlab:CLEANLAB",
+)
+
+
+def _load(path: str) -> Detector:
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+DETECTORS: dict[str, Detector] = {d.name: d for d in map(_load, REGISTERED)}
+
+
+def detectors_of(stage: str) -> list[Detector]:
+    """The registered detectors whose scores `stage` computes."""
+    return [d for d in DETECTORS.values() if d.stage == stage]
+
+
+def detection_stages() -> list[str]:
+    """The stages (run-root folders) holding a detection.json, in registration order."""
+    return list(dict.fromkeys(d.stage for d in DETECTORS.values()))
+
+
+def detection_reports(root, stage: str, tau: float, per_class: bool) -> dict:
+    """{detector: detection_report} for the detectors of `stage` against the injected
+    corruption, or {"note": why not} when the truth is unknown or one-sided."""
+    from diffinf_ray.influence.detection import detection_report
+
+    reports: dict = {}
+    for detector in detectors_of(stage):
+        rows = detector.scores(root)
+        known = np.array([v is not None for v in rows["is_corrupted"]])
+        if not known.all():
+            return {"note": "is_corrupted unknown for some rows (no injected noise); "
+                            "detection not measured"}
+        truth = rows["is_corrupted"].astype(bool)
+        if truth.all() or not truth.any():
+            return {"note": f"{int(truth.sum())} of {truth.size} training labels corrupted; "
+                            "detection needs both corrupted and clean rows"}
+        reports[detector.name] = detection_report(rows["score"], truth, tau=tau,
+                                                  labels=rows["label"], per_class=per_class)
+    return reports
+
+
+def read_detection(root) -> dict:
+    """{detector: report} from every detection.json of a run root (missing ones skipped)."""
+    found: dict = {}
+    for stage in detection_stages():
+        loc = root.child(stage, "detection.json")
+        if loc.exists():
+            found.update({k: v for k, v in loc.read_json().items() if isinstance(v, dict)})
+    return found
