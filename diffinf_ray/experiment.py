@@ -17,6 +17,8 @@ Experiment YAML (ExperimentConfig; an unknown key is an error naming it):
       age: {data.task: age, noise.rate: 0.3}
       expression: {data.task: expression, noise.rate: 0.2}
     overrides: {train.epochs: 10}   # on every run, before the task's
+    # overrides (and each task's) map dotted keys to values, as in sweep files; a list of
+    # key=value strings ([train.epochs=10]) is read as the same mapping
     stages: [ingest, noise, ...]    # what each task run executes
     clean_ceiling: true             # + per task and seed: noise.rate=0, ingest..evaluate
     noise_rates: [0.1, 0.4]         # + per task, rate and seed: noisy baseline only
@@ -53,7 +55,6 @@ import argparse
 import base64
 import html
 import io
-import json
 import logging
 import math
 import posixpath
@@ -63,16 +64,24 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 
 from diffinf_ray.config import (
     STAGES,
     Config,
     ConfigError,
+    as_override_mapping,
     fingerprint,
     format_validation_error,
     load_config,
@@ -107,8 +116,8 @@ CONDITIONS = {
 METRICS = {"accuracy": ("acc (%)", 2), "auroc": ("AUROC", 2), "kappa": ("kappa", 3),
            "ece": ("ECE", 4)}
 
-Scalar = bool | int | float | str | None
-OverrideValue = Scalar | list
+# dotted config key -> value; a list of `key=value` strings is read as the same mapping
+OverrideMap = Annotated[dict[str, Any], BeforeValidator(as_override_mapping)]
 
 
 class ExperimentConfig(BaseModel):
@@ -120,8 +129,8 @@ class ExperimentConfig(BaseModel):
     seeds: list[int] = Field([0, 1, 2], min_length=1)
     # run.seed (faces, splits, inits) is always the seed; these keys are set to it as well
     seed_keys: list[str] = ["noise.seed"]
-    tasks: dict[str, dict[str, OverrideValue]] = Field(min_length=1)
-    overrides: dict[str, OverrideValue] = {}
+    tasks: dict[str, OverrideMap] = Field(min_length=1)
+    overrides: OverrideMap = {}
     stages: list[Literal[STAGES]] = Field(DEFAULT_STAGES, min_length=1)
     clean_ceiling: bool = True
     noise_rates: list[Annotated[float, Field(ge=0.0, le=1.0)]] = []
@@ -216,10 +225,8 @@ def _resolve(exp: ExperimentConfig, task: str, kind: str, seed: int, extra: dict
     merged.update(extra)
     merged.update({"run.root": _join(exp.root, task, kind, f"seed_{seed}"),
                    "run.name": f"{exp.name}-{task}-{kind}-seed_{seed}"})
-    # JSON is valid YAML flow syntax, so load_config's YAML parse gives back the same value.
-    strings = [f"{key}={json.dumps(value)}" for key, value in merged.items()]
     try:
-        return load_config(exp.base, strings)
+        return load_config(exp.base, merged)
     except ConfigError as err:
         raise ConfigError(f"experiment {exp.name!r}, run {task}/{kind}/seed_{seed}: {err}") from None
 

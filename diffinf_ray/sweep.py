@@ -5,7 +5,8 @@ validation accuracy of the classifier trained at the end of the pipeline.
 Sweep file (SweepConfig; `base` is relative to the sweep file's folder, `root` like run.root):
 
     base: diffinf_age32.yaml              # the pipeline config every trial starts from
-    overrides: [train.epochs=6]           # dotted, applied to the base (as `diffinf run`)
+    overrides: {train.epochs: 6}          # dotted keys applied to the base (as `diffinf run`;
+                                          #   a list [train.epochs=6] is read the same)
     params:                               # dotted config keys -> one search space each
       edit.w_id: {loguniform: [0.1, 10]}  #   uniform | loguniform: [lo, hi]
       influence.tau: {choice: [0.05, 0.1, 0.2]}   # choice | grid: [values]
@@ -67,17 +68,22 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from diffinf_ray.config import (
     STAGES,
     Config,
     ConfigError,
+    Overrides,
+    apply_overrides,
+    as_override_mapping,
     dump_config,
     fingerprint,
     load_config,
+    override_args,
+    override_config,
     parse_overrides,
     read_yaml_mapping,
     upstream_stages,
@@ -180,7 +186,8 @@ class SchedulerSection(_Model):
 
 class SweepConfig(_Model):
     base: str  # pipeline config, relative to the sweep file's folder
-    overrides: list[str] = []
+    # dotted key -> value, applied to the base; a list of `key=value` strings reads the same
+    overrides: Annotated[dict[str, Any], BeforeValidator(as_override_mapping)] = {}
     name: str | None = None  # default: the sweep file's stem
     root: str | None = None  # default: <base run.root>/sweeps/<name>
     params: dict[str, ParamSpec] = Field(min_length=1)
@@ -218,27 +225,6 @@ class SweepConfig(_Model):
 # -- the plan: what runs once, what runs per trial ----------------------------------------
 
 
-def with_values(cfg: Config, values: dict, source: str = "sweep") -> Config:
-    """`cfg` with dotted keys set to `values`, validated (an unknown key is a ConfigError)."""
-    tree = cfg.model_dump(mode="json")
-    for dotted, value in values.items():
-        node = tree
-        keys = dotted.split(".")
-        for key in keys[:-1]:
-            if not isinstance(node.get(key), dict):
-                raise ConfigError(f"{source}: {dotted!r} is not a config key")
-            node = node[key]
-        if keys[-1] not in node:
-            raise ConfigError(f"{source}: unknown config key {dotted!r}")
-        node[keys[-1]] = value
-    try:
-        return Config.model_validate(tree)
-    except ValidationError as err:
-        msgs = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e.get('input')!r})"
-                         for e in err.errors())
-        raise ConfigError(f"{source}: {msgs}") from None
-
-
 def affected_stages(base: Config, params: dict[str, ParamSpec],
                     source: str = "sweep") -> dict[str, set[str]]:
     """For each swept key, the stages whose fingerprint differs from the base's for some value
@@ -248,7 +234,7 @@ def affected_stages(base: Config, params: dict[str, ParamSpec],
     for key, spec in params.items():
         affected[key] = set()
         for value in spec.candidates():
-            cfg = with_values(base, {key: value}, f"{source}: params.{key}")
+            cfg = override_config(base, {key: value}, f"{source}: params.{key}")
             affected[key] |= {s for s in STAGES if fingerprint(cfg, s) != base_fp[s]}
     return affected
 
@@ -311,24 +297,38 @@ def reports_per_trial(epochs: int, epochs_per_report: int, lr_schedule: str) -> 
     return [*range(step, epochs, step), epochs]
 
 
-def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepPlan:
+def _with_command_line(tree: dict, overrides: Overrides | None, source: str) -> dict:
+    """The sweep file's tree with the command line's dotted keys: sweep keys (`num_samples=4`,
+    `scheduler.kind=fifo`, `params.edit.w_id={choice: [1, 2]}`) set in it; any other key is
+    a base config key, added to `overrides` (after the file's own)."""
+    sweep_keys, params, base_keys = {}, {}, {}
+    for key, value in parse_overrides(overrides).items():
+        head, _, rest = key.partition(".")
+        if head == "params" and rest:  # the keys of params and overrides are dotted config keys
+            params[rest] = value
+        elif head == "overrides" and rest:
+            base_keys[rest] = value
+        elif head in SweepConfig.model_fields:
+            sweep_keys[key] = value
+        else:
+            base_keys[key] = value
+    tree = apply_overrides(tree, sweep_keys, source, schema=SweepConfig)
+    if params:
+        tree["params"] = {**(tree.get("params") or {}), **params}
+    if base_keys:
+        try:
+            tree["overrides"] = {**as_override_mapping(tree.get("overrides") or {}), **base_keys}
+        except (ConfigError, TypeError) as err:
+            raise ConfigError(f"{source}: 'overrides': {err}") from None
+    return tree
+
+
+def load_sweep(path: str | Path, overrides: Overrides | None = None) -> SweepPlan:
     """Read and validate a sweep file. `overrides` (dotted) set sweep keys (`num_samples=4`,
     `scheduler.kind=fifo`); any other key is appended to the base config's `overrides`."""
     source = str(path)
     p = Path(path)
-    tree = read_yaml_mapping(p, "sweep file")
-    for item, (key, value) in zip(overrides or [], parse_overrides(overrides or []),
-                                  strict=True):
-        head, _, rest = key.partition(".")
-        if head == "params" and rest:  # params.edit.w_id={choice: [1, 2]}: the key is dotted
-            tree["params"] = {**(tree.get("params") or {}), rest: value}
-        elif head in SweepConfig.model_fields:
-            node = tree
-            for part in key.split(".")[:-1]:
-                node = node.setdefault(part, {})
-            node[key.split(".")[-1]] = value
-        else:  # a pipeline key: applied to the base after the file's own overrides
-            tree["overrides"] = [*tree.get("overrides", []), item]
+    tree = _with_command_line(read_yaml_mapping(p, "sweep file"), overrides, source)
     try:
         spec = SweepConfig.model_validate(tree)
     except ValidationError as err:
@@ -353,7 +353,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepPla
                               f"{objective} nor a stage it reads; every value would score "
                               "the same")
     for i, point in enumerate(spec.points_to_evaluate):  # a bad value fails here, not in a trial
-        with_values(base, point, f"{source}: points_to_evaluate[{i}]")
+        override_config(base, point, f"{source}: points_to_evaluate[{i}]")
     affected = set().union(*by_key.values())
     epochs = [base.train.epochs]
     if "train.epochs" in spec.params:
@@ -565,8 +565,8 @@ def run_trial(params: dict, setup: TrialSetup) -> None:
     trial_id = tune.get_context().get_trial_id()
     base = RunRoot(setup.base_uri, setup.storage)
     trial_uri = Location(setup.trials_uri, setup.storage).child(trial_id).uri
-    cfg = with_values(Config.model_validate(setup.base_config),
-                      {**params, "run.root": trial_uri}, f"trial {trial_id}")
+    cfg = override_config(Config.model_validate(setup.base_config),
+                          {**params, "run.root": trial_uri}, f"trial {trial_id}")
     root = SharedRunRoot.for_trial(base, trial_uri, cfg, exclude={setup.objective_stage})
     root.child("config.yaml").write_bytes(dump_config(cfg).encode())
     ran: set[str] = set()
@@ -740,7 +740,7 @@ def write_results(plan: SweepPlan, grid) -> dict:
             "test_accuracy": top["test_accuracy"], "params": params,
             "trial_root": top["trial_root"],
             "reproduce": "diffinf run " + " ".join(
-                [str(plan.base_path), *plan.spec.overrides,
+                [str(plan.base_path), *override_args(plan.spec.overrides),
                  *(f"{k}={json.dumps(v)}" for k, v in params.items())]),
         }
         plan.root.child("best.json").write_json(best)
@@ -793,7 +793,7 @@ def describe(plan: SweepPlan) -> str:
     spec = plan.spec
     lines = [
         f"sweep {spec.name}: {plan.source}",
-        f"  base config      {plan.base_path} {' '.join(spec.overrides)}".rstrip(),
+        f"  base config      {plan.base_path} {' '.join(override_args(spec.overrides))}".rstrip(),
         f"  base run root    {plan.base_root} (shared stages)",
         f"  sweep root       {plan.root.display}",
         f"  shared, run once {', '.join(plan.shared) or '-'}",
