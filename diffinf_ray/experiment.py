@@ -51,7 +51,6 @@ Out (`write_table`), under <root>/table/:
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import io
@@ -711,20 +710,6 @@ def _html(name: str, intro: str, table: pd.DataFrame, lp_table: pd.DataFrame,
 
 # -- command line ------------------------------------------------------------------------------
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="diffinf experiment",
-        description="Table 1: every method over tasks and seeds, then the aggregated table.")
-    parser.add_argument("config", help="experiment YAML (see diffinf_ray/experiment.py)")
-    parser.add_argument("--task", action="append", dest="tasks", metavar="T",
-                        help="run only this task (repeatable)")
-    parser.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
-    parser.add_argument("--table-only", action="store_true",
-                        help="re-aggregate the finished runs into the table; run nothing")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
-    return parser
-
-
 def _print_plan(runs: list[Run]) -> None:
     print(f"{len(runs)} runs:")
     for r in runs:
@@ -732,32 +717,17 @@ def _print_plan(runs: list[Run]) -> None:
               f"  {'':<32} stages {', '.join(r.stages)}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`diffinf experiment CONFIG [--task T ...] [--dry-run] [--table-only]`. Exit status 0;
-    1 when some run (or the table) failed, listing them; 2 for a config error."""
-    from diffinf_ray.cli import format_error
-
-    args = build_parser().parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="[diffinf] %(message)s")
-    try:
-        exp = load_experiment(args.config)
-        if args.table_only:
-            files = write_table(exp)
-            print(Path(args.config).name, "->")
-            print("\n".join(f"  {v}" for v in files.values()))
-            return 0
-        result = run_experiment(exp, only_tasks=args.tasks, dry_run=args.dry_run)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except Exception as err:
-        if args.debug:
-            import traceback
-
-            traceback.print_exc()
-        print(f"error: {format_error(err)}", file=sys.stderr)
-        return 2
+def run_command(args) -> int:
+    """`diffinf experiment` with parsed arguments (config, tasks, dry_run, table_only; see
+    cli.add_experiment_arguments). Exit status 0; 1 when some run (or the table) failed,
+    listing them; a config error is raised (the CLI prints it, exit status 2)."""
+    exp = load_experiment(args.config)
+    if args.table_only:
+        files = write_table(exp)
+        print(Path(args.config).name, "->")
+        print("\n".join(f"  {v}" for v in files.values()))
+        return 0
+    result = run_experiment(exp, only_tasks=args.tasks, dry_run=args.dry_run)
     if args.dry_run:
         _print_plan(result.runs)
         return 0
@@ -768,3 +738,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"failed: {o.run.id}: " + "; ".join(f"{k}: {v}" for k, v in o.errors.items()),
               file=sys.stderr)
     return 1 if result.failures or result.table_error else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`diffinf experiment CONFIG [--task T ...] [--dry-run] [--table-only]` (diffinf_ray.cli)."""
+    from diffinf_ray.cli import main as diffinf_main
+
+    return diffinf_main(["experiment", *(sys.argv[1:] if argv is None else argv)])

@@ -57,7 +57,6 @@ experiment and its trials and starts over.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import logging
@@ -825,17 +824,9 @@ def _print_results(summary: dict, plan: SweepPlan) -> None:
     print(f"results: {plan.root.child('results.csv').display}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`diffinf sweep CONFIG [key=value ...] [--restore/--no-restore] [--dry-run]`."""
-    parser = argparse.ArgumentParser(prog="diffinf sweep", description=__doc__.split("\n")[0])
-    parser.add_argument("config", help="sweep file (jobs/configs/sweep.yaml)")
-    parser.add_argument("overrides", nargs="*",
-                        help="sweep keys (num_samples=4) or base config keys (run.root=...)")
-    parser.add_argument("--restore", action=argparse.BooleanOptionalAction, default=True,
-                        help="resume the sweep's Tune experiment if it exists (default)")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="print the plan (shared and per-trial stages) and exit")
-    args = parser.parse_intermixed_args(argv)
+def run_command(args) -> int:
+    """`diffinf sweep` with parsed arguments (config, overrides, restore, dry_run; see
+    cli.add_sweep_arguments). Exit status 0; 1 when a trial failed; 130 when interrupted."""
     plan = load_sweep(args.config, args.overrides)
     print(describe(plan))
     if args.dry_run:
@@ -846,3 +837,13 @@ def main(argv: list[str] | None = None) -> int:
         print("the sweep was interrupted; run the same command again to resume it")
         return 130
     return 1 if summary["error"] else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`diffinf sweep CONFIG [key=value ...] [--restore/--no-restore] [--dry-run]`
+    (diffinf_ray.cli)."""
+    import sys
+
+    from diffinf_ray.cli import main as diffinf_main
+
+    return diffinf_main(["sweep", *(sys.argv[1:] if argv is None else argv)])
