@@ -51,8 +51,6 @@ Out (`write_table`), under <root>/table/:
 
 from __future__ import annotations
 
-import base64
-import html
 import io
 import logging
 import math
@@ -87,6 +85,15 @@ from diffinf_ray.config import (
     read_yaml_mapping,
     upstream_stages,
 )
+from diffinf_ray.render import (
+    html_heading,
+    html_inline_png,
+    html_page,
+    html_paragraph,
+    html_table,
+    markdown_image,
+    markdown_table,
+)
 from diffinf_ray.storage import Location, StorageOptions, display_uri
 
 log = logging.getLogger(__name__)
@@ -111,6 +118,8 @@ CONDITIONS = {
     "promix": "ProMix",
     "clean": "clean labels (ceiling)",
 }
+NOTHING_MEASURED = "(nothing measured yet)"  # an empty table
+LPIPS_TITLE = "LPIPS between originals and edits, per class (label)"
 # metric column -> (label, digits)
 METRICS = {"accuracy": ("acc (%)", 2), "auroc": ("AUROC", 2), "kappa": ("kappa", 3),
            "ece": ("ECE", 4)}
@@ -522,11 +531,7 @@ def format_lpips_table(lpips: pd.DataFrame, tasks: list[str] | None = None) -> p
 
 
 def _markdown(df: pd.DataFrame) -> str:
-    if df.empty:
-        return "(nothing measured yet)\n"
-    head = "| " + " | ".join(df.columns) + " |\n|" + "---|" * len(df.columns) + "\n"
-    return head + "".join("| " + " | ".join(str(v) for v in row) + " |\n"
-                          for row in df.itertuples(index=False))
+    return markdown_table(df, empty=NOTHING_MEASURED)
 
 
 def _png(fig) -> bytes:
@@ -672,8 +677,8 @@ def write_table(exp: ExperimentConfig, runs: list[Run] | None = None) -> dict[st
              f"noise rate per task: {rates}. Cells: mean ± sample std over seeds (n = seeds "
              f"measured); accuracy in %, AUROC x100, linear kappa, ECE; - = not measured.")
     md = [f"# Experiment {exp.name}: Table 1\n\n", intro, "\n\n", _markdown(table),
-          "\n## LPIPS between originals and edits, per class (label)\n\n", _markdown(lp_table)]
-    md += [f"\n## {title}\n\n![{title}]({rel})\n" for title, rel, _ in images]
+          f"\n## {LPIPS_TITLE}\n\n", _markdown(lp_table)]
+    md += [f"\n## {title}\n\n{markdown_image(title, rel)}\n" for title, rel, _ in images]
     md += ["\n## Runs\n\n", _markdown(status)]
     files = {
         "table.md": "".join(md).encode(),
@@ -691,21 +696,13 @@ def _html(name: str, intro: str, table: pd.DataFrame, lp_table: pd.DataFrame,
           images: list[tuple[str, str, bytes]], status: pd.DataFrame) -> str:
     """One self-contained page: the tables and every image inlined as base64."""
     def tbl(df: pd.DataFrame) -> str:
-        if df.empty:
-            return "<p>(nothing measured yet)</p>"
-        return df.to_html(index=False, border=1, na_rep="-", escape=True)
+        return html_table(df, empty=NOTHING_MEASURED)
 
-    parts = [f"<h1>Experiment {html.escape(name)}: Table 1</h1>", f"<p>{html.escape(intro)}</p>",
-             tbl(table), "<h2>LPIPS between originals and edits, per class (label)</h2>",
-             tbl(lp_table)]
-    for title, _, png in images:
-        data = base64.b64encode(png).decode()
-        parts.append(f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' "
-                     f"src='data:image/png;base64,{data}' style='image-rendering:pixelated'>")
-    parts += ["<h2>Runs</h2>", tbl(status)]
-    return ("<!doctype html><html><head><meta charset='utf-8'>"
-            f"<title>{html.escape(name)}</title><style>td,th{{padding:4px 8px}}</style>"
-            f"</head><body>{''.join(parts)}</body></html>")
+    parts = [html_heading(1, f"Experiment {name}: Table 1"), html_paragraph(intro), tbl(table),
+             html_heading(2, LPIPS_TITLE), tbl(lp_table)]
+    parts += [html_heading(2, title) + html_inline_png(title, png) for title, _, png in images]
+    parts += [html_heading(2, "Runs"), tbl(status)]
+    return html_page(name, parts, style="td,th{padding:4px 8px}")
 
 
 # -- command line ------------------------------------------------------------------------------

@@ -122,3 +122,19 @@ def test_experiment_table_files_are_unchanged(tmp_path):
     out = tmp_path / "exp" / "table"
     _check({"table.md": (out / "table.md").read_text(),
             "table.html": _no_inline_images((out / "table.html").read_text())}, tmp_path)
+
+
+def test_tables_cells_and_pages():
+    from diffinf_ray.render import html_page, html_table, markdown_table, markdown_to_html
+
+    df = pd.DataFrame({"a": [1.23456, None], "b <x>": ["p|q", float("nan")]})
+    assert markdown_table(df, 2) == "| a | b <x> |\n|---|---|\n| 1.23 | p|q |\n| - | - |\n"
+    assert markdown_table(df.iloc[:0], empty="(nothing)") == "(nothing)\n"
+    assert "b &lt;x&gt;" in html_table(df) and html_table(df.iloc[:0]) == "<p>(none)</p>"
+    assert html_page("t & u", ["<p>x</p>"]) == ("<!doctype html><html><head><meta charset='utf-8'>"
+                                              "<title>t &amp; u</title></head><body><p>x</p>"
+                                              "</body></html>")
+    page = markdown_to_html("# T\n| h |\n|---|\n| <v> |\n![g](g.png)\n**bold** text\n", "T")
+    assert ("<h1>T</h1><table border=1 cellpadding=4><tr><td>h</td></tr><tr><td>&lt;v&gt;</td>"
+            "</tr></table><img src=\"g.png\" style=\"image-rendering:pixelated\"><p>bold text</p>"
+            ) in page
