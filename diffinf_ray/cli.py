@@ -1,14 +1,16 @@
 """The `diffinf` command.
 
-    diffinf run CONFIG [key=value ...] [--force]       all configured stages, resumable
+    diffinf run CONFIG [key=value ...] [--force] [--keep-going]  all configured stages, resumable
     diffinf stage NAME CONFIG [key=value ...]          one stage (config.STAGES)
     diffinf config CONFIG [key=value ...]              the validated config and stage fingerprints
     diffinf experiment CONFIG [--task T] [--dry-run]   the Table-1 comparison over tasks and seeds
-    diffinf sweep CONFIG [--no-restore] [--dry-run]    a Ray Tune sweep of edit weights, tau, noise
+    diffinf sweep CONFIG [key=value ...] [--no-restore] [--dry-run]
+                                                       a Ray Tune sweep of edit weights, tau, noise
     diffinf synthfaces-preview --task age --out grid.png
 
-Errors print as one message (the file, key or row at fault), not a Ray traceback; `--debug`
-shows the traceback.
+Every command's arguments are defined here (`diffinf COMMAND --help`); the jobs/ recipes reuse
+them with the config given as `--config`. Errors print as one message (the file, key or row at
+fault), not a Ray traceback; `--debug` shows the traceback.
 """
 
 from __future__ import annotations
@@ -85,7 +87,7 @@ def _cmd_run(args) -> int:
     cfg = load_config(args.config, args.overrides)
     stages = [args.name] if getattr(args, "name", None) else None
     results = run_pipeline(cfg, stages=stages, force=args.force,
-                           keep_going=getattr(args, "keep_going", False))
+                           keep_going=args.keep_going)
     _print_metrics(results)
     print(f"\nrun root: {open_run_root(cfg)}")
     for stage, outcome in results.outcomes.items():
@@ -115,58 +117,161 @@ def _cmd_preview(args) -> int:
     return 0
 
 
-def _cmd_forward(args) -> int:
-    """`diffinf experiment|sweep ...`: the module's own argument parser takes the rest."""
-    import importlib
+def _cmd_experiment(args) -> int:
+    from diffinf_ray.experiment import run_command
 
-    module = importlib.import_module(f"diffinf_ray.{args.command}")
-    return module.main(args.rest)
+    return run_command(args)
+
+
+def _cmd_sweep(args) -> int:
+    from diffinf_ray.sweep import run_command
+
+    return run_command(args)
+
+
+# -- the arguments of each command: here, so `diffinf --help` imports no command's module -------
+# Each adder takes `config`: the config file's argument ("config" positional, or "--config" for
+# the jobs/ recipes, which `ray job submit` runs with the same options).
+
+def _config_argument(parser, config: str, help_text: str) -> None:
+    if config.startswith("--"):
+        parser.add_argument(config, dest="config", required=True, help=help_text)
+    else:
+        parser.add_argument(config, help=help_text)
+
+
+def _overrides_argument(parser, help_text: str = "dotted config overrides, e.g. train.epochs=3 "
+                        "(values are YAML: 3, true, [1,2])") -> None:
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help=help_text)
+
+
+def add_run_arguments(parser, config: str = "config") -> None:
+    _config_argument(parser, config, "pipeline config YAML (jobs/configs/demo.yaml)")
+    _overrides_argument(parser)
+    parser.add_argument("--force", action="store_true",
+                        help="re-run the stages even if they are done with the same settings")
+    parser.add_argument("--keep-going", action="store_true",
+                        help="after a failed stage, still run the stages that do not read its "
+                        "outputs (exit status 1)")
+
+
+def add_stage_arguments(parser, config: str = "config") -> None:
+    parser.add_argument("name", choices=STAGES, metavar="STAGE",
+                        help=f"the stage to run: {', '.join(STAGES)}")
+    add_run_arguments(parser, config)
+
+
+def add_config_arguments(parser, config: str = "config") -> None:
+    _config_argument(parser, config, "pipeline config YAML")
+    _overrides_argument(parser)
+
+
+def add_experiment_arguments(parser, config: str = "config") -> None:
+    _config_argument(parser, config, "experiment YAML (jobs/configs/experiment.yaml; the "
+                     "format is in diffinf_ray/experiment.py)")
+    parser.add_argument("--task", action="append", dest="tasks", metavar="T",
+                        help="run only this task (repeatable)")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
+    parser.add_argument("--table-only", action="store_true",
+                        help="re-aggregate the finished runs into the table; run nothing")
+
+
+def add_sweep_arguments(parser, config: str = "config") -> None:
+    _config_argument(parser, config, "sweep YAML (jobs/configs/sweep.yaml; the format is in "
+                     "diffinf_ray/sweep.py)")
+    _overrides_argument(parser, "sweep keys (num_samples=4, scheduler.kind=fifo, "
+                        "params.edit.w_id={choice: [1, 2]}) or base config keys (run.root=...)")
+    parser.add_argument("--restore", action=argparse.BooleanOptionalAction, default=True,
+                        help="resume the sweep's Tune experiment if it exists (default: yes)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the plan (shared and per-trial stages) and exit")
+
+
+def add_preview_arguments(parser, config: str | None = None) -> None:
+    parser.add_argument("--task", choices=["age", "expression"], default="age")
+    parser.add_argument("--resolution", type=int, default=64, help="pixels (default 64)")
+    parser.add_argument("--per-class", type=int, default=8, help="samples per class")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True, help="PNG file to write")
+
+
+# name -> (one-line help, argument adder, function)
+COMMANDS = {
+    "run": ("run the configured stages, skipping those done", add_run_arguments, _cmd_run),
+    "stage": ("run one stage (skipped if done)", add_stage_arguments, _cmd_run),
+    "config": ("print the validated config and stage fingerprints", add_config_arguments,
+               _cmd_config),
+    "experiment": ("Table 1: every method, task and seed; the table",
+                   add_experiment_arguments, _cmd_experiment),
+    "sweep": ("Ray Tune sweep of edit weights, tau, noise rate", add_sweep_arguments,
+              _cmd_sweep),
+    "synthfaces-preview": ("write a PNG grid of synthetic faces per class",
+                           add_preview_arguments, _cmd_preview),
+}
+
+
+def _common_options(suppress: bool) -> argparse.ArgumentParser:
+    """--debug and -q, accepted before or after the command (after it, they must not reset
+    what was given before it: hence SUPPRESS there)."""
+    common = argparse.ArgumentParser(add_help=False)
+    default = argparse.SUPPRESS if suppress else False
+    common.add_argument("--debug", action="store_true", default=default,
+                        help="show full tracebacks")
+    common.add_argument("-q", "--quiet", action="store_true", default=default,
+                        help="warnings and errors only")
+    return common
+
+
+class _CommandListFormatter(argparse.HelpFormatter):
+    """Each command and its summary on one line: argparse measures the command names without
+    their indent, so the longest (synthfaces-preview) would get a line of its own."""
+
+    def __init__(self, prog: str):
+        super().__init__(prog, max_help_position=30)
+        self._action_max_length = 2 + max(map(len, COMMANDS)) + 4
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diffinf", description=__doc__.split("\n")[0])
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
-    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    run = sub.add_parser("run", help="run the configured stages (skips those already done)")
-    run.add_argument("config")
-    run.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=3")
-    run.add_argument("--force", action="store_true", help="re-run stages even if done")
-    run.add_argument("--keep-going", action="store_true",
-                     help="after a failed stage, run the stages that do not read its outputs")
-    run.set_defaults(func=_cmd_run)
-
-    stage = sub.add_parser("stage", help="run one stage")
-    stage.add_argument("name", choices=STAGES)
-    stage.add_argument("config")
-    stage.add_argument("overrides", nargs="*")
-    stage.add_argument("--force", action="store_true")
-    stage.set_defaults(func=_cmd_run)
-
-    cfg = sub.add_parser("config", help="print the validated config and fingerprints")
-    cfg.add_argument("config")
-    cfg.add_argument("overrides", nargs="*")
-    cfg.set_defaults(func=_cmd_config)
-
-    for name, text in (("experiment", "the Table-1 comparison: every method, task and seed"),
-                       ("sweep", "a Ray Tune sweep over edit loss weights, tau and noise rate")):
-        forward = sub.add_parser(name, help=text, add_help=False)
-        forward.add_argument("rest", nargs=argparse.REMAINDER)
-        forward.set_defaults(func=_cmd_forward)
-
-    prev = sub.add_parser("synthfaces-preview", help="write a PNG grid of samples per class")
-    prev.add_argument("--task", choices=["age", "expression"], default="age")
-    prev.add_argument("--resolution", type=int, default=64)
-    prev.add_argument("--per-class", type=int, default=8)
-    prev.add_argument("--seed", type=int, default=0)
-    prev.add_argument("--out", required=True)
-    prev.set_defaults(func=_cmd_preview)
+    parser = argparse.ArgumentParser(
+        prog="diffinf", description="DiffInf on Ray: find mislabelled images by self-influence "
+        "and repair them with a diffusion-autoencoder edit.",
+        epilog="`diffinf COMMAND --help` shows a command's arguments.",
+        parents=[_common_options(suppress=False)],
+        formatter_class=_CommandListFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                title="commands")
+    for name, (text, add_arguments, func) in COMMANDS.items():
+        command = sub.add_parser(name, help=text, description=text,
+                                 parents=[_common_options(suppress=True)])
+        add_arguments(command)
+        command.set_defaults(func=func)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def job_parser(command: str, description: str, prog: str | None = None) -> argparse.ArgumentParser:
+    """The parser of a jobs/ recipe: the command's arguments, the config as `--config`."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     parents=[_common_options(suppress=False)])
+    COMMANDS[command][1](parser, "--config")
+    parser.set_defaults(func=COMMANDS[command][2], command=command)
+    return parser
+
+
+def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse `argv`; `key=value` overrides may also come after the options
+    (`diffinf sweep s.yaml --dry-run num_samples=2`)."""
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or
+             not isinstance(getattr(args, "overrides", None), list)]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
+def execute(args: argparse.Namespace) -> int:
+    """Run a parsed command: one clear error line (exit status 2) unless --debug."""
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="[diffinf] %(message)s")
     try:
@@ -179,6 +284,19 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"error: {format_error(err)}", file=sys.stderr)
         return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    return execute(parse(build_parser(), argv))
+
+
+def run_job(command: str, module: str, argv: list[str] | None = None) -> int:
+    """The main of the jobs/ recipe `module` (its docstring's first line describes it):
+    `command` with the config given as --config."""
+    import importlib
+
+    description = (importlib.import_module(module).__doc__ or "").split("\n")[0]
+    return execute(parse(job_parser(command, description, f"python -m {module}"), argv))
 
 
 if __name__ == "__main__":

@@ -9,11 +9,22 @@
 
 from __future__ import annotations
 
+import copy
+import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 # The stage table lives in stage_registry; these names are re-exported for the config's users.
 from diffinf_ray.stage_registry import STAGES, fingerprint, upstream_stages  # noqa: F401
@@ -170,6 +181,28 @@ class AutoencoderSection(_Section):
     interpolation_steps: int = Field(20, ge=1, le=1000)
     lpips_net: Literal["alex", "vgg", "squeeze"] = "alex"
 
+    @field_validator("overrides")
+    @classmethod
+    def _diffae_fields(cls, overrides: dict) -> dict:
+        """Keys are DiffAEConfig fields (diffae/config.py, torch-free) of the right kind."""
+        from diffinf_ray.diffae.config import field_types
+        from diffinf_ray.method_options import fits
+
+        kinds = field_types()
+        for key, value in overrides.items():
+            if key not in kinds:
+                raise _free_form_error("unknown_key", key, f"DiffAEConfig fields: {sorted(kinds)}")
+            if key == "num_classes":
+                raise _free_form_error("bad_value", key, "set by autoencoder.label_conditioning "
+                                       "(the data's classes), not by an override")
+            kind = kinds[key]
+            good = (isinstance(value, list) and all(fits(int, v) for v in value)
+                    if kind is tuple else fits(kind, value))
+            if not good:
+                want = "a list of ints" if kind is tuple else f"{kind.__name__}"
+                raise _free_form_error("bad_value", key, f"expected {want}, got {value!r}")
+        return overrides
+
     @model_validator(mode="before")
     @classmethod
     def _epochs_replace_steps(cls, data):
@@ -288,13 +321,26 @@ class BaselinesSection(_Section):
     Ray Train on the noisy training split like the baseline classifier (train section: epochs,
     batch size, lr, workers) and evaluated on the clean test split like it.
 
-    `options` holds each method's own keys (diffinf_ray.baselines.method_defaults), e.g.
-    {small_loss: {noise_rate: 0.3}}; unknown keys are errors.
+    `options` holds each method's own keys (diffinf_ray/method_options.py), e.g.
+    {small_loss: {noise_rate: 0.3}}; an unknown key or a value of the wrong kind is an error
+    when the config is loaded.
     """
 
     methods: list[Literal["standard", "small_loss", "elr_plus", "proselflc", "promix"]] = [
         "small_loss", "elr_plus", "proselflc", "promix"]
     options: dict[str, dict[str, int | float | bool | str]] = {}
+
+    @field_validator("options")
+    @classmethod
+    def _method_options(cls, options: dict) -> dict:
+        """Per method, its own keys of the right kind (method_options.py, torch-free)."""
+        from diffinf_ray.method_options import check_options
+
+        for method, given in options.items():
+            problem = check_options(method, given)
+            if problem is not None:
+                raise _free_form_error(*problem)
+        return options
 
 
 class Config(_Section):
@@ -327,39 +373,131 @@ class Config(_Section):
         return list(class_names(spec))
 
 
-def _set_dotted(tree: dict, dotted: str, value, source: str) -> None:
-    keys = dotted.split(".")
-    node = tree
-    for i, key in enumerate(keys[:-1]):
-        child = node.get(key)
-        if child is None:
-            child = node[key] = {}
-        if not isinstance(child, dict):
-            raise ConfigError(f"{source}: {'.'.join(keys[: i + 1])} is not a section")
-        node = child
-    node[keys[-1]] = value
+# -- dotted overrides: the one way every command and file applies them ----------------------
+
+# A mapping of dotted key -> value ({train.epochs: 3}), or `key=value` strings (values parsed as
+# YAML scalars: `train.epochs=3`), as given on a command line.
+Overrides = Mapping[str, Any] | Sequence[str]
 
 
-def parse_overrides(overrides: list[str]) -> list[tuple[str, object]]:
-    parsed = []
+def parse_overrides(overrides: Overrides | None) -> dict[str, Any]:
+    """`overrides` as a dict of dotted key -> value (a mapping is returned as a copy)."""
+    if overrides is None:
+        return {}
+    if isinstance(overrides, Mapping):
+        return dict(overrides)
+    if isinstance(overrides, str):
+        overrides = [overrides]
+    parsed: dict[str, Any] = {}
     for item in overrides:
-        key, sep, raw = item.partition("=")
+        key, sep, raw = str(item).partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r}: expected key=value (e.g. train.epochs=3)")
-        parsed.append((key.strip(), yaml.safe_load(raw) if raw != "" else None))
+        parsed[key.strip()] = yaml.safe_load(raw) if raw != "" else None
     return parsed
 
 
+def as_override_mapping(value):
+    """For override fields of experiment and sweep files: a list of `key=value` strings (the
+    older sweep-file form) becomes the mapping; a mapping is kept."""
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return parse_overrides(value)
+    return value
+
+
+def _check_key(schema: type[BaseModel], dotted: str, source: str) -> None:
+    """A ConfigError unless `dotted` names a field of `schema` (below a free-form mapping field,
+    such as autoencoder.overrides or baselines.options, any key passes here and the field's own
+    validator judges it)."""
+    model: type[BaseModel] | None = schema
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        if model is None:
+            return
+        field = model.model_fields.get(part)
+        if field is None or not part:
+            raise ConfigError(f"{source}: unknown config key {dotted!r}")
+        kind = field.annotation
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            model = kind
+        elif get_origin(kind) is dict:
+            model = None
+        elif i < len(parts) - 1:
+            raise ConfigError(f"{source}: {'.'.join(parts[: i + 1])!r} is not a section "
+                              f"(in override {dotted!r})")
+
+
+def override_args(overrides: Overrides | None) -> list[str]:
+    """`overrides` as `key=value` arguments that `parse_overrides` reads back the same."""
+    args = []
+    for key, value in parse_overrides(overrides).items():
+        plain = isinstance(value, str) and value != "" and yaml.safe_load(value) == value
+        text = value if plain else json.dumps(value, separators=(",", ":"))
+        args.append(f"{key}={text}")
+    return args
+
+
+def apply_overrides(tree: Mapping, overrides: Overrides | None, source: str,
+                    schema: type[BaseModel] | None = None) -> dict:
+    """A copy of the nested mapping `tree` (a config file's tree, or a dumped Config) with each
+    dotted key of `overrides` set, in order; `schema` (default: Config) checks each key first.
+    Not validated: pass the result to `validate_config` (or the schema's model_validate)."""
+    schema = schema or Config
+    tree = copy.deepcopy(dict(tree))
+    for dotted, value in parse_overrides(overrides).items():
+        _check_key(schema, dotted, source)
+        keys = dotted.split(".")
+        node = tree
+        for i, key in enumerate(keys[:-1]):
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"{source} (override {dotted}): "
+                                  f"{'.'.join(keys[: i + 1])} is not a section")
+            node = child
+        node[keys[-1]] = value
+    return tree
+
+
+def validate_config(tree: Mapping, source: str) -> Config:
+    """The Config of `tree`; a ConfigError naming `source` and every bad key otherwise."""
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None
+
+
+def override_config(cfg: Config, overrides: Overrides | None, source: str = "overrides") -> Config:
+    """`cfg` with `overrides` applied, validated again (a sweep trial's values)."""
+    return validate_config(apply_overrides(cfg.model_dump(mode="json"), overrides, source), source)
+
+
 def format_validation_error(err: ValidationError, source: str) -> str:
-    """A pydantic error as one line per bad key, prefixed by `source` (the file)."""
+    """A pydantic error as one line per bad key, prefixed by `source` (the file). Errors of the
+    free-form mappings' validators (`_free_form_error`) carry the key below the field."""
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        if e["type"] == "extra_forbidden":
-            lines.append(f"{source}: unknown key '{key}'")
+        ctx = e.get("ctx") or {}
+        if "subkey" in ctx:
+            key = f"{key}.{ctx['subkey']}"
+        if e["type"] in ("extra_forbidden", "unknown_key"):
+            hint = f" ({ctx['hint']})" if ctx.get("hint") else ""
+            lines.append(f"{source}: unknown key '{key}'{hint}")
+        elif "subkey" in ctx:
+            lines.append(f"{source}: '{key}': {e['msg']}")
         else:
             lines.append(f"{source}: '{key}': {e['msg']} (got {e.get('input')!r})")
     return "\n".join(lines)
+
+
+def _free_form_error(kind: str, subkey: str, message: str) -> PydanticCustomError:
+    """An error inside a mapping field (autoencoder.overrides, baselines.options): `subkey` is
+    the key below the field, so the message names the whole dotted key."""
+    if kind == "unknown_key":
+        return PydanticCustomError("unknown_key", "unknown key", {"subkey": subkey, "hint": message})
+    return PydanticCustomError("bad_value", "{detail}", {"subkey": subkey, "detail": message})
 
 
 def with_absolute_paths(cfg: Config) -> Config:
@@ -394,16 +532,11 @@ def read_yaml_mapping(path: str | Path, kind: str = "config") -> dict:
     return tree
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+def load_config(path: str | Path | None, overrides: Overrides | None = None) -> Config:
     """Read a YAML config (or the defaults when `path` is None), apply overrides, validate."""
     source = str(path) if path else "<defaults>"
     tree: dict = read_yaml_mapping(path, "config file") if path else {}
-    for key, value in parse_overrides(overrides or []):
-        _set_dotted(tree, key, value, f"{source} (override {key})")
-    try:
-        return Config.model_validate(tree)
-    except ValidationError as err:
-        raise ConfigError(format_validation_error(err, source)) from None
+    return validate_config(apply_overrides(tree, overrides, source), source)
 
 
 def dump_config(cfg: Config) -> str:

@@ -17,6 +17,8 @@ Experiment YAML (ExperimentConfig; an unknown key is an error naming it):
       age: {data.task: age, noise.rate: 0.3}
       expression: {data.task: expression, noise.rate: 0.2}
     overrides: {train.epochs: 10}   # on every run, before the task's
+    # overrides (and each task's) map dotted keys to values, as in sweep files; a list of
+    # key=value strings ([train.epochs=10]) is read as the same mapping
     stages: [ingest, noise, ...]    # what each task run executes
     clean_ceiling: true             # + per task and seed: noise.rate=0, ingest..evaluate
     noise_rates: [0.1, 0.4]         # + per task, rate and seed: noisy baseline only
@@ -49,11 +51,7 @@ Out (`write_table`), under <root>/table/:
 
 from __future__ import annotations
 
-import argparse
-import base64
-import html
 import io
-import json
 import logging
 import math
 import posixpath
@@ -63,19 +61,36 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 
 from diffinf_ray.config import (
     STAGES,
     Config,
     ConfigError,
+    as_override_mapping,
     format_validation_error,
     load_config,
     read_yaml_mapping,
+)
+from diffinf_ray.render import (
+    html_heading,
+    html_inline_png,
+    html_page,
+    html_paragraph,
+    html_table,
+    markdown_image,
+    markdown_table,
 )
 from diffinf_ray.storage import Location, StorageOptions, display_uri
 
@@ -99,12 +114,14 @@ CONDITIONS = {
     "promix": "ProMix",
     "clean": "clean labels (ceiling)",
 }
+NOTHING_MEASURED = "(nothing measured yet)"  # an empty table
+LPIPS_TITLE = "LPIPS between originals and edits, per class (label)"
 # metric column -> (label, digits)
 METRICS = {"accuracy": ("acc (%)", 2), "auroc": ("AUROC", 2), "kappa": ("kappa", 3),
            "ece": ("ECE", 4)}
 
-Scalar = bool | int | float | str | None
-OverrideValue = Scalar | list
+# dotted config key -> value; a list of `key=value` strings is read as the same mapping
+OverrideMap = Annotated[dict[str, Any], BeforeValidator(as_override_mapping)]
 
 
 class ExperimentConfig(BaseModel):
@@ -116,8 +133,8 @@ class ExperimentConfig(BaseModel):
     seeds: list[int] = Field([0, 1, 2], min_length=1)
     # run.seed (faces, splits, inits) is always the seed; these keys are set to it as well
     seed_keys: list[str] = ["noise.seed"]
-    tasks: dict[str, dict[str, OverrideValue]] = Field(min_length=1)
-    overrides: dict[str, OverrideValue] = {}
+    tasks: dict[str, OverrideMap] = Field(min_length=1)
+    overrides: OverrideMap = {}
     stages: list[Literal[STAGES]] = Field(DEFAULT_STAGES, min_length=1)
     clean_ceiling: bool = True
     noise_rates: list[Annotated[float, Field(ge=0.0, le=1.0)]] = []
@@ -212,10 +229,8 @@ def _resolve(exp: ExperimentConfig, task: str, kind: str, seed: int, extra: dict
     merged.update(extra)
     merged.update({"run.root": _join(exp.root, task, kind, f"seed_{seed}"),
                    "run.name": f"{exp.name}-{task}-{kind}-seed_{seed}"})
-    # JSON is valid YAML flow syntax, so load_config's YAML parse gives back the same value.
-    strings = [f"{key}={json.dumps(value)}" for key, value in merged.items()]
     try:
-        return load_config(exp.base, strings)
+        return load_config(exp.base, merged)
     except ConfigError as err:
         raise ConfigError(f"experiment {exp.name!r}, run {task}/{kind}/seed_{seed}: {err}") from None
 
@@ -487,11 +502,7 @@ def format_lpips_table(lpips: pd.DataFrame, tasks: list[str] | None = None) -> p
 
 
 def _markdown(df: pd.DataFrame) -> str:
-    if df.empty:
-        return "(nothing measured yet)\n"
-    head = "| " + " | ".join(df.columns) + " |\n|" + "---|" * len(df.columns) + "\n"
-    return head + "".join("| " + " | ".join(str(v) for v in row) + " |\n"
-                          for row in df.itertuples(index=False))
+    return markdown_table(df, empty=NOTHING_MEASURED)
 
 
 def _png(fig) -> bytes:
@@ -637,8 +648,8 @@ def write_table(exp: ExperimentConfig, runs: list[Run] | None = None) -> dict[st
              f"noise rate per task: {rates}. Cells: mean ± sample std over seeds (n = seeds "
              f"measured); accuracy in %, AUROC x100, linear kappa, ECE; - = not measured.")
     md = [f"# Experiment {exp.name}: Table 1\n\n", intro, "\n\n", _markdown(table),
-          "\n## LPIPS between originals and edits, per class (label)\n\n", _markdown(lp_table)]
-    md += [f"\n## {title}\n\n![{title}]({rel})\n" for title, rel, _ in images]
+          f"\n## {LPIPS_TITLE}\n\n", _markdown(lp_table)]
+    md += [f"\n## {title}\n\n{markdown_image(title, rel)}\n" for title, rel, _ in images]
     md += ["\n## Runs\n\n", _markdown(status)]
     files = {
         "table.md": "".join(md).encode(),
@@ -656,38 +667,16 @@ def _html(name: str, intro: str, table: pd.DataFrame, lp_table: pd.DataFrame,
           images: list[tuple[str, str, bytes]], status: pd.DataFrame) -> str:
     """One self-contained page: the tables and every image inlined as base64."""
     def tbl(df: pd.DataFrame) -> str:
-        if df.empty:
-            return "<p>(nothing measured yet)</p>"
-        return df.to_html(index=False, border=1, na_rep="-", escape=True)
+        return html_table(df, empty=NOTHING_MEASURED)
 
-    parts = [f"<h1>Experiment {html.escape(name)}: Table 1</h1>", f"<p>{html.escape(intro)}</p>",
-             tbl(table), "<h2>LPIPS between originals and edits, per class (label)</h2>",
-             tbl(lp_table)]
-    for title, _, png in images:
-        data = base64.b64encode(png).decode()
-        parts.append(f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' "
-                     f"src='data:image/png;base64,{data}' style='image-rendering:pixelated'>")
-    parts += ["<h2>Runs</h2>", tbl(status)]
-    return ("<!doctype html><html><head><meta charset='utf-8'>"
-            f"<title>{html.escape(name)}</title><style>td,th{{padding:4px 8px}}</style>"
-            f"</head><body>{''.join(parts)}</body></html>")
+    parts = [html_heading(1, f"Experiment {name}: Table 1"), html_paragraph(intro), tbl(table),
+             html_heading(2, LPIPS_TITLE), tbl(lp_table)]
+    parts += [html_heading(2, title) + html_inline_png(title, png) for title, _, png in images]
+    parts += [html_heading(2, "Runs"), tbl(status)]
+    return html_page(name, parts, style="td,th{padding:4px 8px}")
 
 
 # -- command line ------------------------------------------------------------------------------
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="diffinf experiment",
-        description="Table 1: every method over tasks and seeds, then the aggregated table.")
-    parser.add_argument("config", help="experiment YAML (see diffinf_ray/experiment.py)")
-    parser.add_argument("--task", action="append", dest="tasks", metavar="T",
-                        help="run only this task (repeatable)")
-    parser.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
-    parser.add_argument("--table-only", action="store_true",
-                        help="re-aggregate the finished runs into the table; run nothing")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
-    return parser
-
 
 def _print_plan(runs: list[Run]) -> None:
     print(f"{len(runs)} runs:")
@@ -696,32 +685,17 @@ def _print_plan(runs: list[Run]) -> None:
               f"  {'':<32} stages {', '.join(r.stages)}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`diffinf experiment CONFIG [--task T ...] [--dry-run] [--table-only]`. Exit status 0;
-    1 when some run (or the table) failed, listing them; 2 for a config error."""
-    from diffinf_ray.cli import format_error
-
-    args = build_parser().parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="[diffinf] %(message)s")
-    try:
-        exp = load_experiment(args.config)
-        if args.table_only:
-            files = write_table(exp)
-            print(Path(args.config).name, "->")
-            print("\n".join(f"  {v}" for v in files.values()))
-            return 0
-        result = run_experiment(exp, only_tasks=args.tasks, dry_run=args.dry_run)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except Exception as err:
-        if args.debug:
-            import traceback
-
-            traceback.print_exc()
-        print(f"error: {format_error(err)}", file=sys.stderr)
-        return 2
+def run_command(args) -> int:
+    """`diffinf experiment` with parsed arguments (config, tasks, dry_run, table_only; see
+    cli.add_experiment_arguments). Exit status 0; 1 when some run (or the table) failed,
+    listing them; a config error is raised (the CLI prints it, exit status 2)."""
+    exp = load_experiment(args.config)
+    if args.table_only:
+        files = write_table(exp)
+        print(Path(args.config).name, "->")
+        print("\n".join(f"  {v}" for v in files.values()))
+        return 0
+    result = run_experiment(exp, only_tasks=args.tasks, dry_run=args.dry_run)
     if args.dry_run:
         _print_plan(result.runs)
         return 0
@@ -732,3 +706,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"failed: {o.run.id}: " + "; ".join(f"{k}: {v}" for k, v in o.errors.items()),
               file=sys.stderr)
     return 1 if result.failures or result.table_error else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`diffinf experiment CONFIG [--task T ...] [--dry-run] [--table-only]` (diffinf_ray.cli)."""
+    from diffinf_ray.cli import main as diffinf_main
+
+    return diffinf_main(["experiment", *(sys.argv[1:] if argv is None else argv)])

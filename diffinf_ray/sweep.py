@@ -5,7 +5,8 @@ validation accuracy of the classifier trained at the end of the pipeline.
 Sweep file (SweepConfig; `base` is relative to the sweep file's folder, `root` like run.root):
 
     base: diffinf_age32.yaml              # the pipeline config every trial starts from
-    overrides: [train.epochs=6]           # dotted, applied to the base (as `diffinf run`)
+    overrides: {train.epochs: 6}          # dotted keys applied to the base (as `diffinf run`;
+                                          #   a list [train.epochs=6] is read the same)
     params:                               # dotted config keys -> one search space each
       edit.w_id: {loguniform: [0.1, 10]}  #   uniform | loguniform: [lo, hi]
       influence.tau: {choice: [0.05, 0.1, 0.2]}   # choice | grid: [values]
@@ -56,7 +57,6 @@ experiment and its trials and starts over.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import logging
@@ -67,16 +67,21 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from diffinf_ray.config import (
     STAGES,
     Config,
     ConfigError,
+    Overrides,
+    apply_overrides,
+    as_override_mapping,
     fingerprint,
     load_config,
+    override_args,
+    override_config,
     parse_overrides,
     read_yaml_mapping,
     upstream_stages,
@@ -180,7 +185,8 @@ class SchedulerSection(_Model):
 
 class SweepConfig(_Model):
     base: str  # pipeline config, relative to the sweep file's folder
-    overrides: list[str] = []
+    # dotted key -> value, applied to the base; a list of `key=value` strings reads the same
+    overrides: Annotated[dict[str, Any], BeforeValidator(as_override_mapping)] = {}
     name: str | None = None  # default: the sweep file's stem
     root: str | None = None  # default: <base run.root>/sweeps/<name>
     params: dict[str, ParamSpec] = Field(min_length=1)
@@ -218,27 +224,6 @@ class SweepConfig(_Model):
 # -- the plan: what runs once, what runs per trial ----------------------------------------
 
 
-def with_values(cfg: Config, values: dict, source: str = "sweep") -> Config:
-    """`cfg` with dotted keys set to `values`, validated (an unknown key is a ConfigError)."""
-    tree = cfg.model_dump(mode="json")
-    for dotted, value in values.items():
-        node = tree
-        keys = dotted.split(".")
-        for key in keys[:-1]:
-            if not isinstance(node.get(key), dict):
-                raise ConfigError(f"{source}: {dotted!r} is not a config key")
-            node = node[key]
-        if keys[-1] not in node:
-            raise ConfigError(f"{source}: unknown config key {dotted!r}")
-        node[keys[-1]] = value
-    try:
-        return Config.model_validate(tree)
-    except ValidationError as err:
-        msgs = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e.get('input')!r})"
-                         for e in err.errors())
-        raise ConfigError(f"{source}: {msgs}") from None
-
-
 def affected_stages(base: Config, params: dict[str, ParamSpec],
                     source: str = "sweep") -> dict[str, set[str]]:
     """For each swept key, the stages whose fingerprint differs from the base's for some value
@@ -248,7 +233,7 @@ def affected_stages(base: Config, params: dict[str, ParamSpec],
     for key, spec in params.items():
         affected[key] = set()
         for value in spec.candidates():
-            cfg = with_values(base, {key: value}, f"{source}: params.{key}")
+            cfg = override_config(base, {key: value}, f"{source}: params.{key}")
             affected[key] |= {s for s in STAGES if fingerprint(cfg, s) != base_fp[s]}
     return affected
 
@@ -311,24 +296,38 @@ def reports_per_trial(epochs: int, epochs_per_report: int, lr_schedule: str) -> 
     return [*range(step, epochs, step), epochs]
 
 
-def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepPlan:
+def _with_command_line(tree: dict, overrides: Overrides | None, source: str) -> dict:
+    """The sweep file's tree with the command line's dotted keys: sweep keys (`num_samples=4`,
+    `scheduler.kind=fifo`, `params.edit.w_id={choice: [1, 2]}`) set in it; any other key is
+    a base config key, added to `overrides` (after the file's own)."""
+    sweep_keys, params, base_keys = {}, {}, {}
+    for key, value in parse_overrides(overrides).items():
+        head, _, rest = key.partition(".")
+        if head == "params" and rest:  # the keys of params and overrides are dotted config keys
+            params[rest] = value
+        elif head == "overrides" and rest:
+            base_keys[rest] = value
+        elif head in SweepConfig.model_fields:
+            sweep_keys[key] = value
+        else:
+            base_keys[key] = value
+    tree = apply_overrides(tree, sweep_keys, source, schema=SweepConfig)
+    if params:
+        tree["params"] = {**(tree.get("params") or {}), **params}
+    if base_keys:
+        try:
+            tree["overrides"] = {**as_override_mapping(tree.get("overrides") or {}), **base_keys}
+        except (ConfigError, TypeError) as err:
+            raise ConfigError(f"{source}: 'overrides': {err}") from None
+    return tree
+
+
+def load_sweep(path: str | Path, overrides: Overrides | None = None) -> SweepPlan:
     """Read and validate a sweep file. `overrides` (dotted) set sweep keys (`num_samples=4`,
     `scheduler.kind=fifo`); any other key is appended to the base config's `overrides`."""
     source = str(path)
     p = Path(path)
-    tree = read_yaml_mapping(p, "sweep file")
-    for item, (key, value) in zip(overrides or [], parse_overrides(overrides or []),
-                                  strict=True):
-        head, _, rest = key.partition(".")
-        if head == "params" and rest:  # params.edit.w_id={choice: [1, 2]}: the key is dotted
-            tree["params"] = {**(tree.get("params") or {}), rest: value}
-        elif head in SweepConfig.model_fields:
-            node = tree
-            for part in key.split(".")[:-1]:
-                node = node.setdefault(part, {})
-            node[key.split(".")[-1]] = value
-        else:  # a pipeline key: applied to the base after the file's own overrides
-            tree["overrides"] = [*tree.get("overrides", []), item]
+    tree = _with_command_line(read_yaml_mapping(p, "sweep file"), overrides, source)
     try:
         spec = SweepConfig.model_validate(tree)
     except ValidationError as err:
@@ -353,7 +352,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepPla
                               f"{objective} nor a stage it reads; every value would score "
                               "the same")
     for i, point in enumerate(spec.points_to_evaluate):  # a bad value fails here, not in a trial
-        with_values(base, point, f"{source}: points_to_evaluate[{i}]")
+        override_config(base, point, f"{source}: points_to_evaluate[{i}]")
     affected = set().union(*by_key.values())
     epochs = [base.train.epochs]
     if "train.epochs" in spec.params:
@@ -546,8 +545,8 @@ def run_trial(params: dict, setup: TrialSetup) -> None:
     trial_id = tune.get_context().get_trial_id()
     base = RunRoot(setup.base_uri, setup.storage)
     trial_uri = Location(setup.trials_uri, setup.storage).child(trial_id).uri
-    cfg = with_values(Config.model_validate(setup.base_config),
-                      {**params, "run.root": trial_uri}, f"trial {trial_id}")
+    cfg = override_config(Config.model_validate(setup.base_config),
+                          {**params, "run.root": trial_uri}, f"trial {trial_id}")
     root = SharedRunRoot.for_trial(base, trial_uri, cfg, exclude={setup.objective_stage})
     objective = setup.objective_stage
     run = run_pipeline(cfg, stages=list(setup.stages), root=root,
@@ -719,7 +718,7 @@ def write_results(plan: SweepPlan, grid) -> dict:
             "test_accuracy": top["test_accuracy"], "params": params,
             "trial_root": top["trial_root"],
             "reproduce": "diffinf run " + " ".join(
-                [str(plan.base_path), *plan.spec.overrides,
+                [str(plan.base_path), *override_args(plan.spec.overrides),
                  *(f"{k}={json.dumps(v)}" for k, v in params.items())]),
         }
         plan.root.child("best.json").write_json(best)
@@ -772,7 +771,7 @@ def describe(plan: SweepPlan) -> str:
     spec = plan.spec
     lines = [
         f"sweep {spec.name}: {plan.source}",
-        f"  base config      {plan.base_path} {' '.join(spec.overrides)}".rstrip(),
+        f"  base config      {plan.base_path} {' '.join(override_args(spec.overrides))}".rstrip(),
         f"  base run root    {plan.base_root} (shared stages)",
         f"  sweep root       {plan.root.display}",
         f"  shared, run once {', '.join(plan.shared) or '-'}",
@@ -804,17 +803,9 @@ def _print_results(summary: dict, plan: SweepPlan) -> None:
     print(f"results: {plan.root.child('results.csv').display}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`diffinf sweep CONFIG [key=value ...] [--restore/--no-restore] [--dry-run]`."""
-    parser = argparse.ArgumentParser(prog="diffinf sweep", description=__doc__.split("\n")[0])
-    parser.add_argument("config", help="sweep file (jobs/configs/sweep.yaml)")
-    parser.add_argument("overrides", nargs="*",
-                        help="sweep keys (num_samples=4) or base config keys (run.root=...)")
-    parser.add_argument("--restore", action=argparse.BooleanOptionalAction, default=True,
-                        help="resume the sweep's Tune experiment if it exists (default)")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="print the plan (shared and per-trial stages) and exit")
-    args = parser.parse_intermixed_args(argv)
+def run_command(args) -> int:
+    """`diffinf sweep` with parsed arguments (config, overrides, restore, dry_run; see
+    cli.add_sweep_arguments). Exit status 0; 1 when a trial failed; 130 when interrupted."""
     plan = load_sweep(args.config, args.overrides)
     print(describe(plan))
     if args.dry_run:
@@ -825,3 +816,13 @@ def main(argv: list[str] | None = None) -> int:
         print("the sweep was interrupted; run the same command again to resume it")
         return 130
     return 1 if summary["error"] else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`diffinf sweep CONFIG [key=value ...] [--restore/--no-restore] [--dry-run]`
+    (diffinf_ray.cli)."""
+    import sys
+
+    from diffinf_ray.cli import main as diffinf_main
+
+    return diffinf_main(["sweep", *(sys.argv[1:] if argv is None else argv)])

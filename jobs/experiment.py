@@ -8,25 +8,18 @@ Runs unchanged locally and under `ray job submit`:
 Under `ray job submit` it joins the job's cluster; otherwise it starts a local Ray. Repeating
 the command resumes: finished stages of every run are skipped (diffinf_ray/experiment.py).
 Writes <root>/experiment.json (progress) and <root>/table/ (table.md, .csv, .html, plots).
+The arguments are `diffinf experiment`'s (diffinf_ray/cli.py), the config as --config.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from diffinf_ray.experiment import main as experiment_main
+from diffinf_ray.cli import run_job
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True, help="experiment YAML")
-    parser.add_argument("--task", action="append", default=[], help="only this task (repeatable)")
-    parser.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
-    parser.add_argument("--table-only", action="store_true", help="only re-aggregate the table")
-    args = parser.parse_args(argv)
-    flags = [f for f, on in (("--dry-run", args.dry_run), ("--table-only", args.table_only)) if on]
-    return experiment_main([args.config, *(a for t in args.task for a in ("--task", t)), *flags])
+    return run_job("experiment", "jobs.experiment", argv)
 
 
 if __name__ == "__main__":

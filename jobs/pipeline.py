@@ -6,23 +6,18 @@ Runs unchanged locally and under `ray job submit`:
     ray job submit --working-dir . -- python -m jobs.pipeline --config jobs/configs/tiny.yaml
 
 Under `ray job submit` it joins the job's cluster; otherwise it starts a local Ray.
+The arguments are `diffinf run`'s (diffinf_ray/cli.py), the config as --config.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from diffinf_ray.cli import main as diffinf_main
+from diffinf_ray.cli import run_job
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--force", action="store_true")
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
-    return diffinf_main(["run", args.config, *args.overrides, *(["--force"] if args.force else [])])
+    return run_job("run", "jobs.pipeline", argv)
 
 
 if __name__ == "__main__":

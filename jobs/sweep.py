@@ -10,26 +10,18 @@ Runs unchanged locally and under `ray job submit`:
 Under `ray job submit` it joins the job's cluster; otherwise it starts a local Ray. Running it
 again resumes an interrupted sweep (`--no-restore` starts over). Results: results.csv,
 best.json and objective_vs_<param>.png under the sweep root (diffinf_ray/sweep.py).
+The arguments are `diffinf sweep`'s (diffinf_ray/cli.py), the config as --config.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from diffinf_ray.cli import main as diffinf_main
+from diffinf_ray.cli import run_job
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--restore", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--dry-run", action="store_true")
-    parser.add_argument("overrides", nargs="*", help="sweep keys or base config keys")
-    args = parser.parse_intermixed_args(argv)
-    flags = ["--restore" if args.restore else "--no-restore",
-             *(["--dry-run"] if args.dry_run else [])]
-    return diffinf_main(["sweep", args.config, *args.overrides, *flags])
+    return run_job("sweep", "jobs.sweep", argv)
 
 
 if __name__ == "__main__":

@@ -116,3 +116,106 @@ def test_shipped_configs_validate():
             load_experiment(path)
             kinds.add("experiment")
     assert kinds == {"pipeline", "sweep", "experiment"}
+
+
+# -- dotted overrides: one function for the command line, experiment and sweep files ----------
+
+def test_overrides_as_mapping_or_strings_give_the_same_config(tmp_path):
+    from diffinf_ray.config import override_args, parse_overrides
+
+    path = write(tmp_path, "")
+    strings = ["train.epochs=3", "influence.layers=[head]", "autoencoder.overrides={z_dim: 16}",
+               "run.name=x y", "baselines.options.small_loss.noise_rate=0.25"]
+    mapping = {"train.epochs": 3, "influence.layers": ["head"],
+               "autoencoder.overrides": {"z_dim": 16}, "run.name": "x y",
+               "baselines.options.small_loss.noise_rate": 0.25}
+    assert parse_overrides(strings) == mapping
+    assert load_config(path, strings) == load_config(path, mapping)
+    assert parse_overrides(override_args(mapping)) == mapping  # best.json's `reproduce`
+    cfg = load_config(path, mapping)
+    assert cfg.baselines.options == {"small_loss": {"noise_rate": 0.25}}
+    assert cfg.run.name == "x y" and cfg.influence.layers == ["head"]
+
+
+def test_override_keys_are_checked_before_they_are_set(tmp_path):
+    from diffinf_ray.config import apply_overrides, override_config
+
+    path = write(tmp_path, "train: {epochs: 3}\n")
+    with pytest.raises(ConfigError, match=f"{path}: unknown config key 'train.epohcs'"):
+        load_config(path, {"train.epohcs": 3})
+    with pytest.raises(ConfigError, match="'train.epochs' is not a section"):
+        load_config(path, ["train.epochs.x=1"])
+    tree = {"train": {"epochs": 3}}
+    assert apply_overrides(tree, ["train.lr=0.5"], "t") == {"train": {"epochs": 3, "lr": 0.5}}
+    assert tree == {"train": {"epochs": 3}}  # a copy: the caller's tree is unchanged
+    cfg = load_config(path)
+    assert override_config(cfg, {"edit.w_id": 2.0}).edit.w_id == 2.0
+    with pytest.raises(ConfigError, match=r"trial 7: 'edit.w_id': .*greater than or equal"):
+        override_config(cfg, {"edit.w_id": -1.0}, "trial 7")
+
+
+# -- free-form sections are checked on load (not when their stage runs) ------------------------
+# (moved here from test_baselines_stage.py's test_unknown_option_key_is_an_error_naming_it: the
+# elr_plus.betta and promx cases now fail when the config is loaded, before any stage runs)
+
+@pytest.mark.parametrize("text, message", [
+    ("baselines: {options: {elr_plus: {betta: 0.5}}}",
+     r"unknown key 'baselines.options.elr_plus.betta' \(elr_plus takes \[.*'beta'"),
+    ("baselines: {options: {promx: {}}}", "unknown key 'baselines.options.promx'"),
+    ("baselines: {options: {promix: {pretrain_epochs: 2.5}}}",
+     "'baselines.options.promix.pretrain_epochs': expected int, got 2.5"),
+    ("baselines: {options: {small_loss: {eval_net: best}}}",
+     "'baselines.options.small_loss.eval_net': expected 'net1' | 'mean', got 'best'"),
+    ("baselines: {options: {small_loss: {co_teaching: 1}}}",
+     "'baselines.options.small_loss.co_teaching': expected bool"),
+    ("autoencoder: {overrides: {z_dimm: 16}}",
+     r"unknown key 'autoencoder.overrides.z_dimm' \(DiffAEConfig fields: \[.*'z_dim'"),
+    ("autoencoder: {overrides: {z_dim: 1.5}}", "'autoencoder.overrides.z_dim': expected int"),
+    ("autoencoder: {overrides: {unet_channels: 32}}",
+     "'autoencoder.overrides.unet_channels': expected a list of ints"),
+    ("autoencoder: {overrides: {num_classes: 3}}",
+     "'autoencoder.overrides.num_classes': set by autoencoder.label_conditioning"),
+])
+def test_free_form_keys_are_checked_on_load_naming_file_and_key(tmp_path, text, message):
+    path = write(tmp_path, text + "\n")
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config(path)
+    assert str(err.value).startswith(f"{path}: ")
+    section, value = (part.strip() for part in text.split(":", 1))
+    with pytest.raises(ConfigError, match=message):  # the same through an override
+        load_config(write(tmp_path, ""), [f"{section}={value}"])
+
+
+def test_good_free_form_values_load(tmp_path):
+    cfg = load_config(write(tmp_path, "baselines: {options: {small_loss: {noise_rate: 0, "
+                                      "eval_net: mean}, elr_plus: {optimizer: sgd, lam: 2}}}\n"
+                                      "autoencoder: {overrides: {z_dim: 16, dropout: 0, "
+                                      "unet_channels: [16, 32]}}\n"))
+    assert cfg.baselines.options["elr_plus"] == {"optimizer": "sgd", "lam": 2}
+    assert cfg.autoencoder.overrides["unet_channels"] == [16, 32]
+
+
+def test_option_tables_are_the_methods_defaults():
+    """The torch-free tables the config checks against are what the methods are built with."""
+    from diffinf_ray.baselines import METHODS, method_defaults
+    from diffinf_ray.diffae.config import field_types
+    from diffinf_ray.diffae.model import DiffAEConfig
+    from diffinf_ray.method_options import COMMON_OPTIONS, METHOD_OPTIONS, fits
+
+    assert set(METHOD_OPTIONS) == set(METHODS)
+    for name, table in METHOD_OPTIONS.items():
+        defaults = method_defaults(name)
+        assert set(defaults) == set(table) | set(COMMON_OPTIONS)
+        for key, (kind, default) in {**COMMON_OPTIONS, **table}.items():
+            assert default is None or fits(kind, default), (name, key)
+    assert set(field_types()) == set(DiffAEConfig.__dataclass_fields__)
+
+
+def test_config_module_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from diffinf_ray.config import load_config; "
+            "load_config('jobs/configs/demo.yaml'); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from ray import tune
 
-from diffinf_ray.config import STAGES, ConfigError, fingerprint, load_config
+from diffinf_ray.config import STAGES, ConfigError, fingerprint, load_config, override_config
 from diffinf_ray.run_root import RunRoot
 from diffinf_ray.stage_registry import REGISTRY
 from diffinf_ray.sweep import (
@@ -22,7 +22,6 @@ from diffinf_ray.sweep import (
     main,
     plot_objective,
     run_sweep,
-    with_values,
 )
 
 CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
@@ -193,7 +192,7 @@ def finished_base(tmp_path: Path):
 
 def test_edit_weight_trial_reads_the_baseline_from_the_base_root(tmp_path):
     cfg, base = finished_base(tmp_path)
-    trial_cfg = with_values(cfg, {"edit.w_id": 3.0})
+    trial_cfg = override_config(cfg, {"edit.w_id": 3.0}, "trial")
     root = SharedRunRoot.for_trial(base, str(tmp_path / "trial"), trial_cfg, exclude={"retrain"})
     in_base = str(tmp_path / "base")
     in_trial = str(tmp_path / "trial")
@@ -215,7 +214,7 @@ def test_edit_weight_trial_reads_the_baseline_from_the_base_root(tmp_path):
 
 def test_noise_rate_trial_owns_noise_and_everything_downstream(tmp_path):
     cfg, base = finished_base(tmp_path)
-    trial_cfg = with_values(cfg, {"noise.rate": 0.1})
+    trial_cfg = override_config(cfg, {"noise.rate": 0.1}, "trial")
     root = SharedRunRoot.for_trial(base, str(tmp_path / "trial"), trial_cfg)
     # no labels in ingest or lossnets; the judges draw their own data
     assert root.shared_stages == {"ingest", "lossnets", "judges"}
@@ -233,7 +232,7 @@ def test_trial_root_pickled_keeps_its_routing(tmp_path):
 
     cfg, base = finished_base(tmp_path)
     root = SharedRunRoot.for_trial(base, str(tmp_path / "trial"),
-                                   with_values(cfg, {"edit.w_si": 0.5}))
+                                   override_config(cfg, {"edit.w_si": 0.5}))
     again = pickle.loads(pickle.dumps(root))
     assert isinstance(again, SharedRunRoot)
     assert again.checkpoints.path == root.checkpoints.path == str(tmp_path / "base/checkpoints")

@@ -48,10 +48,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffinf_ray.method_options import COMMON_OPTIONS, option_defaults
+
 Batch = Mapping[str, torch.Tensor]
 ModelFactory = Callable[[], nn.Module]
 
-COMMON_DEFAULTS: dict[str, Any] = {"optimizer": "adam", "weight_decay": 0.0, "momentum": 0.9}
+COMMON_DEFAULTS: dict[str, Any] = option_defaults(COMMON_OPTIONS)  # diffinf_ray/method_options.py
 
 
 @runtime_checkable

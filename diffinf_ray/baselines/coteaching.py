@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from diffinf_ray.baselines.base import Batch, LogitAverage, MethodBase, MethodError, ceil_count
+from diffinf_ray.method_options import METHOD_OPTIONS, option_defaults
 
 
 def forget_rate(epoch: int, tau: float, num_gradual: int, exponent: float = 1.0) -> float:
@@ -63,8 +64,7 @@ def small_loss_indices(losses: torch.Tensor, k: int) -> torch.Tensor:
 
 class CoTeaching(MethodBase):
     name = "small_loss"
-    DEFAULTS = {"forget_rate": None, "noise_rate": None, "num_gradual": 10, "exponent": 1.0,
-                "co_teaching": True, "eval_net": "net1"}
+    DEFAULTS = option_defaults(METHOD_OPTIONS["small_loss"])  # diffinf_ray/method_options.py
 
     def __init__(self, num_classes, num_samples, cfg, model_factory, lr):
         super().__init__(num_classes, num_samples, cfg, model_factory, lr)

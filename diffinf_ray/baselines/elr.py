@@ -59,6 +59,7 @@ from diffinf_ray.baselines.base import (
     sigmoid_rampup,
     soft_cross_entropy,
 )
+from diffinf_ray.method_options import METHOD_OPTIONS, option_defaults
 
 
 def elr_regularizer(logits: torch.Tensor, targets: torch.Tensor, clamp: float = 1e-4) -> torch.Tensor:
@@ -69,8 +70,7 @@ def elr_regularizer(logits: torch.Tensor, targets: torch.Tensor, clamp: float = 
 
 class ELRPlus(MethodBase):
     name = "elr_plus"
-    DEFAULTS = {"beta": 0.7, "lam": 3.0, "mixup_alpha": 1.0, "ema_alpha": 0.997,
-                "ema_step": 40000, "coef_step": 0, "clamp": 1e-4}
+    DEFAULTS = option_defaults(METHOD_OPTIONS["elr_plus"])  # diffinf_ray/method_options.py
 
     def __init__(self, num_classes, num_samples, cfg, model_factory, lr):
         super().__init__(num_classes, num_samples, cfg, model_factory, lr)

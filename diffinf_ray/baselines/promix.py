@@ -78,6 +78,7 @@ from diffinf_ray.baselines.base import (
     mixup_coefficient,
     soft_cross_entropy,
 )
+from diffinf_ray.method_options import METHOD_OPTIONS, option_defaults
 
 
 class DualHeadNet(nn.Module):
@@ -158,12 +159,7 @@ def _mean(values: torch.Tensor) -> torch.Tensor:
 
 class ProMix(MethodBase):
     name = "promix"
-    DEFAULTS = {"epochs": None, "rho_start": 0.5, "rho_end": 0.5, "tau": 0.99,
-                "pretrain_epochs": 10, "rampup_epochs": 50, "lga_epochs": 250,
-                "lga_threshold": 0.9, "debias_output": 0.8, "debias_pl": 0.8,
-                "bias_momentum": 0.9999, "temperature": 0.5, "mixup_alpha": 4.0,
-                "beta_max": 0.1, "beta_cutoff": True, "pseudo_head": True,
-                "confidence_penalty": False}
+    DEFAULTS = option_defaults(METHOD_OPTIONS["promix"])  # diffinf_ray/method_options.py
 
     def __init__(self, num_classes, num_samples, cfg, model_factory, lr):
         super().__init__(num_classes, num_samples, cfg, model_factory, lr)

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from diffinf_ray.baselines.base import Batch, MethodBase, MethodError
+from diffinf_ray.method_options import METHOD_OPTIONS, option_defaults
 
 
 def global_trust(progress: float, exp_base: float, transit: float) -> float:
@@ -49,8 +50,7 @@ def local_trust(probs: torch.Tensor) -> torch.Tensor:
 
 class ProSelfLC(MethodBase):
     name = "proselflc"
-    DEFAULTS = {"epochs": None, "exp_base": 6.0, "transit_time_ratio": 0.5,
-                "burn_in_epochs": None, "steps_per_epoch": None, "detach_target": False}
+    DEFAULTS = option_defaults(METHOD_OPTIONS["proselflc"])  # diffinf_ray/method_options.py
 
     def __init__(self, num_classes, num_samples, cfg, model_factory, lr):
         super().__init__(num_classes, num_samples, cfg, model_factory, lr)

@@ -2,7 +2,8 @@
 
 Modules (import the one you need; nothing heavy is imported here):
 - `schedule`    linear DDPM schedule, the DDIM step and inversion step, diffusers-compatible grids
-- `model`       DiffAEConfig + presets (tiny, small, ffhq128, ffhq256), DiffAEModel (diffusers blocks)
+- `config`      DiffAEConfig + presets (tiny, small, ffhq128, ffhq256): plain data, no torch
+- `model`       DiffAEModel (diffusers blocks); re-exports DiffAEConfig, PRESETS, preset
 - `autoencoder` encode(x) -> (z, x_T), differentiable decode(z, x_T, label) with checkpointing
 - `training`    diffusion_loss, train_step, EMA (the Ray-free training core)
 - `weights`     save/load as safetensors + config.json with sha256 checks

@@ -12,10 +12,8 @@ Out: report/metrics.csv        one row per training condition: accuracy, AUROC (
 
 from __future__ import annotations
 
-import html
 import io
 
-import numpy as np
 import pandas as pd
 
 from diffinf_ray.config import STAGES, Config
@@ -78,17 +76,9 @@ def before_after_grid(edits: pd.DataFrame, columns: int = GRID_COLUMNS) -> bytes
 
 
 def _table_md(df: pd.DataFrame, digits: int = 3) -> str:
-    if df.empty:
-        return "(none)\n"
-    head = "| " + " | ".join(df.columns) + " |\n|" + "---|" * len(df.columns) + "\n"
+    from diffinf_ray.render import markdown_table
 
-    def cell(v):
-        if v is None or (isinstance(v, float) and np.isnan(v)):
-            return "-"
-        return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
-
-    return head + "".join("| " + " | ".join(cell(v) for v in row) + " |\n"
-                          for row in df.itertuples(index=False))
+    return markdown_table(df, digits, empty="(none)")
 
 
 WEAK_IDENTITY_ORACLE_AUROC = 0.75
@@ -206,29 +196,6 @@ def run_report(cfg: Config, root: RunRoot) -> dict:
 
 def _html(markdown_text: str, title: str) -> str:
     """A self-contained HTML page of the report (tables and images; no external assets)."""
-    body, table = [], []
+    from diffinf_ray.render import markdown_to_html
 
-    def flush():
-        if table:
-            rows = [r.strip("|").split("|") for r in table if not set(r) <= set("|-")]
-            cells = ["<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in r) + "</tr>"
-                     for r in rows]
-            body.append("<table border=1 cellpadding=4>" + "".join(cells) + "</table>")
-            table.clear()
-
-    for line in markdown_text.splitlines():
-        if line.startswith("|"):
-            table.append(line)
-            continue
-        flush()
-        if line.startswith("#"):
-            level = len(line) - len(line.lstrip("#"))
-            body.append(f"<h{level}>{html.escape(line.lstrip('# '))}</h{level}>")
-        elif line.startswith("!["):
-            src = line[line.index("(") + 1:line.rindex(")")]
-            body.append(f'<img src="{html.escape(src)}" style="image-rendering:pixelated">')
-        elif line.strip():
-            body.append(f"<p>{html.escape(line).replace('**', '')}</p>")
-    flush()
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
-            f"</title></head><body>{''.join(body)}</body></html>")
+    return markdown_to_html(markdown_text, title)

@@ -1,0 +1,111 @@
+"""Markdown and HTML for the run report (stages/report.py) and the experiment table
+(experiment.py): tables from DataFrames, images, and self-contained HTML pages.
+
+No project imports and nothing heavy (pandas only for type hints): both callers build their
+documents from these pieces, so a table or page looks the same wherever it is written.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+PIXELATED = "image-rendering:pixelated"  # small images scaled up stay sharp
+
+
+def format_cell(value, digits: int | None = None) -> str:
+    """A table cell: as str(); with `digits`, floats to that many decimals and a missing value
+    (None, NaN) as "-"."""
+    if digits is None:
+        return str(value)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def markdown_table(df: pd.DataFrame, digits: int | None = None, empty: str = "(none)") -> str:
+    """A GitHub-style markdown table of `df` (cells by `format_cell`), or `empty` on a line of
+    its own when it has no rows."""
+    if df.empty:
+        return f"{empty}\n"
+    head = "| " + " | ".join(df.columns) + " |\n|" + "---|" * len(df.columns) + "\n"
+    return head + "".join("| " + " | ".join(format_cell(v, digits) for v in row) + " |\n"
+                          for row in df.itertuples(index=False))
+
+
+def markdown_image(title: str, src: str) -> str:
+    return f"![{title}]({src})"
+
+
+def html_table(df: pd.DataFrame, empty: str = "(none)") -> str:
+    """`df` as an HTML table (escaped, "-" for missing values), or `empty` as a paragraph."""
+    if df.empty:
+        return f"<p>{empty}</p>"
+    return df.to_html(index=False, border=1, na_rep="-", escape=True)
+
+
+def html_rows_table(rows: Iterable[Iterable[str]]) -> str:
+    """A plain HTML table of text cells (escaped), one <tr> per row."""
+    cells = ["<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in row) + "</tr>"
+             for row in rows]
+    return "<table border=1 cellpadding=4>" + "".join(cells) + "</table>"
+
+
+def html_heading(level: int, text: str) -> str:
+    return f"<h{level}>{html.escape(text)}</h{level}>"
+
+
+def html_paragraph(text: str) -> str:
+    return f"<p>{html.escape(text)}</p>"
+
+
+def html_linked_image(src: str) -> str:
+    """An image by its (relative) file name."""
+    return f'<img src="{html.escape(src)}" style="{PIXELATED}">'
+
+
+def html_inline_png(title: str, png: bytes) -> str:
+    """A PNG embedded in the page (base64), so the page is one self-contained file."""
+    data = base64.b64encode(png).decode()
+    return (f"<img alt='{html.escape(title)}' src='data:image/png;base64,{data}' "
+            f"style='{PIXELATED}'>")
+
+
+def html_page(title: str, body: Iterable[str], style: str = "") -> str:
+    """A complete HTML document around `body` (HTML fragments, joined as they are)."""
+    head = f"<title>{html.escape(title)}</title>" + (f"<style>{style}</style>" if style else "")
+    return (f"<!doctype html><html><head><meta charset='utf-8'>{head}</head>"
+            f"<body>{''.join(body)}</body></html>")
+
+
+def markdown_to_html(markdown_text: str, title: str) -> str:
+    """A page from the markdown this project writes (headings, paragraphs, `| tables |`,
+    `![alt](file)` images; bold markers dropped), not general markdown."""
+    body: list[str] = []
+    table: list[str] = []
+
+    def flush() -> None:
+        if table:
+            body.append(html_rows_table(r.strip("|").split("|") for r in table
+                                        if not set(r) <= set("|-")))
+            table.clear()
+
+    for line in markdown_text.splitlines():
+        if line.startswith("|"):
+            table.append(line)
+            continue
+        flush()
+        if line.startswith("#"):
+            body.append(html_heading(len(line) - len(line.lstrip("#")), line.lstrip("# ")))
+        elif line.startswith("!["):
+            body.append(html_linked_image(line[line.index("(") + 1:line.rindex(")")]))
+        elif line.strip():
+            body.append(html_paragraph(line.replace("**", "")))
+    flush()
+    return html_page(title, body)
