@@ -13,7 +13,7 @@ Out, per method m of `baselines.methods`:
       `peer_states`; no `optimizer_state` (the method's optimisers are in method_state.pt)
   baselines/m/checkpoints/epoch_NNNN/method_state.pt  {"epoch", "method": method.state_dict()}
       (networks, optimisers, EMA copies, per-sample state, counters) for resume
-  baselines/m/evaluation/metrics.json, predictions.parquet  (stages/evaluate.py, clean test split)
+  baselines/m/evaluation/metrics.json, predictions.parquet  (models/evaluation.py, clean test split)
   baselines/summary.json  {m: headline test metrics + the last epoch's training metrics}
   Checkpoints are written every `train.checkpoint_every` epochs and at the last one.
 
