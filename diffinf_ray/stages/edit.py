@@ -13,8 +13,6 @@ Out: edits/edits.parquet   one row per edited sample: sample_id, label, image (P
      edits/quarantine.parquet  rows that failed `edit.max_attempts` times, with the reason
                                (manifest.QUARANTINE_SCHEMA); high-influence rows = edits +
                                quarantined, always.
-     Both are folders of parquet parts in no particular row order (`artifacts.read_edits`),
-     streamed from the actors through edits' staging folder: no image reaches the driver.
 Each actor loads every frozen model once (from a local or s3:// run root), on a GPU when
 `edit.use_gpu` (`edit.gpus_per_actor` < 1 packs several actors on one GPU). An exception while
 editing a batch is retried up to `edit.max_attempts` times, then each row of the batch is tried
@@ -38,15 +36,9 @@ from diffinf_ray.artifacts import (
     load_edit_losses,
     load_run_autoencoder,
     load_run_predictor,
-    read_edits,
 )
 from diffinf_ray.config import Config
-from diffinf_ray.datasets import (
-    check_manifest,
-    split_dataset,
-    write_dataset,
-    write_dataset_or_empty,
-)
+from diffinf_ray.datasets import check_manifest, split_dataset
 from diffinf_ray.run_root import RunRoot
 from diffinf_ray.stage_registry import config_for_stage
 
@@ -173,85 +165,36 @@ def edit_dataset(cfg: Config, root: RunRoot, rows, actor_cls=None):
     )
 
 
-EDITS_SCHEMA = pa.schema(
-    [("sample_id", pa.string()), ("label", pa.int32()), ("image_original", pa.binary()),
-     ("image", pa.binary()), ("attempts", pa.int32())]
-    + [(name, pa.int32() if name == "iterations" else pa.float64()) for name in RESULT_COLUMNS]
-    + [("lpips", pa.float64()), ("identity_similarity", pa.float64())])
-# the actors' rows, edited or not: EDITS_SCHEMA plus the error of a row that failed
-STAGED_SCHEMA = EDITS_SCHEMA.append(pa.field("error", pa.string()))
-SUMMARY_COLUMNS = ("lpips", "identity_similarity", "p_high_before", "p_high_after",
-                   "loss_total", "iterations", "reconstruction_mse")
-
-
-def typed_rows(batch: dict[str, np.ndarray]) -> pa.Table:
-    """Ray Data batch fn: the actors' output as a STAGED_SCHEMA table, so every written part
-    has the same types (a batch whose rows all failed has no image bytes to infer from)."""
-    columns = {}
-    for field in STAGED_SCHEMA:
-        values = batch[field.name]
-        if pa.types.is_integer(field.type) and values.dtype.kind == "f":
-            missing = np.isnan(values)  # iterations of a failed row
-            columns[field.name] = pa.array(np.where(missing, 0, values).astype(np.int32),
-                                           field.type, mask=missing)
-        elif field.type in (pa.string(), pa.binary()):
-            columns[field.name] = pa.array(list(values), field.type)
-        else:
-            columns[field.name] = pa.array(values, field.type)
-    return pa.table(columns, schema=STAGED_SCHEMA)
-
-
-def _edited_part(table: pa.Table) -> pa.Table:
-    import pyarrow.compute as pc
-
-    return table.filter(pc.is_null(table["error"])).select(EDITS_SCHEMA.names)
-
-
-def _quarantine_part(table: pa.Table) -> pa.Table:
-    import pyarrow.compute as pc
-
-    from diffinf_ray.manifest import QUARANTINE_SCHEMA
-
-    bad = table.filter(pc.is_valid(table["error"]))
-    n = bad.num_rows
-    return pa.table({"sample_id": bad["sample_id"], "source": pa.array(["edit"] * n, pa.string()),
-                     "stage": pa.array(["edit"] * n, pa.string()), "reason": bad["error"]},
-                    schema=QUARANTINE_SCHEMA)
-
-
-def write_edits(cfg: Config, root: RunRoot, rows) -> None:
-    """Run the edit actors over `rows` once, streaming their output to a staging folder, then
-    split it into edits/edits.parquet and edits/quarantine.parquet (folders of parquet parts)
-    without collecting images in the driver."""
-    import ray
-
-    from diffinf_ray.manifest import QUARANTINE_SCHEMA
-
-    out = root.child(STAGE_FOLDER)
-    staged = root.child("_staging", "edit")
-    write_dataset(edit_dataset(cfg, root, rows).map_batches(typed_rows, batch_format="numpy"),
-                  staged)
-    staged_ds = ray.data.read_parquet(staged.path, filesystem=staged.fs)
-    write_dataset_or_empty(staged_ds.map_batches(_edited_part, batch_format="pyarrow"),
-                           out.child(EDITS_TABLE), EDITS_SCHEMA.empty_table())
-    write_dataset_or_empty(staged_ds.map_batches(_quarantine_part, batch_format="pyarrow"),
-                           out.child(EDITS_QUARANTINE), QUARANTINE_SCHEMA.empty_table())
-    staged.delete()
-
-
 def run_edit(cfg: Config, root: RunRoot) -> dict:
+    import pandas as pd
+
+    from diffinf_ray.manifest import QUARANTINE_SCHEMA
+
     check_manifest(root.noisy_manifest, "edit", MANIFEST_COLUMNS)
     rows, expected = high_influence_rows(root)
-    write_edits(cfg, root, rows)
-    # the scalar columns only: the images stay on disk
-    ok = read_edits(root, ["sample_id", *SUMMARY_COLUMNS]).to_pandas()
-    n_failed = root.child(STAGE_FOLDER, EDITS_QUARANTINE).read_table(["sample_id"]).num_rows
-    if len(ok) + n_failed != expected:
-        raise RuntimeError(f"edit: {expected} high-influence rows in, {len(ok) + n_failed} out "
-                           f"({len(ok)} edited, {n_failed} quarantined)")
-    summary = {"high_influence_rows": expected, "edited": len(ok), "quarantined": n_failed}
+    df = edit_dataset(cfg, root, rows).to_pandas()
+    df["sample_id"] = df["sample_id"].astype(str)
+    df = df.sort_values("sample_id", kind="stable").reset_index(drop=True)
+    failed = df["error"].notna()
+    ok = df[~failed].drop(columns="error")
+    out = root.child(STAGE_FOLDER)
+    ok = ok.astype({"label": np.int32, "attempts": np.int32, "iterations": np.int32})
+    # plain columns: no pandas metadata (Ray hands back Arrow-backed pandas dtypes)
+    table = pa.Table.from_pandas(ok, preserve_index=False).replace_schema_metadata(None)
+    out.child(EDITS_TABLE).write_table(table)
+    quarantine = pd.DataFrame({"sample_id": df.loc[failed, "sample_id"],
+                               "source": "edit", "stage": "edit",
+                               "reason": df.loc[failed, "error"].astype(str)})
+    out.child(EDITS_QUARANTINE).write_table(
+        pa.Table.from_pandas(quarantine, schema=QUARANTINE_SCHEMA, preserve_index=False))
+    if len(df) != expected:
+        raise RuntimeError(f"edit: {expected} high-influence rows in, {len(df)} out "
+                           f"({len(ok)} edited, {int(failed.sum())} quarantined)")
+    summary = {"high_influence_rows": expected, "edited": len(ok),
+               "quarantined": int(failed.sum())}
     if len(ok):
-        for name in SUMMARY_COLUMNS:
+        for name in ("lpips", "identity_similarity", "p_high_before", "p_high_after",
+                     "loss_total", "iterations", "reconstruction_mse"):
             summary[f"mean_{name}"] = float(ok[name].mean())
         summary["share_p_high_below_stop"] = float((ok["p_high_after"] < cfg.edit.stop_p_high)
                                                    .mean())
