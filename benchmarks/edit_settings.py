@@ -39,12 +39,12 @@ def parse_setting(text: str) -> tuple[str, dict]:
 def main(argv=None) -> list[dict]:
     import torch
 
+    from diffinf_ray.artifacts import high_influence_ids, load_judges
     from diffinf_ray.config import load_config
     from diffinf_ray.data.images import to_tensor_batch
     from diffinf_ray.pipeline import open_run_root
     from diffinf_ray.stages.edit import build_editor, to_png_batch
-    from diffinf_ray.stages.influence import high_influence_ids
-    from diffinf_ray.stages.oracle import _embed, _predict, load_judges
+    from diffinf_ray.stages.oracle import _embed, _predict
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", required=True)

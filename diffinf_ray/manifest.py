@@ -55,7 +55,10 @@ class ManifestError(ValueError):
     """A manifest that breaks the contract above; the message says which column or row."""
 
 
-def check_columns(schema: pa.Schema, where: str) -> None:
-    missing = [c for c in REQUIRED_COLUMNS if c not in schema.names]
+def require_columns(names, required, stage: str, where: str) -> None:
+    """Fail when a manifest with columns `names` lacks one of `required` (the columns `stage`
+    reads); the message names the stage, the manifest and each missing column."""
+    missing = [c for c in dict.fromkeys(required) if c not in names]
     if missing:
-        raise ManifestError(f"{where}: manifest lacks columns {missing}")
+        raise ManifestError(f"{stage} stage: the manifest at {where} lacks column(s) "
+                            f"{', '.join(missing)} (it has {', '.join(names)})")

@@ -17,8 +17,6 @@ import io
 import json
 import os
 import posixpath
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
@@ -184,9 +182,6 @@ class Location:
     def write_json(self, obj: dict) -> None:
         self.write_bytes(json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
 
-    def makedirs(self) -> None:
-        self.fs.create_dir(self.path, recursive=True)
-
     def delete(self) -> None:
         """Delete this folder (or file) and everything below it; a missing one is fine."""
         info = self.fs.get_file_info(self.path)
@@ -196,12 +191,13 @@ class Location:
             self.fs.delete_file(self.path)
 
     # -- tables ---------------------------------------------------------------------------
-    def read_table(self, columns: list[str] | None = None) -> pa.Table:
-        """A parquet file, or every parquet file below a folder, as one table."""
+    def read_table(self, columns: list[str] | None = None, filters=None) -> pa.Table:
+        """A parquet file, or every parquet file below a folder, as one table; `filters` as
+        `pyarrow.parquet.read_table` takes them (row groups that cannot match are skipped)."""
         if not self.exists():
             raise StorageError(f"{self.display} does not exist")
         try:
-            return pq.read_table(self.path, filesystem=self.fs, columns=columns)
+            return pq.read_table(self.path, filesystem=self.fs, columns=columns, filters=filters)
         except (OSError, pa.ArrowInvalid) as err:
             raise StorageError(f"cannot read parquet at {self.display}: {err}") from err
 
@@ -210,16 +206,3 @@ class Location:
         buf = io.BytesIO()
         pq.write_table(table, buf)
         self.write_bytes(buf.getvalue())
-
-    @contextmanager
-    def local_file(self) -> Iterator[Path]:
-        """A local path holding this file's bytes (the file itself when it is local)."""
-        if self.is_local:
-            yield Path(self.path)
-            return
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as tmp:
-            dest = Path(tmp) / posixpath.basename(self.path)
-            dest.write_bytes(self.read_bytes())
-            yield dest

@@ -480,7 +480,7 @@ def _objective_inputs(stage: str, root: RunRoot) -> tuple[Location, frozenset | 
         from diffinf_ray.stages.refine import REFINED
 
         return root.child(REFINED), None, {}
-    from diffinf_ray.stages.influence import high_influence_ids
+    from diffinf_ray.artifacts import high_influence_ids
 
     flagged = high_influence_ids(root)
     return root.noisy_manifest, flagged, {"removed_rows": len(flagged)}
@@ -509,8 +509,8 @@ def _report(metrics: dict) -> None:
 def train_objective(cfg: Config, root: RunRoot, setup: TrialSetup) -> dict:
     """The objective stage's work in chunks of epochs, a Tune report after each but the last
     (module docstring); the pipeline's `run_stage` runs it in place of the stage's own."""
-    from diffinf_ray.stages.evaluate import evaluate_checkpoints
-    from diffinf_ray.stages.train import train_classifier
+    from diffinf_ray.models.evaluation import evaluate_checkpoints
+    from diffinf_ray.models.training import train_classifier
 
     stage = setup.objective_stage
     manifest, exclude_ids, extra = _objective_inputs(stage, root)

@@ -7,8 +7,8 @@ import pytest
 
 from diffinf_ray.config import load_config
 from diffinf_ray.models.checkpoint import list_checkpoints, load_checkpoint
+from diffinf_ray.models.training import train_classifier
 from diffinf_ray.pipeline import open_run_root, run_pipeline
-from diffinf_ray.stages.train import train_classifier
 
 TINY = "jobs/configs/tiny.yaml"
 

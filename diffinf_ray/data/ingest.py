@@ -178,11 +178,6 @@ def list_image_folder(root: Location, classes: Sequence[str] | None = None) -> p
     return pa.table([pa.array(c, pa.string()) for c in columns], schema=LISTING_SCHEMA)
 
 
-def infer_classes(labels: Iterable[object]) -> list[str]:
-    """The sorted distinct non-null label names (for a folder listing without a class list)."""
-    return sorted({str(v) for v in labels if not _is_missing(v)})
-
-
 def _csv_header(data: bytes, where: str) -> list[str]:
     text = data[:1 << 20].decode("utf-8-sig", errors="replace")
     try:

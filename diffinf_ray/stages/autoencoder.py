@@ -16,7 +16,7 @@ Out: <run root>/autoencoder/
                   last checkpoint; not written when the model is imported.
        model.json the weights later stages load: {source (trained | imported), format (diffinf |
                   official), uri, sha256 of the file loaded (EMA), step, config}.
-                  `load_run_autoencoder(root)` loads them.
+                  `artifacts.load_run_autoencoder(root)` loads them.
        quality.json  reconstruction by inversion at each S of `quality_steps` (MSE, SSIM, LPIPS
                   or "LPIPS unavailable: <reason>"), the same with a random x_T, and the layout
                   of the interpolation grid (`diffae.quality`).
@@ -45,15 +45,18 @@ from pathlib import Path
 
 import numpy as np
 
+from diffinf_ray.artifacts import AUTOENCODER_FOLDER, AUTOENCODER_RECORD, load_autoencoder_model
 from diffinf_ray.config import AutoencoderSection, Config, ConfigError
+from diffinf_ray.datasets import check_manifest, decode_for_training, read_split, split_dataset
 from diffinf_ray.run_root import RunRoot
 from diffinf_ray.storage import Location, StorageOptions, display_uri
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "autoencoder_state.pt"
-STAGE_FOLDER = "autoencoder"
-MODEL_RECORD = "model.json"
+STAGE_FOLDER = AUTOENCODER_FOLDER
+MODEL_RECORD = AUTOENCODER_RECORD
+MANIFEST_COLUMNS = ("sample_id", "split", "image", "label")
 
 
 def checkpoint_dir_name(step: int) -> str:
@@ -253,7 +256,6 @@ def train_autoencoder(cfg: Config, manifest: Location, out: Location, model_conf
     from ray.train.torch import TorchTrainer
 
     from diffinf_ray.ray_session import without_progress_bars, worker_env
-    from diffinf_ray.stages.train import decode_for_training, split_dataset
 
     section = cfg.autoencoder
     train = split_dataset(manifest, "train", ["image", "label"]).map_batches(decode_for_training)
@@ -313,25 +315,6 @@ def export_weights(payload: dict, weights: Location) -> dict:
     return save_autoencoder(model, weights, ema_state=payload["ema_state"])
 
 
-def load_model(record: dict, options: StorageOptions | None = None,
-               map_location: str = "cpu"):
-    """The model a model.json record names, its sha256 checked, in eval mode."""
-    location = Location(record["uri"], options)
-    if record["format"] == "official":
-        from diffinf_ray.diffae.official import load_official
-
-        return load_official(location, sha256=record["sha256"], map_location=map_location)
-    from diffinf_ray.diffae.weights import load_autoencoder
-
-    return load_autoencoder(location, sha256=record["sha256"], map_location=map_location)
-
-
-def load_run_autoencoder(root: RunRoot, map_location: str = "cpu"):
-    """The autoencoder of a finished autoencoder stage (for the stages after it)."""
-    record = root.child(STAGE_FOLDER, MODEL_RECORD).read_json()
-    return load_model(record, root.options, map_location)
-
-
 def _model_summary(model) -> dict:
     from dataclasses import asdict
 
@@ -349,7 +332,7 @@ def import_autoencoder(cfg: Config, num_classes: int, options: StorageOptions) -
     record = {"source": "imported", "format": section.weights_format,
               "uri": location.path if location.is_local else location.uri,
               "sha256": section.weights_sha256.lower(), "step": None}
-    model = load_model(record, options)
+    model = load_autoencoder_model(record, options)
     summary = _model_summary(model)
     if summary["num_classes"] not in (0, num_classes):
         raise ConfigError(f"autoencoder.weights_uri={section.weights_uri}: the model takes "
@@ -361,19 +344,12 @@ def import_autoencoder(cfg: Config, num_classes: int, options: StorageOptions) -
 
 def held_out_rows(manifest: Location, split: str, count: int):
     """The first `count` rows of `split` by sample_id: a DataFrame (sample_id, image, label)."""
-    import pyarrow.parquet as pq
-
-    index = manifest.read_table(columns=["sample_id", "split"]).to_pandas()
-    chosen = sorted(index.loc[index["split"] == split, "sample_id"].astype(str))[:count]
+    index = read_split(manifest, split, [])
+    chosen = index["sample_id"].tolist()[:count]
     if len(chosen) < 2:
         raise ValueError(f"{manifest.display}: split {split!r} has {len(chosen)} rows; the "
                          "autoencoder quality report needs at least 2 (autoencoder.quality_split)")
-    table = pq.read_table(manifest.path, filesystem=manifest.fs,
-                          columns=["sample_id", "image", "label"],
-                          filters=[("sample_id", "in", chosen)])
-    df = table.to_pandas()
-    df["sample_id"] = df["sample_id"].astype(str)
-    return df.sort_values("sample_id", kind="stable").reset_index(drop=True)
+    return read_split(manifest, split, ["image", "label"], ids=chosen)
 
 
 def measure_quality(record: dict, options: StorageOptions | None, images: list[bytes],
@@ -394,7 +370,7 @@ def measure_quality(record: dict, options: StorageOptions | None, images: list[b
 
     q = AutoencoderSection.model_validate(section)
     started = time.perf_counter()
-    model = load_model(record, options, map_location=device)
+    model = load_autoencoder_model(record, options, map_location=device)
     size = int(model.config.image_size)
     x = torch.from_numpy(to_tensor_batch(images, size=size))
     y = torch.as_tensor(labels, dtype=torch.long)
@@ -461,6 +437,7 @@ def run_quality(cfg: Config, manifest: Location, record: dict, out: Location,
 def run_autoencoder(cfg: Config, root: RunRoot) -> dict:
     out = root.child(STAGE_FOLDER)
     num_classes = len(cfg.class_names)
+    check_manifest(root.noisy_manifest, "autoencoder", MANIFEST_COLUMNS)
     if cfg.autoencoder.weights_uri:
         record = import_autoencoder(cfg, num_classes, root.options)
         log.info("autoencoder: using %s (sha256 %s), no training",

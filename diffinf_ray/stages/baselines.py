@@ -13,7 +13,7 @@ Out, per method m of `baselines.methods`:
       `peer_states`; no `optimizer_state` (the method's optimisers are in method_state.pt)
   baselines/m/checkpoints/epoch_NNNN/method_state.pt  {"epoch", "method": method.state_dict()}
       (networks, optimisers, EMA copies, per-sample state, counters) for resume
-  baselines/m/evaluation/metrics.json, predictions.parquet  (stages/evaluate.py, clean test split)
+  baselines/m/evaluation/metrics.json, predictions.parquet  (models/evaluation.py, clean test split)
   baselines/summary.json  {m: headline test metrics + the last epoch's training metrics}
   Checkpoints are written every `train.checkpoint_every` epochs and at the last one.
 
@@ -51,6 +51,7 @@ from typing import Any
 import numpy as np
 
 from diffinf_ray.config import Config, ConfigError, TrainSection
+from diffinf_ray.datasets import check_manifest, decode_for_training, read_split, split_dataset
 from diffinf_ray.models.checkpoint import (
     CHECKPOINT_FILE,
     checkpoint_dir_name,
@@ -58,12 +59,7 @@ from diffinf_ray.models.checkpoint import (
     list_checkpoints,
     to_bytes,
 )
-from diffinf_ray.stages.train import (
-    decode_for_training,
-    fit_with_ray_train,
-    learning_rate_at,
-    split_dataset,
-)
+from diffinf_ray.models.training import fit_with_ray_train, learning_rate_at
 from diffinf_ray.storage import Location
 
 log = logging.getLogger(__name__)
@@ -71,6 +67,8 @@ log = logging.getLogger(__name__)
 METHOD_STATE_FILE = "method_state.pt"
 # evaluation metrics copied into summary.json (metrics.json has them all)
 _HEADLINE = ("n", "accuracy", "auroc_macro_ovr", "kappa_linear", "ece", "epoch")
+MANIFEST_COLUMNS = ("sample_id", "split", "image", "label", "label_clean", "group",
+                    "is_corrupted")
 
 
 # ----------------------------------------------------------------------------- options
@@ -133,8 +131,7 @@ def check_methods(cfg: Config, num_samples: int) -> dict[str, dict[str, Any]]:
 def training_ids(manifest: Location) -> tuple[np.ndarray, bool]:
     """Sorted sample_ids of the training split (the per-sample index is a row's rank in it),
     and whether is_corrupted is known for all of them."""
-    table = manifest.read_table(columns=["sample_id", "split", "is_corrupted"]).to_pandas()
-    train = table[table["split"] == "train"]
+    train = read_split(manifest, "train", ["is_corrupted"])
     if train.empty:
         raise ValueError(f"{manifest.display}: the training split is empty")
     ids = np.sort(train["sample_id"].astype(str).to_numpy())
@@ -353,9 +350,10 @@ def last_reported_metrics(checkpoints: Location) -> dict:
 
 def run_baselines(cfg: Config, root) -> dict:
     """Pipeline entry: train and evaluate every method of `baselines.methods`, in order."""
-    from diffinf_ray.stages.evaluate import evaluate_checkpoints
+    from diffinf_ray.models.evaluation import evaluate_checkpoints
 
     manifest = root.noisy_manifest
+    check_manifest(manifest, "baselines", MANIFEST_COLUMNS)
     train_ids, with_corruption = training_ids(manifest)
     options = check_methods(cfg, len(train_ids))
     out = root.child("baselines")

@@ -16,7 +16,11 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
+from diffinf_ray.artifacts import high_influence_ids
 from diffinf_ray.config import Config
+from diffinf_ray.datasets import check_manifest
+from diffinf_ray.models.evaluation import PREDICT_COLUMNS, evaluate_checkpoints, predict_split
+from diffinf_ray.models.training import TRAIN_COLUMNS, train_classifier
 from diffinf_ray.run_root import RunRoot
 
 
@@ -25,9 +29,8 @@ def run_cleanlab(cfg: Config, root: RunRoot) -> dict:
 
     from diffinf_ray.influence.detection import detection_report, precision_recall
     from diffinf_ray.models.checkpoint import list_checkpoints
-    from diffinf_ray.stages.evaluate import predict_split
-    from diffinf_ray.stages.train import train_classifier
 
+    check_manifest(root.noisy_manifest, "cleanlab", TRAIN_COLUMNS + PREDICT_COLUMNS)
     out = root.child("cleanlab")
     num_classes = len(cfg.class_names)
     K = cfg.cleanlab.folds
@@ -65,10 +68,7 @@ def run_cleanlab(cfg: Config, root: RunRoot) -> dict:
 
 
 def run_removal(cfg: Config, root: RunRoot) -> dict:
-    from diffinf_ray.stages.evaluate import evaluate_checkpoints
-    from diffinf_ray.stages.influence import high_influence_ids
-    from diffinf_ray.stages.train import train_classifier
-
+    check_manifest(root.noisy_manifest, "removal", TRAIN_COLUMNS + PREDICT_COLUMNS)
     flagged = high_influence_ids(root)
     out = root.child("removal")
     train_classifier(cfg, root.noisy_manifest, out.child("checkpoints"), len(cfg.class_names),

@@ -27,13 +27,25 @@ import logging
 import numpy as np
 import pyarrow as pa
 
+from diffinf_ray.artifacts import (
+    EDITS_FOLDER,
+    EDITS_QUARANTINE,
+    EDITS_TABLE,
+    classifier_checkpoint,
+    high_influence_ids,
+    load_edit_losses,
+    load_run_autoencoder,
+    load_run_predictor,
+)
 from diffinf_ray.config import Config
+from diffinf_ray.datasets import check_manifest, split_dataset
 from diffinf_ray.run_root import RunRoot
 from diffinf_ray.stage_registry import config_for_stage
 
 log = logging.getLogger(__name__)
 
-STAGE_FOLDER = "edits"
+STAGE_FOLDER = EDITS_FOLDER
+MANIFEST_COLUMNS = ("sample_id", "split", "image", "label")
 RESULT_COLUMNS = ("loss_total", "loss_id", "loss_struct", "loss_perc", "loss_pixel", "loss_si",
                   "p_high_before", "p_high_after", "iterations", "reconstruction_mse")
 
@@ -43,9 +55,6 @@ def build_editor(cfg: Config, root: RunRoot, device: str):
     from diffinf_ray.diffae.autoencoder import DiffusionAutoencoder
     from diffinf_ray.edit.editor import EditSettings, LatentEditor
     from diffinf_ray.models.checkpoint import load_checkpoint
-    from diffinf_ray.stages.autoencoder import load_run_autoencoder
-    from diffinf_ray.stages.lossnets import load_edit_losses
-    from diffinf_ray.stages.predictor import classifier_checkpoint, load_run_predictor
 
     section = cfg.edit
     model = load_run_autoencoder(root, map_location=device).to(device)
@@ -131,15 +140,12 @@ class LatentEditActor:
 
 def high_influence_rows(root: RunRoot):
     """A Ray Dataset of the train rows flagged high-influence (sample_id, image, label)."""
-    from diffinf_ray.stages.influence import high_influence_ids
-    from diffinf_ray.stages.train import split_dataset
-
     flagged = high_influence_ids(root)
     if not flagged:
         raise ValueError("the high-influence set is empty; nothing to edit (influence.tau?)")
-    ds = split_dataset(root.noisy_manifest, "train", ["sample_id", "image", "label"])
-    keep = frozenset(flagged)
-    return ds.filter(lambda row: row["sample_id"] in keep), len(flagged)
+    ds = split_dataset(root.noisy_manifest, "train", ["sample_id", "image", "label"],
+                       include_ids=frozenset(flagged))
+    return ds, len(flagged)
 
 
 def edit_dataset(cfg: Config, root: RunRoot, rows, actor_cls=None):
@@ -164,6 +170,7 @@ def run_edit(cfg: Config, root: RunRoot) -> dict:
 
     from diffinf_ray.manifest import QUARANTINE_SCHEMA
 
+    check_manifest(root.noisy_manifest, "edit", MANIFEST_COLUMNS)
     rows, expected = high_influence_rows(root)
     df = edit_dataset(cfg, root, rows).to_pandas()
     df["sample_id"] = df["sample_id"].astype(str)
@@ -174,11 +181,11 @@ def run_edit(cfg: Config, root: RunRoot) -> dict:
     ok = ok.astype({"label": np.int32, "attempts": np.int32, "iterations": np.int32})
     # plain columns: no pandas metadata (Ray hands back Arrow-backed pandas dtypes)
     table = pa.Table.from_pandas(ok, preserve_index=False).replace_schema_metadata(None)
-    out.child("edits.parquet").write_table(table)
+    out.child(EDITS_TABLE).write_table(table)
     quarantine = pd.DataFrame({"sample_id": df.loc[failed, "sample_id"],
                                "source": "edit", "stage": "edit",
                                "reason": df.loc[failed, "error"].astype(str)})
-    out.child("quarantine.parquet").write_table(
+    out.child(EDITS_QUARANTINE).write_table(
         pa.Table.from_pandas(quarantine, schema=QUARANTINE_SCHEMA, preserve_index=False))
     if len(df) != expected:
         raise RuntimeError(f"edit: {expected} high-influence rows in, {len(df)} out "

@@ -5,104 +5,18 @@ Out: evaluation/predictions.parquet (sample_id, label, pred, probs, group) and
      evaluation/metrics.json (metrics.py: accuracy, macro OvR AUROC, linear kappa, ECE,
      per-class and per-group accuracy). Test labels are never noised; `label_clean` is used
      where known.
-Predictions run as a Ray Data actor pool (the model is loaded once per actor; a GPU per actor
-when `train.use_gpu`).
+Predictions run as a Ray Data actor pool (models/evaluation.py: the model is loaded once per
+actor; a GPU per actor when `train.use_gpu`).
 """
 
 from __future__ import annotations
 
-import numpy as np
-
 from diffinf_ray.config import Config
-from diffinf_ray.metrics import classification_metrics
-from diffinf_ray.models.checkpoint import epoch_of, list_checkpoints, load_checkpoint
-from diffinf_ray.storage import Location
-
-
-class ClassifierActor:
-    """Base of the Ray Data actors that run one classifier checkpoint (loaded once per actor,
-    in eval mode, on the GPU when asked and present) over batches of PNG bytes."""
-
-    def __init__(self, checkpoint_uri: str, storage_options, use_gpu: bool):
-        import torch
-
-        self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        ckpt = load_checkpoint(Location(checkpoint_uri, storage_options))
-        self.model = ckpt.build_model().to(self.device)
-
-
-def map_with_classifier(cfg: Config, ds, actor_cls: type[ClassifierActor], checkpoint: Location):
-    """`ds.map_batches` with a pool of one `actor_cls` over `checkpoint` (a GPU when
-    `train.use_gpu`), batches of `evaluate.batch_size`."""
-    import ray
-
-    return ds.map_batches(
-        actor_cls,
-        fn_constructor_kwargs={"checkpoint_uri": checkpoint.uri,
-                               "storage_options": checkpoint.options,
-                               "use_gpu": cfg.train.use_gpu},
-        compute=ray.data.ActorPoolStrategy(size=1),
-        num_cpus=cfg.ray.data_actor_cpus,
-        num_gpus=1 if cfg.train.use_gpu else 0,
-        batch_size=cfg.evaluate.batch_size,
-        batch_format="numpy",
-    )
-
-
-class Predictor(ClassifierActor):
-    """Ray Data actor: PNG bytes -> class probabilities and predicted class."""
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import torch
-
-        from diffinf_ray.data.images import to_tensor_batch
-
-        images = torch.from_numpy(to_tensor_batch(list(batch["image"]))).to(self.device)
-        with torch.no_grad():
-            probs = torch.softmax(self.model(images).float(), dim=1).cpu().numpy()
-        out = {k: v for k, v in batch.items() if k != "image"}
-        out["probs"] = probs
-        out["pred"] = probs.argmax(1).astype(np.int32)
-        return out
-
-
-def predict_split(cfg: Config, manifest: Location, checkpoint: Location, split: str,
-                  fold: tuple[int, int, bool] | None = None):
-    """Predictions for one split (or one fold of it) as a pandas DataFrame, one row per sample."""
-    from diffinf_ray.stages.train import split_dataset
-
-    ds = split_dataset(manifest, split, ["sample_id", "image", "label", "label_clean", "group",
-                                         "is_corrupted"], fold=fold)
-    return map_with_classifier(cfg, ds, Predictor, checkpoint).to_pandas()
-
-
-def evaluate_checkpoints(cfg: Config, manifest: Location, checkpoints: Location,
-                         out: Location, extra: dict | None = None) -> dict:
-    found = list_checkpoints(checkpoints)
-    if not found:
-        raise FileNotFoundError(f"no checkpoints under {checkpoints.display}; run the train stage")
-    last = found[-1]
-    df = predict_split(cfg, manifest, last, "test")
-    if df.empty:
-        raise ValueError(f"{manifest.display}: the test split is empty")
-    truth = df["label_clean"].fillna(df["label"]).to_numpy(np.int64)
-    probs = np.stack(df["probs"].to_numpy())
-    groups = df["group"].fillna("unknown").to_numpy() if "group" in df else None
-    metrics = classification_metrics(probs, truth, cfg.class_names, groups, cfg.evaluate.ece_bins)
-    metrics["checkpoint"] = last.display
-    metrics["epoch"] = epoch_of(last.path)
-    metrics.update(extra or {})
-    out.child("metrics.json").write_json(metrics)
-    import pyarrow as pa
-
-    out.child("predictions.parquet").write_table(pa.table({
-        "sample_id": df["sample_id"].astype(str), "label": truth, "pred": df["pred"],
-        "probs": [list(map(float, p)) for p in probs],
-        "group": df["group"].astype(str) if "group" in df else None,
-    }))
-    return metrics
+from diffinf_ray.datasets import check_manifest
+from diffinf_ray.models.evaluation import PREDICT_COLUMNS, evaluate_checkpoints
 
 
 def run_evaluate(cfg: Config, root) -> dict:
     """Pipeline entry: the train stage's last checkpoint on the clean test split."""
+    check_manifest(root.noisy_manifest, "evaluate", PREDICT_COLUMNS)
     return evaluate_checkpoints(cfg, root.noisy_manifest, root.checkpoints, root.evaluation)

@@ -17,9 +17,13 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
+from diffinf_ray.artifacts import INFLUENCE_FOLDER, INFLUENCE_TABLE
 from diffinf_ray.config import Config
+from diffinf_ray.datasets import check_manifest, split_dataset
 from diffinf_ray.run_root import RunRoot
 from diffinf_ray.storage import Location
+
+MANIFEST_COLUMNS = ("sample_id", "split", "image", "label", "is_corrupted")
 
 
 class InfluenceScorer:
@@ -52,8 +56,6 @@ class InfluenceScorer:
 def score_training_set(cfg: Config, manifest: Location, checkpoints: Location):
     """Per-sample scores of the train split as a pandas DataFrame (no images)."""
     import ray
-
-    from diffinf_ray.stages.train import split_dataset
 
     ds = split_dataset(manifest, "train", ["sample_id", "image", "label", "is_corrupted"])
     scored = ds.map_batches(
@@ -135,12 +137,13 @@ def plot_detection(df, detection: dict, out: Location) -> None:
 def run_influence(cfg: Config, root: RunRoot) -> dict:
     from diffinf_ray.influence.detection import flag_top_fraction
 
-    out = root.child("influence")
+    out = root.child(INFLUENCE_FOLDER)
+    check_manifest(root.noisy_manifest, "influence", MANIFEST_COLUMNS)
     df = score_training_set(cfg, root.noisy_manifest, root.checkpoints)
     labels = df["label"].to_numpy(np.int64)
     is_high = flag_top_fraction(df["score"].to_numpy(), cfg.influence.tau, labels=labels,
                                 per_class=cfg.influence.per_class)
-    out.child("influence.parquet").write_table(pa.table({
+    out.child(INFLUENCE_TABLE).write_table(pa.table({
         "sample_id": df["sample_id"].astype(str),
         "label": labels.astype(np.int32),
         "score": df["score"].to_numpy(np.float64),
@@ -159,9 +162,3 @@ def run_influence(cfg: Config, root: RunRoot) -> dict:
         if isinstance(rep, dict):
             summary[name] = {k: rep[k] for k in ("precision", "recall", "auroc")}
     return summary
-
-
-def high_influence_ids(root: RunRoot) -> frozenset:
-    table = root.child("influence", "influence.parquet").read_table(columns=["sample_id", "is_high"])
-    ids = np.asarray(table.column("sample_id").to_pylist(), dtype=object)
-    return frozenset(ids[np.asarray(table.column("is_high").to_pylist(), dtype=bool)].tolist())

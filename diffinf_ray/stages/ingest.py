@@ -16,31 +16,11 @@ import numpy as np
 import pyarrow as pa
 
 from diffinf_ray.config import Config
+from diffinf_ray.datasets import synthfaces_dataset, write_dataset, write_dataset_or_empty
 from diffinf_ray.manifest import QUARANTINE_SCHEMA
 from diffinf_ray.run_root import RunRoot
 
 log = logging.getLogger(__name__)
-
-
-def synthfaces_spec(cfg: Config):
-    from diffinf_ray.data.synthfaces import SynthFacesSpec
-
-    sf = cfg.data.synthfaces
-    return SynthFacesSpec(
-        task=cfg.data.task,
-        resolution=sf.resolution,
-        seed=cfg.run.seed,
-        num_identities=sf.num_identities,
-        age_bins=tuple(tuple(b) for b in cfg.data.age_bins),
-        with_masks=sf.with_masks,
-        split_fractions=tuple(sf.split_fractions),
-    )
-
-
-def _generate(batch: dict[str, np.ndarray], spec) -> dict[str, np.ndarray]:
-    from diffinf_ray.data.synthfaces import generate_batch
-
-    return generate_batch(spec, batch["id"])
 
 
 def _ingest_table(batch: dict[str, np.ndarray], **kwargs) -> pa.Table:
@@ -64,15 +44,7 @@ def _quarantine_part(table: pa.Table) -> pa.Table:
 
 
 def _ingest_synthfaces(cfg: Config, root: RunRoot) -> None:
-    import ray
-
-    n = cfg.data.synthfaces.num_samples
-    blocks = max(2, min(200, n // 500))
-    ds = ray.data.range(n, override_num_blocks=blocks).map_batches(
-        _generate, fn_kwargs={"spec": synthfaces_spec(cfg)}, batch_size=cfg.data.batch_size,
-        batch_format="numpy",
-    )
-    ds.write_parquet(root.manifest.path, filesystem=root.fs)
+    write_dataset(synthfaces_dataset(cfg), root.manifest)
     root.quarantine.child("quarantine.parquet").write_table(QUARANTINE_SCHEMA.empty_table())
 
 
@@ -121,12 +93,9 @@ def _ingest_user_data(cfg: Config, root: RunRoot) -> int:
     ).write_parquet(staged.path, filesystem=staged.fs)
     # one validation pass, then two streaming selections: memory stays flat in dataset size
     staged_ds = ray.data.read_parquet(staged.path, filesystem=staged.fs)
-    staged_ds.map_batches(_manifest_part, batch_format="pyarrow") \
-        .write_parquet(root.manifest.path, filesystem=root.fs)
-    bad = staged_ds.map_batches(_quarantine_part, batch_format="pyarrow")
-    # quarantined rows carry no image bytes: small enough to collect in the driver
-    root.quarantine.child("quarantine.parquet").write_table(
-        pa.Table.from_pylist(bad.take_all(), schema=QUARANTINE_SCHEMA))
+    write_dataset(staged_ds.map_batches(_manifest_part, batch_format="pyarrow"), root.manifest)
+    write_dataset_or_empty(staged_ds.map_batches(_quarantine_part, batch_format="pyarrow"),
+                           root.quarantine, QUARANTINE_SCHEMA.empty_table())
     staged.delete()
     return rows.num_rows
 

@@ -7,8 +7,8 @@ Out: lossnets/lossnets.json    what each loss term uses:
        parsing    {kind: bisenet, uri, sha256, num_classes} or {kind: self_trained, uri, report}
        perceptual {name: the distance used (LPIPS or the stated fallback), net, backbone}
      lossnets/identity/, lossnets/parsing/   the self-trained weights (safetensors + config)
-`load_edit_losses(cfg, root)` rebuilds `edit.losses.EditLosses` from lossnets.json (in each edit
-actor). Where no pretrained file is configured (this build box has none), the identity embedder
+`artifacts.load_edit_losses(cfg, root)` rebuilds `edit.losses.EditLosses` from lossnets.json (in
+each edit actor). Where no pretrained file is configured (this build box has none), the identity embedder
 is trained on the `identity` column and the parser on the `mask` column of the train split, in
 the driver: sized for small data sets (synthfaces); on large data give the pretrained files.
 """
@@ -19,12 +19,18 @@ import io
 
 import numpy as np
 
+from diffinf_ray.artifacts import (
+    LOSSNETS_FOLDER,
+    LOSSNETS_RECORD,
+    load_identity,
+    perceptual_distance,
+)
 from diffinf_ray.config import Config, ConfigError
+from diffinf_ray.datasets import check_manifest, manifest_columns, read_split
 from diffinf_ray.run_root import RunRoot
-from diffinf_ray.storage import Location
 
-STAGE_FOLDER = "lossnets"
-RECORD = "lossnets.json"
+STAGE_FOLDER = LOSSNETS_FOLDER
+RECORD = LOSSNETS_RECORD
 
 
 def _decode_mask(data: bytes) -> np.ndarray:
@@ -32,21 +38,6 @@ def _decode_mask(data: bytes) -> np.ndarray:
 
     with Image.open(io.BytesIO(data)) as img:
         return np.asarray(img.convert("L"), dtype=np.int64)
-
-
-def train_rows(manifest: Location, columns: list[str]):
-    """The train split's rows of `columns` (sample_id first) as a DataFrame, by sample_id."""
-    table = manifest.read_table(columns=["sample_id", "split", *columns])
-    df = table.to_pandas()
-    df = df[df["split"] == "train"].drop(columns="split")
-    df["sample_id"] = df["sample_id"].astype(str)
-    return df.sort_values("sample_id", kind="stable").reset_index(drop=True)
-
-
-def _schema_names(manifest: Location) -> list[str]:
-    import pyarrow.dataset as pads
-
-    return pads.dataset(manifest.path, filesystem=manifest.fs, format="parquet").schema.names
 
 
 def _identity_record(cfg: Config, root: RunRoot, log) -> dict:
@@ -59,13 +50,13 @@ def _identity_record(cfg: Config, root: RunRoot, log) -> dict:
         load_arcface_onnx(section.identity_onnx_uri, section.identity_onnx_sha256, root.options)
         return {"kind": "arcface_onnx", "uri": section.identity_onnx_uri,
                 "sha256": section.identity_onnx_sha256.lower()}
-    if "identity" not in _schema_names(root.manifest):
+    if "identity" not in manifest_columns(root.manifest):
         raise ConfigError("the identity loss needs lossnets.identity_onnx_uri (an ArcFace ONNX "
                           "file) or an `identity` column in the data to train an embedder on")
     from diffinf_ray.data.images import to_tensor_batch
     from diffinf_ray.edit.identity import save_identity_embedder, train_identity_embedder
 
-    df = train_rows(root.manifest, ["image", "identity"]).dropna(subset=["identity"])
+    df = read_split(root.manifest, "train", ["image", "identity"]).dropna(subset=["identity"])
     if df["identity"].nunique() < 2:
         raise ConfigError("the identity column has fewer than 2 identities in the train split; "
                           "give lossnets.identity_onnx_uri")
@@ -92,13 +83,13 @@ def _parsing_record(cfg: Config, root: RunRoot, log) -> dict | None:
         return {"kind": "bisenet", "uri": section.parsing_uri,
                 "sha256": section.parsing_sha256.lower(),
                 "num_classes": section.parsing_num_classes}
-    if "mask" not in _schema_names(root.manifest):
+    if "mask" not in manifest_columns(root.manifest):
         return None  # no parser: the edit stage refuses a structure loss (load_edit_losses)
     from diffinf_ray.data.images import to_tensor_batch
     from diffinf_ray.edit.parsing import save_parser, train_parser
     from diffinf_ray.manifest import REGIONS
 
-    df = train_rows(root.manifest, ["image", "mask"]).dropna(subset=["mask"])
+    df = read_split(root.manifest, "train", ["image", "mask"]).dropna(subset=["mask"])
     images = torch.from_numpy(to_tensor_batch(list(df["image"])))
     masks = torch.from_numpy(np.stack([_decode_mask(m) for m in df["mask"]]))
     model, report = train_parser(images, masks, num_regions=len(REGIONS),
@@ -110,61 +101,11 @@ def _parsing_record(cfg: Config, root: RunRoot, log) -> dict | None:
             "note": "no face-parsing file configured: parser trained on the mask column"}
 
 
-def load_identity(record: dict, options, device: str = "cpu"):
-    if record["kind"] == "arcface_onnx":
-        from diffinf_ray.edit.identity import load_arcface_onnx
-
-        return load_arcface_onnx(record["uri"], record["sha256"], options).to(device)
-    from diffinf_ray.edit.identity import load_identity_embedder
-
-    return load_identity_embedder(Location(record["uri"], options)).to(device)
-
-
-def load_parsing(record: dict | None, options, device: str = "cpu"):
-    if record is None:
-        return None
-    if record["kind"] == "bisenet":
-        from diffinf_ray.edit.parsing import load_bisenet
-
-        return load_bisenet(record["uri"], record["sha256"], options,
-                            num_classes=record["num_classes"]).to(device)
-    from diffinf_ray.edit.parsing import load_parser
-
-    return load_parser(Location(record["uri"], options)).to(device)
-
-
-def perceptual_distance(cfg: Config, identity_net, options, device: str = "cpu"):
-    from diffinf_ray.edit.perceptual import load_perceptual
-
-    section = cfg.lossnets
-    return load_perceptual(net=section.lpips_net, backbone_uri=section.lpips_backbone_uri,
-                           backbone_sha256=section.lpips_backbone_sha256,
-                           fallback=section.perceptual_fallback, identity_net=identity_net,
-                           device=device, storage_options=options)
-
-
-def load_edit_losses(cfg: Config, root: RunRoot, device: str = "cpu"):
-    """(EditLosses, perceptual distance name) from a finished lossnets stage."""
-    from diffinf_ray.edit.losses import EditLosses, LossWeights
-
-    record = root.child(STAGE_FOLDER, RECORD).read_json()
-    identity = load_identity(record["identity"], root.options, device)
-    e = cfg.edit
-    if record["parsing"] is None and e.l_struct > 0:
-        raise ConfigError("the structure loss needs lossnets.parsing_uri (a BiSeNet "
-                          "face-parsing checkpoint) or a `mask` column to train a parser on; "
-                          "or set edit.l_struct=0")
-    parsing = load_parsing(record["parsing"], root.options, device)
-    perceptual = perceptual_distance(cfg, identity, root.options, device)
-    weights = LossWeights(w_id=e.w_id, w_reg=e.w_reg, l_struct=e.l_struct, l_perc=e.l_perc,
-                          l_pixel=e.l_pixel)
-    return EditLosses(identity, parsing, perceptual, weights), perceptual.name
-
-
 def run_lossnets(cfg: Config, root: RunRoot) -> dict:
     import logging
 
     log = logging.getLogger(__name__).info
+    check_manifest(root.manifest, "lossnets", ("sample_id", "split", "image"))
     identity = _identity_record(cfg, root, log)
     parsing = _parsing_record(cfg, root, log)
     identity_net = load_identity(identity, root.options)

@@ -29,13 +29,16 @@ Out: oracle/judgements.parquet  per edit: oracle_pred_before/after, identity_sim
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 
+from diffinf_ray.artifacts import judges_root, load_judges, read_edits
 from diffinf_ray.config import Config, ConfigError
+from diffinf_ray.datasets import check_manifest, read_split, synthfaces_dataset, write_dataset
+from diffinf_ray.manifest import QUARANTINE_SCHEMA
+from diffinf_ray.models.evaluation import evaluate_checkpoints
+from diffinf_ray.models.training import train_classifier
 from diffinf_ray.run_root import RunRoot
 
-JUDGES_FOLDER = "judges"
 STAGE_FOLDER = "oracle"
 FALSE_ACCEPT_RATE = 0.01
 
@@ -50,11 +53,6 @@ def oracle_config(cfg: Config) -> Config:
     tree["train"]["epochs"] = cfg.oracle.epochs
     tree["train"]["batch_size"] = cfg.oracle.batch_size
     return Config.model_validate(tree)
-
-
-def _draw_rows(root: RunRoot, split: str, columns: list[str]) -> pd.DataFrame:
-    df = root.manifest.read_table(columns=["sample_id", "split", *columns]).to_pandas()
-    return df[df["split"] == split].sort_values("sample_id", kind="stable").reset_index(drop=True)
 
 
 def _embed(model, pngs, batch: int = 256) -> np.ndarray:
@@ -119,15 +117,13 @@ def run_judges(cfg: Config, root: RunRoot) -> dict:
 
     from diffinf_ray.data.images import to_tensor_batch
     from diffinf_ray.edit.identity import save_identity_embedder, train_identity_embedder
-    from diffinf_ray.stages.evaluate import evaluate_checkpoints
-    from diffinf_ray.stages.ingest import _ingest_synthfaces
-    from diffinf_ray.stages.train import train_classifier
 
     _require_synthfaces(cfg, "judges")
     ocfg = oracle_config(cfg)
-    jroot = RunRoot(root.child(JUDGES_FOLDER).uri, root.options)
-    jroot.manifest.delete()  # a resumed stage draws again rather than appending
-    _ingest_synthfaces(ocfg, jroot)
+    jroot = judges_root(root)
+    # a resumed stage draws again rather than appending (write_dataset empties the folder)
+    write_dataset(synthfaces_dataset(ocfg), jroot.manifest)
+    jroot.quarantine.child("quarantine.parquet").write_table(QUARANTINE_SCHEMA.empty_table())
 
     # attribute oracle: the project's classifier on the draw's clean labels
     train_classifier(ocfg, jroot.manifest, jroot.checkpoints, len(cfg.class_names))
@@ -135,7 +131,7 @@ def run_judges(cfg: Config, root: RunRoot) -> dict:
                                              jroot.child("evaluation"))
 
     # identity oracle: an embedder trained on the draw's people
-    train = _draw_rows(jroot, "train", ["image", "identity"])
+    train = read_split(jroot.manifest, "train", ["image", "identity"])
     embedder, embedder_report = train_identity_embedder(
         torch.from_numpy(to_tensor_batch(list(train["image"]))), train["identity"].tolist(),
         embed_dim=cfg.lossnets.identity_embed_dim, epochs=cfg.lossnets.identity_epochs,
@@ -143,7 +139,7 @@ def run_judges(cfg: Config, root: RunRoot) -> dict:
         seed=cfg.run.seed + cfg.oracle.seed_offset)
     embedder.eval()
     save_identity_embedder(embedder, jroot.child("identity"))
-    test = _draw_rows(jroot, "test", ["image", "identity"])
+    test = read_split(jroot.manifest, "test", ["image", "identity"])
     thresholds = identity_thresholds(_embed(embedder, test["image"].to_numpy()),
                                      test["identity"].to_numpy())
     report = {
@@ -155,29 +151,13 @@ def run_judges(cfg: Config, root: RunRoot) -> dict:
     return report
 
 
-def load_judges(root: RunRoot):
-    """(attribute oracle, identity oracle, judges report) of a finished `judges` stage."""
-    from diffinf_ray.edit.identity import load_identity_embedder
-    from diffinf_ray.models.checkpoint import list_checkpoints, load_checkpoint
-
-    jroot = RunRoot(root.child(JUDGES_FOLDER).uri, root.options)
-    checkpoints = list_checkpoints(jroot.checkpoints)
-    if not checkpoints or not jroot.child("report.json").exists():
-        raise FileNotFoundError(f"no finished judges under {jroot.uri}: the oracle stage needs "
-                                "the judges stage (add `judges` to `stages`)")
-    report = jroot.child("report.json").read_json()
-    attribute = load_checkpoint(checkpoints[-1]).build_model().eval()
-    embedder = load_identity_embedder(jroot.child("identity")).eval()
-    return attribute, embedder, report
-
-
 def run_oracle(cfg: Config, root: RunRoot) -> dict:
     _require_synthfaces(cfg, "oracle")
+    check_manifest(root.noisy_manifest, "oracle", ("sample_id", "label_clean", "is_corrupted"))
     attribute, embedder, judges = load_judges(root)
     thresholds = judges["identity_oracle"]
 
-    edits = root.child("edits", "edits.parquet").read_table(
-        columns=["sample_id", "label", "image", "image_original"]).to_pandas()
+    edits = read_edits(root, ["sample_id", "label", "image", "image_original"]).to_pandas()
     truth = root.noisy_manifest.read_table(
         columns=["sample_id", "label_clean", "is_corrupted"]).to_pandas()
     edits = edits.merge(truth, on="sample_id", how="left")

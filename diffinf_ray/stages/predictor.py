@@ -16,12 +16,15 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
+from diffinf_ray.artifacts import PREDICTOR_FOLDER, classifier_checkpoint, read_influence
 from diffinf_ray.config import Config
+from diffinf_ray.datasets import check_manifest, split_dataset
+from diffinf_ray.models.evaluation import ClassifierActor, map_with_classifier
 from diffinf_ray.run_root import RunRoot
-from diffinf_ray.stages.evaluate import ClassifierActor, map_with_classifier
 from diffinf_ray.storage import Location
 
-STAGE_FOLDER = "predictor"
+STAGE_FOLDER = PREDICTOR_FOLDER
+MANIFEST_COLUMNS = ("sample_id", "split", "image", "label")
 
 
 class FeatureExtractor(ClassifierActor):
@@ -38,21 +41,8 @@ class FeatureExtractor(ClassifierActor):
         return {"sample_id": batch["sample_id"], "label": batch["label"], "features": features}
 
 
-def classifier_checkpoint(root: RunRoot) -> Location:
-    """The baseline classifier's last checkpoint: g(x) for h_w and for the editor."""
-    from diffinf_ray.models.checkpoint import list_checkpoints
-
-    found = list_checkpoints(root.checkpoints)
-    if not found:
-        raise FileNotFoundError(f"no checkpoints under {root.checkpoints.display}; run the train "
-                                "stage first")
-    return found[-1]
-
-
 def training_features(cfg: Config, root: RunRoot, checkpoint: Location):
     """(sample_ids, labels, features) of the train split, sorted by sample_id."""
-    from diffinf_ray.stages.train import split_dataset
-
     ds = split_dataset(root.noisy_manifest, "train", ["sample_id", "image", "label"])
     out = map_with_classifier(cfg, ds, FeatureExtractor, checkpoint).to_pandas()
     out["sample_id"] = out["sample_id"].astype(str)
@@ -61,23 +51,16 @@ def training_features(cfg: Config, root: RunRoot, checkpoint: Location):
             np.stack(out["features"].to_numpy()).astype(np.float32))
 
 
-def load_run_predictor(root: RunRoot):
-    """The frozen h_w of a finished predictor stage."""
-    from diffinf_ray.edit.predictor import load_predictor
-
-    return load_predictor(root.child(STAGE_FOLDER))
-
-
 def run_predictor(cfg: Config, root: RunRoot) -> dict:
     import torch
 
     from diffinf_ray.edit.predictor import fit_predictor, partition, save_predictor
 
     section = cfg.predictor
+    check_manifest(root.noisy_manifest, "predictor", MANIFEST_COLUMNS)
     checkpoint = classifier_checkpoint(root)
     ids, labels, features = training_features(cfg, root, checkpoint)
-    high = root.child("influence", "influence.parquet").read_table(
-        columns=["sample_id", "is_high"]).to_pandas()
+    high = read_influence(root, ["sample_id", "is_high"]).to_pandas()
     high = high.set_index(high["sample_id"].astype(str))["is_high"]
     missing = set(ids) - set(high.index)
     if missing:

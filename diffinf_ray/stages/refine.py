@@ -17,7 +17,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from diffinf_ray.artifacts import edit_quarantine_rows, read_edits
 from diffinf_ray.config import Config
+from diffinf_ray.datasets import check_manifest, write_dataset
 from diffinf_ray.run_root import RunRoot
 
 REFINED = "refined"
@@ -40,14 +42,12 @@ def _replace_images(batch: pd.DataFrame, edits_ref) -> pd.DataFrame:
 def run_refine(cfg: Config, root: RunRoot) -> dict:
     import ray
 
-    edits = root.child("edits", "edits.parquet").read_table(columns=["sample_id", "image"])
-    edits = edits.to_pandas()
+    check_manifest(root.noisy_manifest, "refine", ("sample_id", "split", "image"))
+    edits = read_edits(root, ["sample_id", "image"]).to_pandas()
     edits = pd.Series(edits["image"].to_numpy(), index=edits["sample_id"].astype(str))
     out = root.child(REFINED)
-    out.delete()
-    ray.data.read_parquet(root.noisy_manifest.path, filesystem=root.fs).map_batches(
-        _replace_images, fn_kwargs={"edits_ref": ray.put(edits)}, batch_format="pandas",
-    ).write_parquet(out.path, filesystem=out.fs)
+    write_dataset(ray.data.read_parquet(root.noisy_manifest.path, filesystem=root.fs).map_batches(
+        _replace_images, fn_kwargs={"edits_ref": ray.put(edits)}, batch_format="pandas"), out)
 
     before = root.noisy_manifest.read_table(columns=["sample_id", "split"]).to_pandas()
     after = out.read_table(columns=["sample_id", "split", "is_edited"]).to_pandas()
@@ -56,18 +56,19 @@ def run_refine(cfg: Config, root: RunRoot) -> dict:
     if n_before != n_after or len(before) != len(after):
         raise RuntimeError(f"refine: {len(before)} rows ({n_before} train) in, {len(after)} "
                            f"({n_after} train) out")
-    quarantined = root.child("edits", "quarantine.parquet")
-    n_quarantined = quarantined.read_table().num_rows if quarantined.exists() else 0
+    n_quarantined = edit_quarantine_rows(root)
     return {"rows": len(after), "train_rows": n_after,
             "edited_rows": int(np.asarray(after["is_edited"], bool).sum()),
             "high_influence_kept_original": n_quarantined}
 
 
 def run_retrain(cfg: Config, root: RunRoot) -> dict:
-    from diffinf_ray.stages.evaluate import evaluate_checkpoints
-    from diffinf_ray.stages.train import train_classifier
+    # here, not at the top: Ray Data workers import this module for `_replace_images`
+    from diffinf_ray.models.evaluation import PREDICT_COLUMNS, evaluate_checkpoints
+    from diffinf_ray.models.training import TRAIN_COLUMNS, train_classifier
 
     refined = root.child(REFINED)
+    check_manifest(refined, "retrain", TRAIN_COLUMNS + PREDICT_COLUMNS)
     out = root.child("retrain")
     train_classifier(cfg, refined, out.child("checkpoints"), len(cfg.class_names))
     return evaluate_checkpoints(cfg, refined, out.child("checkpoints"), out.child("evaluation"))

@@ -1,0 +1,171 @@
+"""What finished stages leave in the run root, loaded for the stages after them: the baseline
+classifier's last checkpoint, the high-influence set, the frozen predictor h_w, the
+autoencoder, the edit-loss networks, the edits and the judges.
+
+Each loader names the stage to run when its output is missing. The folder names below are the
+run-root layout (run_root.py lists the rest); the stage that writes a folder uses the same name.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from diffinf_ray.run_root import RunRoot
+from diffinf_ray.storage import Location, StorageOptions
+
+INFLUENCE_FOLDER = "influence"
+INFLUENCE_TABLE = "influence.parquet"
+PREDICTOR_FOLDER = "predictor"
+AUTOENCODER_FOLDER = "autoencoder"
+AUTOENCODER_RECORD = "model.json"
+LOSSNETS_FOLDER = "lossnets"
+LOSSNETS_RECORD = "lossnets.json"
+EDITS_FOLDER = "edits"
+EDITS_TABLE = "edits.parquet"
+EDITS_QUARANTINE = "quarantine.parquet"
+JUDGES_FOLDER = "judges"
+
+
+# -- train and influence ----------------------------------------------------------------------
+
+def classifier_checkpoint(root: RunRoot) -> Location:
+    """The baseline classifier's last checkpoint: g(x) for h_w and for the editor."""
+    from diffinf_ray.models.checkpoint import list_checkpoints
+
+    found = list_checkpoints(root.checkpoints)
+    if not found:
+        raise FileNotFoundError(f"no checkpoints under {root.checkpoints.display}; run the train "
+                                "stage first")
+    return found[-1]
+
+
+def read_influence(root: RunRoot, columns: list[str] | None = None):
+    """influence/influence.parquet of a finished influence stage (a pyarrow Table)."""
+    return root.child(INFLUENCE_FOLDER, INFLUENCE_TABLE).read_table(columns=columns)
+
+
+def high_influence_ids(root: RunRoot) -> frozenset:
+    """The sample_ids the influence stage flagged high-influence (`is_high`)."""
+    table = read_influence(root, ["sample_id", "is_high"])
+    ids = np.asarray(table.column("sample_id").to_pylist(), dtype=object)
+    return frozenset(ids[np.asarray(table.column("is_high").to_pylist(), dtype=bool)].tolist())
+
+
+# -- predictor and autoencoder ----------------------------------------------------------------
+
+def load_run_predictor(root: RunRoot):
+    """The frozen h_w of a finished predictor stage."""
+    from diffinf_ray.edit.predictor import load_predictor
+
+    return load_predictor(root.child(PREDICTOR_FOLDER))
+
+
+def load_autoencoder_model(record: dict, options: StorageOptions | None = None,
+                           map_location: str = "cpu"):
+    """The model a model.json record names, its sha256 checked, in eval mode."""
+    location = Location(record["uri"], options)
+    if record["format"] == "official":
+        from diffinf_ray.diffae.official import load_official
+
+        return load_official(location, sha256=record["sha256"], map_location=map_location)
+    from diffinf_ray.diffae.weights import load_autoencoder
+
+    return load_autoencoder(location, sha256=record["sha256"], map_location=map_location)
+
+
+def load_run_autoencoder(root: RunRoot, map_location: str = "cpu"):
+    """The autoencoder of a finished autoencoder stage (for the stages after it)."""
+    record = root.child(AUTOENCODER_FOLDER, AUTOENCODER_RECORD).read_json()
+    return load_autoencoder_model(record, root.options, map_location)
+
+
+# -- lossnets ---------------------------------------------------------------------------------
+
+def load_identity(record: dict, options, device: str = "cpu"):
+    """The identity network a lossnets.json `identity` record names."""
+    if record["kind"] == "arcface_onnx":
+        from diffinf_ray.edit.identity import load_arcface_onnx
+
+        return load_arcface_onnx(record["uri"], record["sha256"], options).to(device)
+    from diffinf_ray.edit.identity import load_identity_embedder
+
+    return load_identity_embedder(Location(record["uri"], options)).to(device)
+
+
+def load_parsing(record: dict | None, options, device: str = "cpu"):
+    """The face parser a lossnets.json `parsing` record names (None: no structure loss)."""
+    if record is None:
+        return None
+    if record["kind"] == "bisenet":
+        from diffinf_ray.edit.parsing import load_bisenet
+
+        return load_bisenet(record["uri"], record["sha256"], options,
+                            num_classes=record["num_classes"]).to(device)
+    from diffinf_ray.edit.parsing import load_parser
+
+    return load_parser(Location(record["uri"], options)).to(device)
+
+
+def perceptual_distance(cfg, identity_net, options, device: str = "cpu"):
+    """The perceptual distance of the lossnets section (LPIPS or its stated fallback)."""
+    from diffinf_ray.edit.perceptual import load_perceptual
+
+    section = cfg.lossnets
+    return load_perceptual(net=section.lpips_net, backbone_uri=section.lpips_backbone_uri,
+                           backbone_sha256=section.lpips_backbone_sha256,
+                           fallback=section.perceptual_fallback, identity_net=identity_net,
+                           device=device, storage_options=options)
+
+
+def load_edit_losses(cfg, root: RunRoot, device: str = "cpu"):
+    """(EditLosses, perceptual distance name) from a finished lossnets stage."""
+    from diffinf_ray.config import ConfigError
+    from diffinf_ray.edit.losses import EditLosses, LossWeights
+
+    record = root.child(LOSSNETS_FOLDER, LOSSNETS_RECORD).read_json()
+    identity = load_identity(record["identity"], root.options, device)
+    e = cfg.edit
+    if record["parsing"] is None and e.l_struct > 0:
+        raise ConfigError("the structure loss needs lossnets.parsing_uri (a BiSeNet "
+                          "face-parsing checkpoint) or a `mask` column to train a parser on; "
+                          "or set edit.l_struct=0")
+    parsing = load_parsing(record["parsing"], root.options, device)
+    perceptual = perceptual_distance(cfg, identity, root.options, device)
+    weights = LossWeights(w_id=e.w_id, w_reg=e.w_reg, l_struct=e.l_struct, l_perc=e.l_perc,
+                          l_pixel=e.l_pixel)
+    return EditLosses(identity, parsing, perceptual, weights), perceptual.name
+
+
+# -- edits and judges -------------------------------------------------------------------------
+
+def read_edits(root: RunRoot, columns: list[str] | None = None):
+    """edits/edits.parquet of a finished edit stage (a pyarrow Table; a file or a folder of
+    parts, in no particular row order)."""
+    return root.child(EDITS_FOLDER, EDITS_TABLE).read_table(columns=columns)
+
+
+def edit_quarantine_rows(root: RunRoot) -> int:
+    """How many high-influence rows the edit stage quarantined (0 when it wrote none)."""
+    quarantined = root.child(EDITS_FOLDER, EDITS_QUARANTINE)
+    return quarantined.read_table().num_rows if quarantined.exists() else 0
+
+
+def judges_root(root: RunRoot) -> RunRoot:
+    """The judges stage's own run root (its draw's manifest, checkpoints, ...)."""
+    return RunRoot(root.child(JUDGES_FOLDER).uri, root.options)
+
+
+def load_judges(root: RunRoot):
+    """(attribute oracle, identity oracle, judges report) of a finished `judges` stage."""
+    from diffinf_ray.edit.identity import load_identity_embedder
+    from diffinf_ray.models.checkpoint import list_checkpoints, load_checkpoint
+
+    jroot = judges_root(root)
+    checkpoints = list_checkpoints(jroot.checkpoints)
+    if not checkpoints or not jroot.child("report.json").exists():
+        raise FileNotFoundError(f"no finished judges under {jroot.uri}: the oracle stage needs "
+                                "the judges stage (add `judges` to `stages`)")
+    report = jroot.child("report.json").read_json()
+    attribute = load_checkpoint(checkpoints[-1]).build_model().eval()
+    embedder = load_identity_embedder(jroot.child("identity")).eval()
+    return attribute, embedder, report

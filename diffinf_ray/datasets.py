@@ -1,0 +1,144 @@
+"""The project's data in and out: the manifest's splits as Ray Datasets or driver tables, a
+synthfaces draw as a Ray Dataset, and stage results written as parquet through `storage`.
+
+Stages read a manifest folder (manifest/, manifest_noisy/, refined/, judges/manifest/) only
+through these functions, so the split/fold/id selection lives in one place; `check_manifest`
+turns a manifest that lacks a column a stage reads into a `ManifestError` naming the stage and
+the column, before any Ray work starts.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+
+from diffinf_ray.manifest import require_columns
+from diffinf_ray.storage import Location
+
+# -- reading ----------------------------------------------------------------------------------
+
+
+def manifest_columns(manifest: Location) -> list[str]:
+    """Column names of a manifest folder (the parquet schema; no row is read)."""
+    import pyarrow.dataset as pads
+
+    return pads.dataset(manifest.path, filesystem=manifest.fs, format="parquet").schema.names
+
+
+def check_manifest(manifest: Location, stage: str, columns) -> None:
+    """Fail with a `ManifestError` naming `stage` and the missing columns when the manifest
+    at `manifest` lacks any of `columns` (the ones the stage reads)."""
+    require_columns(manifest_columns(manifest), columns, stage, manifest.display)
+
+
+def fold_of(sample_ids: np.ndarray, num_folds: int) -> np.ndarray:
+    """Deterministic fold of each sample (crc32 of its id), independent of row order."""
+    return np.array([zlib.crc32(str(s).encode()) % num_folds for s in sample_ids], dtype=np.int64)
+
+
+def select_rows(batch: dict[str, np.ndarray], split: str, exclude_ids: frozenset | None = None,
+                fold: tuple[int, int, bool] | None = None,
+                include_ids: frozenset | None = None) -> dict[str, np.ndarray]:
+    """Rows of `split`, minus `exclude_ids` (only `include_ids` when given); with
+    `fold=(k, K, inside)`, only the rows whose fold is k (inside=True) or is not k."""
+    keep = batch["split"] == split
+    if exclude_ids:
+        keep &= ~np.isin(batch["sample_id"].astype(str), list(exclude_ids))
+    if include_ids is not None:
+        keep &= np.isin(batch["sample_id"].astype(str), list(include_ids))
+    if fold is not None:
+        k, num_folds, inside = fold
+        keep &= (fold_of(batch["sample_id"], num_folds) == k) == inside
+    return {k: v[keep] for k, v in batch.items()}
+
+
+def split_dataset(manifest: Location, split: str, columns: list[str],
+                  exclude_ids: frozenset | None = None, fold: tuple[int, int, bool] | None = None,
+                  include_ids: frozenset | None = None):
+    """Rows of one split of a manifest folder as a Ray Dataset (streaming, not materialised):
+    `columns` plus `split` (and `sample_id` when selecting by id or fold)."""
+    import ray
+
+    by_id = exclude_ids or fold or include_ids is not None
+    needed = set(columns) | {"split"} | ({"sample_id"} if by_id else set())
+    ds = ray.data.read_parquet(manifest.path, filesystem=manifest.fs).select_columns(sorted(needed))
+    return ds.map_batches(select_rows, batch_format="numpy", fn_kwargs={
+        "split": split, "exclude_ids": exclude_ids, "fold": fold, "include_ids": include_ids})
+
+
+def read_split(manifest: Location, split: str, columns: list[str], ids=None):
+    """Rows of one split (only the sample_ids `ids` when given) as a pandas DataFrame in the
+    driver: `sample_id` (str) and `columns`, sorted by sample_id. For reads small enough for
+    the driver (networks trained there, a few held-out images)."""
+    wanted = ["sample_id", "split", *[c for c in columns if c not in ("sample_id", "split")]]
+    filters = [("split", "=", split)]
+    if ids is not None:
+        filters.append(("sample_id", "in", list(ids)))
+    df = manifest.read_table(columns=wanted, filters=filters).to_pandas()
+    df = df[df["split"] == split].drop(columns=[] if "split" in columns else ["split"])
+    df["sample_id"] = df["sample_id"].astype(str)
+    return df.sort_values("sample_id", kind="stable").reset_index(drop=True)
+
+
+def decode_for_training(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Ray Data batch fn: PNG bytes -> float32 (B, 3, H, W) in [-1, 1]; keep label."""
+    from diffinf_ray.data.images import to_tensor_batch
+
+    return {"image": to_tensor_batch(list(batch["image"])),
+            "label": batch["label"].astype(np.int64)}
+
+
+# -- a synthfaces draw ------------------------------------------------------------------------
+
+
+def synthfaces_spec(cfg):
+    """The `SynthFacesSpec` of a config's data section (seed: run.seed)."""
+    from diffinf_ray.data.synthfaces import SynthFacesSpec
+
+    sf = cfg.data.synthfaces
+    return SynthFacesSpec(
+        task=cfg.data.task,
+        resolution=sf.resolution,
+        seed=cfg.run.seed,
+        num_identities=sf.num_identities,
+        age_bins=tuple(tuple(b) for b in cfg.data.age_bins),
+        with_masks=sf.with_masks,
+        split_fractions=tuple(sf.split_fractions),
+    )
+
+
+def _generate(batch: dict[str, np.ndarray], spec) -> dict[str, np.ndarray]:
+    from diffinf_ray.data.synthfaces import generate_batch
+
+    return generate_batch(spec, batch["id"])
+
+
+def synthfaces_dataset(cfg):
+    """`data.synthfaces.num_samples` manifest rows generated in parallel from their indices."""
+    import ray
+
+    n = cfg.data.synthfaces.num_samples
+    blocks = max(2, min(200, n // 500))
+    return ray.data.range(n, override_num_blocks=blocks).map_batches(
+        _generate, fn_kwargs={"spec": synthfaces_spec(cfg)}, batch_size=cfg.data.batch_size,
+        batch_format="numpy",
+    )
+
+
+# -- writing ----------------------------------------------------------------------------------
+
+
+def write_dataset(ds, out: Location) -> None:
+    """Stream a Ray Dataset into the parquet folder `out` (its old contents deleted first), block
+    by block from the workers: nothing is collected in the driver."""
+    out.delete()
+    ds.write_parquet(out.path, filesystem=out.fs)
+
+
+def write_dataset_or_empty(ds, out: Location, empty_table) -> None:
+    """`write_dataset`, and when no row came out (Ray Data writes no file then), one file of
+    `empty_table`, so that readers still find the folder and its schema."""
+    write_dataset(ds, out)
+    if not out.list_files(".parquet"):
+        out.child("part-empty.parquet").write_table(empty_table)
