@@ -72,7 +72,9 @@ def _print_metrics(results: dict) -> None:
         groups = rows[0][1].get("per_group_accuracy", {})
         if groups:
             print("  per group: " + ", ".join(f"{k} {v:.1f}%" for k, v in groups.items()))
-    detectors = {**results.get("influence", {}), **results.get("cleanlab", {})}
+    from diffinf_ray.detectors import detection_stages
+
+    detectors = {k: v for stage in detection_stages() for k, v in results.get(stage, {}).items()}
     found = {k: v for k, v in detectors.items() if isinstance(v, dict) and "auroc" in v}
     if found:
         print("\nlabel-noise detection (flagged set vs injected corruption):")

@@ -83,6 +83,7 @@ from diffinf_ray.config import (
     load_config,
     read_yaml_mapping,
 )
+from diffinf_ray.detectors import detection_stages
 from diffinf_ray.render import (
     html_heading,
     html_inline_png,
@@ -435,7 +436,7 @@ def aggregate_detection(exp: ExperimentConfig,
         if run.kind != "methods":
             continue
         root = _run_root(run)
-        for folder in ("influence", "cleanlab"):
+        for folder in detection_stages():
             loc = root.child(folder, "detection.json")
             if not loc.exists():
                 continue

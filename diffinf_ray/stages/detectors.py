@@ -19,6 +19,7 @@ import pyarrow as pa
 from diffinf_ray.artifacts import high_influence_ids
 from diffinf_ray.config import Config
 from diffinf_ray.datasets import check_manifest
+from diffinf_ray.detectors import detection_reports
 from diffinf_ray.models.evaluation import PREDICT_COLUMNS, evaluate_checkpoints, predict_split
 from diffinf_ray.models.training import TRAIN_COLUMNS, train_classifier
 from diffinf_ray.run_root import RunRoot
@@ -27,7 +28,7 @@ from diffinf_ray.run_root import RunRoot
 def run_cleanlab(cfg: Config, root: RunRoot) -> dict:
     from cleanlab.filter import find_label_issues
 
-    from diffinf_ray.influence.detection import detection_report, precision_recall
+    from diffinf_ray.influence.detection import precision_recall
     from diffinf_ray.models.checkpoint import list_checkpoints
 
     check_manifest(root.noisy_manifest, "cleanlab", TRAIN_COLUMNS + PREDICT_COLUMNS)
@@ -53,11 +54,10 @@ def run_cleanlab(cfg: Config, root: RunRoot) -> dict:
         "is_corrupted": pa.array(df["is_corrupted"].tolist(), pa.bool_()),
     }))
     summary = {"folds": K, "train_rows": len(df), "label_issues": int(issues.sum())}
-    if df["is_corrupted"].notna().all() and 0 < df["is_corrupted"].sum() < len(df):
-        truth = df["is_corrupted"].to_numpy(bool)
-        report = detection_report(1.0 - self_confidence, truth, tau=cfg.influence.tau,
-                                  labels=labels, per_class=cfg.influence.per_class)
-        precision, recall = precision_recall(issues, truth)
+    detection = detection_reports(root, "cleanlab", cfg.influence.tau, cfg.influence.per_class)
+    if "cleanlab" in detection:
+        report = detection["cleanlab"]
+        precision, recall = precision_recall(issues, df["is_corrupted"].to_numpy(bool))
         report["find_label_issues"] = {"n_flagged": int(issues.sum()), "precision": precision,
                                        "recall": recall}
         out.child("detection.json").write_json({"cleanlab": report})

@@ -20,6 +20,7 @@ import pyarrow as pa
 from diffinf_ray.artifacts import INFLUENCE_FOLDER, INFLUENCE_TABLE
 from diffinf_ray.config import Config
 from diffinf_ray.datasets import check_manifest, split_dataset
+from diffinf_ray.detectors import detection_reports
 from diffinf_ray.run_root import RunRoot
 from diffinf_ray.storage import Location
 
@@ -74,23 +75,6 @@ def score_training_set(cfg: Config, manifest: Location, checkpoints: Location):
     if df.empty:
         raise ValueError(f"{manifest.display}: the training split is empty; nothing to score")
     return df.sort_values("sample_id", kind="stable").reset_index(drop=True)
-
-
-def detection_summary(df, cfg: Config, scores: dict[str, np.ndarray]) -> dict:
-    """Detection quality of each named score against `is_corrupted` (when known)."""
-    from diffinf_ray.influence.detection import detection_report
-
-    known = df["is_corrupted"].notna().to_numpy()
-    if not known.all():
-        return {"note": "is_corrupted unknown for some rows (no injected noise); detection not measured"}
-    truth = df["is_corrupted"].to_numpy(bool)
-    if truth.all() or not truth.any():
-        return {"note": f"{int(truth.sum())} of {truth.size} training labels corrupted; "
-                        "detection needs both corrupted and clean rows"}
-    labels = df["label"].to_numpy(np.int64)
-    return {name: detection_report(s, truth, tau=cfg.influence.tau, labels=labels,
-                                   per_class=cfg.influence.per_class)
-            for name, s in scores.items()}
 
 
 def plot_detection(df, detection: dict, out: Location) -> None:
@@ -152,8 +136,8 @@ def run_influence(cfg: Config, root: RunRoot) -> dict:
         "loss_last": df["loss_last"].to_numpy(np.float64),
         "is_corrupted": pa.array(df["is_corrupted"].tolist(), pa.bool_()),
     }))
-    detection = detection_summary(df, cfg, {"tracin": df["score"].to_numpy(),
-                                            "loss": df["loss_last"].to_numpy()})
+    # every registered detector whose score this table holds (TracIn, loss: detectors/)
+    detection = detection_reports(root, "influence", cfg.influence.tau, cfg.influence.per_class)
     out.child("detection.json").write_json(detection)
     plot_detection(df, detection, out)
     summary = {"train_rows": len(df), "high_influence_rows": int(is_high.sum()),

@@ -17,6 +17,7 @@ import io
 import pandas as pd
 
 from diffinf_ray.config import STAGES, Config
+from diffinf_ray.detectors import DETECTORS, read_detection
 from diffinf_ray.run_root import RunRoot
 
 STAGE_FOLDER = "report"
@@ -125,6 +126,15 @@ def run_report(cfg: Config, root: RunRoot) -> dict:
         md += ["\n## Detection (TracIn self-influence vs the injected corruption)\n",
                f"top-{cfg.influence.tau:.0%}: precision {t['precision']:.3f}, recall "
                f"{t['recall']:.3f}; AUROC {t['auroc']:.3f}\n"]
+    found = read_detection(root)
+    if len(found) > 1:  # every registered detector this run scored, at the same budget
+        table = pd.DataFrame([
+            {"detector": name, "what": DETECTORS[name].description if name in DETECTORS else "",
+             f"top-{cfg.influence.tau:.0%} precision": rep.get("precision"),
+             "recall": rep.get("recall"), "AUROC": rep.get("auroc")}
+            for name, rep in found.items()])
+        md += ["\nEvery detector at the same budget:\n\n", _table_md(table), "\n"]
+        summary["detection"] = table.to_dict(orient="records")
     predictor = _read_json(root.child("predictor", "report.json"))
     if predictor:
         md.append(f"\nInfluence predictor h_w: held-out AUROC {predictor['heldout_auroc']:.3f} "
