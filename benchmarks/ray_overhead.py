@@ -146,15 +146,27 @@ def load(config: Path, overrides: list[str], root: Path):
     return load_config(config, [*overrides, f"run.root={root}"])
 
 
-def start_ray(cfg, temp_dir: str) -> None:
-    """ray.init as `ray_session` does for a local Ray, kept off any other Ray on the machine."""
+def start_ray(cfg, temp_dir: str, attempts: int = 3) -> int:
+    """ray.init as `ray_session` does for a local Ray, kept off any other Ray on the machine.
+    Ray gives its raylet 30 s to register, which a heavily loaded box can miss: retried up to
+    `attempts` times. Returns the number of attempts made."""
     import ray
 
     from diffinf_ray.ray_session import worker_env
 
-    ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False,
-             log_to_driver=True, runtime_env={"env_vars": worker_env()}, _temp_dir=temp_dir)
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False,
+                     log_to_driver=True, runtime_env={"env_vars": worker_env()},
+                     _temp_dir=temp_dir)
+            break
+        except Exception as err:  # noqa: BLE001 - Ray raises a bare Exception on this timeout
+            ray.shutdown()
+            if attempt == attempts or "timed out during startup" not in str(err):
+                raise
+            print(f"[ray_overhead] ray.init attempt {attempt} timed out; retrying", flush=True)
     ray.data.DataContext.get_current().enable_progress_bars = True
+    return attempt
 
 
 def prepare_data(cfg) -> None:
@@ -190,9 +202,8 @@ def run_ray(cfg, work: Path, tag: str) -> dict:
     checkpoints = Location(str(work / f"{tag}_checkpoints"))
     timings = work / f"{tag}_timings"
     own = not ray.is_initialized()
-    t_begin = time.time()
-    if own:
-        start_ray(cfg, tempfile.mkdtemp(prefix="ro_ray_"))
+    t_begin, load_before = time.time(), os.getloadavg()[0]
+    attempts = start_ray(cfg, tempfile.mkdtemp(prefix="ro_ray_")) if own else 0
     t_call = time.time()
     with mock.patch.object(train_stage, "_train_loop",
                            functools.partial(_instrumented_loop, str(timings))):
@@ -205,7 +216,8 @@ def run_ray(cfg, work: Path, tag: str) -> dict:
     worker = json.loads(Path(f"{timings}.0.json").read_text())
     shutil.rmtree(work / f"{tag}_checkpoints", ignore_errors=True)
     return {"kind": "ray", "tag": tag, "wall_s": t_end - t_begin, "fit_s": t_return - t_call,
-            "ray_start_s": t_call - t_begin if own else None,
+            "ray_start_s": t_call - t_begin if own else None, "ray_start_attempts": attempts,
+            "load_before": load_before, "load_after": os.getloadavg()[0],
             "ray_shutdown_s": t_end - t_return if own else None,
             "t_call": t_call, "t_return": t_return, "worker": worker,
             "steps": sum(e["steps"] for e in worker["epochs"]),
@@ -280,6 +292,7 @@ def run_plain(cfg, work: Path, tag: str, threads: int) -> dict:
     torch.set_num_threads(threads)
     train_cfg, seed = cfg.train, cfg.run.seed
     out = work / f"{tag}_checkpoints"
+    load_before = os.getloadavg()[0]
     try:
         t_begin = time.time()
         data = _plain_data(cfg)
@@ -313,6 +326,7 @@ def run_plain(cfg, work: Path, tag: str, threads: int) -> dict:
         shutil.rmtree(out, ignore_errors=True)
     return {"kind": "plain", "tag": tag, "wall_s": t_end - t_begin, "data_s": t_data - t_begin,
             "setup_s": t_setup - t_data, "epochs": epochs, "torch_threads": threads,
+            "load_before": load_before, "load_after": os.getloadavg()[0],
             "steps": sum(e["steps"] for e in epochs), "rows": sum(e["rows"] for e in epochs),
             "final_train_loss": epochs[-1]["train_loss"]}
 
@@ -416,7 +430,8 @@ def benchmark(cfg, work: Path, repeats: int, loss_rtol: float = 0.25,
                    else run_plain(cfg, work, tag, threads))
             runs.append(run)
             log(f"[ray_overhead] repeat {rep + 1}/{repeats} {kind:5s} wall {run['wall_s']:7.1f} s"
-                f"  steps {run['steps']}  final train loss {run['final_train_loss']:.4f}")
+                f"  steps {run['steps']}  final train loss {run['final_train_loss']:.4f}"
+                f"  load {run['load_before']:.1f} -> {run['load_after']:.1f}")
             if json_path is not None:
                 _write_json(json_path, {"runs": runs})
         check_same_steps(runs[-2], runs[-1])
