@@ -38,6 +38,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from unittest import mock
@@ -140,21 +141,73 @@ def _instrumented_loop(timings_path: str, loop_config: dict) -> None:
 
 # ---------------------------------------------------------------- driver side
 
+class TreeCpu:
+    """CPU seconds (user + system) of this process and all its descendants (a local Ray's
+    daemons and workers), sampled every `interval` s by pid so exited processes keep their
+    last reading; a process that lives less than `interval` is missed."""
+
+    def __init__(self, interval: float = 1.0):
+        self._interval, self._stop = interval, threading.Event()
+        self._seen: dict[int, float] = {}
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        psutil = _psutil()
+        me = psutil.Process()
+        for proc in [me, *me.children(recursive=True)]:
+            try:
+                t = proc.cpu_times()
+                self._seen[proc.pid] = max(self._seen.get(proc.pid, 0.0), t.user + t.system)
+            except psutil.Error:
+                continue
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self._sample()
+
+    def __enter__(self) -> TreeCpu:
+        self._sample()
+        self._start = sum(self._seen.values())
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        self.seconds = sum(self._seen.values()) - self._start
+
+
+def _psutil():
+    """psutil: installed, or the copy Ray vendors (on sys.path once ray is imported)."""
+    try:
+        import psutil
+    except ImportError:
+        import importlib
+
+        import ray  # noqa: F401 - adds ray/thirdparty_files (psutil) to sys.path
+
+        psutil = importlib.import_module("psutil")
+    return psutil
+
+
 def load(config: Path, overrides: list[str], root: Path):
     from diffinf_ray.config import load_config
 
     return load_config(config, [*overrides, f"run.root={root}"])
 
 
-def start_ray(cfg, temp_dir: str, attempts: int = 3) -> int:
-    """ray.init as `ray_session` does for a local Ray, kept off any other Ray on the machine.
-    Ray gives its raylet 30 s to register, which a heavily loaded box can miss: retried up to
-    `attempts` times. Returns the number of attempts made."""
+def start_ray(cfg, attempts: int = 3) -> int:
+    """ray.init as `ray_session` does for a local Ray, kept off any other Ray on the machine
+    (address="local", a temp dir of its own). Ray gives its raylet 30 s to register, which a
+    heavily loaded box can miss: retried up to `attempts` times, after stopping the daemons the
+    failed attempt left running. Returns the number of attempts made."""
     import ray
 
     from diffinf_ray.ray_session import worker_env
 
     for attempt in range(1, attempts + 1):
+        temp_dir = tempfile.mkdtemp(prefix="ro_ray_")
         try:
             ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False,
                      log_to_driver=True, runtime_env={"env_vars": worker_env()},
@@ -162,11 +215,23 @@ def start_ray(cfg, temp_dir: str, attempts: int = 3) -> int:
             break
         except Exception as err:  # noqa: BLE001 - Ray raises a bare Exception on this timeout
             ray.shutdown()
+            _stop_processes_of(temp_dir)
             if attempt == attempts or "timed out during startup" not in str(err):
                 raise
             print(f"[ray_overhead] ray.init attempt {attempt} timed out; retrying", flush=True)
     ray.data.DataContext.get_current().enable_progress_bars = True
     return attempt
+
+
+def _stop_processes_of(temp_dir: str) -> None:
+    """Kill this process's descendants started for the Ray whose temp dir is `temp_dir`."""
+    psutil = _psutil()
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if temp_dir in " ".join(proc.cmdline()):
+                proc.kill()
+        except psutil.Error:
+            continue
 
 
 def prepare_data(cfg) -> None:
@@ -177,7 +242,7 @@ def prepare_data(cfg) -> None:
 
     own = not ray.is_initialized()
     if own:
-        start_ray(cfg, tempfile.mkdtemp(prefix="ro_ray_"))
+        start_ray(cfg)
     try:
         root = open_run_root(cfg)
         for stage in ("ingest", "noise"):
@@ -203,19 +268,21 @@ def run_ray(cfg, work: Path, tag: str) -> dict:
     timings = work / f"{tag}_timings"
     own = not ray.is_initialized()
     t_begin, load_before = time.time(), os.getloadavg()[0]
-    attempts = start_ray(cfg, tempfile.mkdtemp(prefix="ro_ray_")) if own else 0
-    t_call = time.time()
-    with mock.patch.object(train_stage, "_train_loop",
-                           functools.partial(_instrumented_loop, str(timings))):
-        metrics = train_stage.train_classifier(cfg, root.noisy_manifest, checkpoints,
-                                               len(cfg.class_names))
-    t_return = time.time()
-    if own:
-        ray.shutdown()
-    t_end = time.time()
+    with TreeCpu() as cpu:
+        attempts = start_ray(cfg) if own else 0
+        t_call = time.time()
+        with mock.patch.object(train_stage, "_train_loop",
+                               functools.partial(_instrumented_loop, str(timings))):
+            metrics = train_stage.train_classifier(cfg, root.noisy_manifest, checkpoints,
+                                                   len(cfg.class_names))
+        t_return = time.time()
+        if own:
+            ray.shutdown()
+        t_end = time.time()
     worker = json.loads(Path(f"{timings}.0.json").read_text())
     shutil.rmtree(work / f"{tag}_checkpoints", ignore_errors=True)
     return {"kind": "ray", "tag": tag, "wall_s": t_end - t_begin, "fit_s": t_return - t_call,
+            "cpu_s": cpu.seconds,
             "ray_start_s": t_call - t_begin if own else None, "ray_start_attempts": attempts,
             "load_before": load_before, "load_after": os.getloadavg()[0],
             "ray_shutdown_s": t_end - t_return if own else None,
@@ -292,7 +359,7 @@ def run_plain(cfg, work: Path, tag: str, threads: int) -> dict:
     torch.set_num_threads(threads)
     train_cfg, seed = cfg.train, cfg.run.seed
     out = work / f"{tag}_checkpoints"
-    load_before = os.getloadavg()[0]
+    load_before, cpu_begin = os.getloadavg()[0], time.process_time()
     try:
         t_begin = time.time()
         data = _plain_data(cfg)
@@ -320,11 +387,12 @@ def run_plain(cfg, work: Path, tag: str, threads: int) -> dict:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_bytes(blob)
             epochs.append({**result, "compute_s": t1 - t0, "checkpoint_s": time.time() - t1})
-        t_end = time.time()
+        t_end, cpu_s = time.time(), time.process_time() - cpu_begin
     finally:
         torch.set_num_threads(saved_threads)
         shutil.rmtree(out, ignore_errors=True)
     return {"kind": "plain", "tag": tag, "wall_s": t_end - t_begin, "data_s": t_data - t_begin,
+            "cpu_s": cpu_s,
             "setup_s": t_setup - t_data, "epochs": epochs, "torch_threads": threads,
             "load_before": load_before, "load_after": os.getloadavg()[0],
             "steps": sum(e["steps"] for e in epochs), "rows": sum(e["rows"] for e in epochs),
@@ -396,6 +464,8 @@ def summarise(runs: list[dict]) -> dict:
     epochs = len(ray_runs[0]["worker"]["epochs"])
     return {
         "ray_wall_s": ray_wall, "ray_fit_s": fit, "plain_wall_s": plain_wall,
+        "ray_cpu_s": med(r["cpu_s"] for r in ray_runs),
+        "plain_cpu_s": med(r["cpu_s"] for r in plain_runs),
         "ratio_ray_over_plain": ray_wall / plain_wall,
         "ratio_fit_over_plain": fit / plain_wall,
         "ratios_per_repeat": [a["wall_s"] / b["wall_s"] for a, b in zip(ray_runs, plain_runs,
@@ -430,7 +500,8 @@ def benchmark(cfg, work: Path, repeats: int, loss_rtol: float = 0.25,
                    else run_plain(cfg, work, tag, threads))
             runs.append(run)
             log(f"[ray_overhead] repeat {rep + 1}/{repeats} {kind:5s} wall {run['wall_s']:7.1f} s"
-                f"  steps {run['steps']}  final train loss {run['final_train_loss']:.4f}"
+                f"  CPU {run['cpu_s']:7.1f} s  steps {run['steps']}"
+                f"  final train loss {run['final_train_loss']:.4f}"
                 f"  load {run['load_before']:.1f} -> {run['load_after']:.1f}")
             if json_path is not None:
                 _write_json(json_path, {"runs": runs})
@@ -456,6 +527,8 @@ def report(summary: dict, log=print) -> None:
     log(f"ratio ray/plain {s['ratio_ray_over_plain']:.2f} (fit only "
         f"{s['ratio_fit_over_plain']:.2f}); per repeat "
         + ", ".join(f"{r:.2f}" for r in s["ratios_per_repeat"]))
+    log(f"CPU seconds (median): Ray process tree {s['ray_cpu_s']:.1f}, plain "
+        f"{s['plain_cpu_s']:.1f}, ratio {s['ray_cpu_s'] / s['plain_cpu_s']:.2f}")
     log(f"{s['epochs']} epochs, {s['steps']} optimiser steps; torch threads: Ray worker "
         f"{s['worker_torch_threads']}, plain {s['plain_torch_threads']}")
     log("\nRay phases (median s):")
