@@ -197,7 +197,7 @@ def load(config: Path, overrides: list[str], root: Path):
     return load_config(config, [*overrides, f"run.root={root}"])
 
 
-def start_ray(cfg, attempts: int = 3) -> int:
+def start_ray(cfg, attempts: int = 5) -> int:
     """ray.init as `ray_session` does for a local Ray, kept off any other Ray on the machine
     (address="local", a temp dir of its own). Ray gives its raylet 30 s to register, which a
     heavily loaded box can miss: retried up to `attempts` times, after stopping the daemons the
@@ -452,8 +452,15 @@ def check_similar_loss(ray_run: dict, plain_run: dict, loss_rtol: float) -> None
                              f"(rtol {loss_rtol})")
 
 
-def summarise(runs: list[dict]) -> dict:
-    ray_runs = [r for r in runs if r["kind"] == "ray"]
+def summarise(runs: list[dict], session: dict | None = None) -> dict:
+    """Medians and ratios. With `session` (one Ray for all runs), its start and shutdown are
+    added to each Ray run's wall time and phases."""
+    session = session or {}
+    shared = session.get("ray_start_s", 0.0) + session.get("ray_shutdown_s", 0.0)
+    ray_runs = [{**r, "wall_s": r["wall_s"] + shared,
+                 "ray_start_s": r["ray_start_s"] or session.get("ray_start_s"),
+                 "ray_shutdown_s": r["ray_shutdown_s"] or session.get("ray_shutdown_s")}
+                for r in runs if r["kind"] == "ray"]
     plain_runs = [r for r in runs if r["kind"] == "plain"]
     med = statistics.median
     ray_wall = med(r["wall_s"] for r in ray_runs)
@@ -485,11 +492,21 @@ def summarise(runs: list[dict]) -> dict:
 # ---------------------------------------------------------------- entry point
 
 def benchmark(cfg, work: Path, repeats: int, loss_rtol: float = 0.25,
-              plain_threads: int | None = None, log=print,
-              json_path: Path | None = None) -> tuple[list[dict], dict]:
+              plain_threads: int | None = None, log=print, json_path: Path | None = None,
+              ray_per_run: bool = True) -> tuple[list[dict], dict]:
     """Prepare the data, then `repeats` x (Ray run, plain run), checked and summarised.
-    With `json_path`, every run is written there as soon as it ends (so a run stopped early
-    keeps its figures); the loss check runs after all repeats, for the same reason."""
+    `ray_per_run`: each Ray run starts and stops its own local Ray; otherwise one Ray serves
+    the whole benchmark (as one serves a whole pipeline run) and its start and shutdown are
+    timed once and added to every Ray run's wall time. With `json_path`, every run is written
+    there as soon as it ends (a run stopped early keeps its figures); the loss check runs after
+    all repeats, for the same reason."""
+    import ray
+
+    session = {}
+    if not ray_per_run and not ray.is_initialized():
+        t0 = time.time()
+        session["ray_start_attempts"] = start_ray(cfg)
+        session["ray_start_s"] = time.time() - t0
     prepare_data(cfg)
     threads = plain_threads or max(1, int(cfg.train.cpus_per_worker))
     runs = []
@@ -504,11 +521,15 @@ def benchmark(cfg, work: Path, repeats: int, loss_rtol: float = 0.25,
                 f"  final train loss {run['final_train_loss']:.4f}"
                 f"  load {run['load_before']:.1f} -> {run['load_after']:.1f}")
             if json_path is not None:
-                _write_json(json_path, {"runs": runs})
+                _write_json(json_path, {"session": session, "runs": runs})
         check_same_steps(runs[-2], runs[-1])
-    summary = summarise(runs)
+    if session:
+        t0 = time.time()
+        ray.shutdown()
+        session["ray_shutdown_s"] = time.time() - t0
+    summary = summarise(runs, session)
     if json_path is not None:
-        _write_json(json_path, {"summary": summary, "runs": runs})
+        _write_json(json_path, {"summary": summary, "session": session, "runs": runs})
     for ray_run, plain_run in zip(runs[::2], runs[1::2], strict=True):
         check_similar_loss(ray_run, plain_run, loss_rtol)
     return runs, summary
@@ -548,6 +569,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--plain-threads", type=int, help="default: train.cpus_per_worker")
     parser.add_argument("--loss-rtol", type=float, default=0.25)
     parser.add_argument("--json", type=Path, help="write every run and the summary here")
+    parser.add_argument("--one-ray", action="store_true",
+                        help="one Ray for all runs, its start and shutdown timed once")
     parser.add_argument("overrides", nargs="*", help="config overrides, key=value")
     args = parser.parse_args(argv)
     os.environ.pop("RAY_ADDRESS", None)
@@ -556,7 +579,8 @@ def main(argv: list[str] | None = None) -> None:
         root = (args.root or Path(tmp) / "data").resolve()
         cfg = load(args.config, overrides, root)
         _, summary = benchmark(cfg, Path(tmp), args.repeats, args.loss_rtol,
-                               args.plain_threads, json_path=args.json)
+                               args.plain_threads, json_path=args.json,
+                               ray_per_run=not args.one_ray)
     report(summary)
 
 
