@@ -2,7 +2,8 @@
 against the same epochs in a plain PyTorch loop in one process, on the same data, in one run.
 
     python benchmarks/ray_overhead.py [--config jobs/configs/demo.yaml] [--epochs E]
-                                      [--repeats 3] [--root DIR] [--json OUT] [KEY=VALUE ...]
+                                      [--repeats 3] [--root DIR] [--json OUT] [--one-ray]
+                                      [--plain-threads N] [--loss-rtol 0.25] [KEY=VALUE ...]
 
 Data: the config's ingest and noise stages, run once (untimed) into `<root>` (a temporary
 folder unless --root is given; a --root that already holds them is reused).
@@ -24,7 +25,10 @@ Unavoidable difference: the row order. Ray Data streams the rows through a local
 batch count and size per epoch are the same, so the steps must match (asserted), and the final
 training loss must agree within --loss-rtol (asserted).
 
-Repeats run A, B, A, B, ... Wall times are medians over repeats. Prints one line per run, the
+Repeats run A, B, A, B, ... Each A starts its own local Ray unless --one-ray, where one Ray
+serves all runs (as one serves a whole pipeline run) and its start and shutdown, timed once,
+are added to every A. CPU seconds: the whole process tree for A (driver, Ray daemons and
+workers, sampled by pid every second), the process for B. Wall times are medians over repeats. Prints one line per run, the
 medians, the ratios and the Ray phase breakdown (medians); --json writes all of it.
 """
 
