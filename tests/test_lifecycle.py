@@ -23,8 +23,8 @@ from diffinf_ray.run_root import RunRoot
 
 TINY = str(Path(__file__).resolve().parents[1] / "jobs" / "configs" / "tiny.yaml")
 STAGES = ["ingest", "noise", "train", "evaluate", "influence", "removal"]
-# 100 images at 32 px (tiny.yaml), 2 epochs: ~70 training rows, tau 0.1 flags 7 of them
-SMALL = ["data.synthfaces.num_samples=100", "data.synthfaces.num_identities=25"]
+# 80 images at 32 px (tiny.yaml), 1 epoch: ~56 training rows, tau 0.1 flags ~6 of them
+SMALL = ["data.synthfaces.num_samples=80", "data.synthfaces.num_identities=20", "train.epochs=1"]
 # Where each stage writes under the run root (run_root.py's layout).
 OUTPUT_FOLDER = {"evaluate": "evaluation", "influence": "influence", "removal": "removal"}
 SENTINEL = "stale-output.txt"
