@@ -1,0 +1,74 @@
+"""Benchmarks at unit size, so they cannot rot: benchmarks/ray_overhead.py runs its Ray Train
+and plain PyTorch paths on a few dozen synthfaces for one epoch and one repeat."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # Ray pickles its worker function by value from here
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def ray_overhead():
+    return _load("ray_overhead")
+
+
+@pytest.fixture
+def tiny_cfg(ray_overhead, tmp_path):
+    return ray_overhead.load(ray_overhead.DEMO_CONFIG, [
+        "data.synthfaces.num_samples=48", "data.synthfaces.num_identities=12",
+        "data.synthfaces.with_masks=false", "train.epochs=1", "train.batch_size=8",
+        "train.checkpoint_every=1", "ray.num_cpus=2"], tmp_path / "data")
+
+
+@pytest.fixture
+def bench_ray(ray_overhead, tiny_cfg):
+    """An isolated local Ray (2 CPUs, own temp dir) started by the benchmark's own start_ray,
+    which retries when a loaded box makes the raylet miss Ray's registration window."""
+    import ray
+
+    ray_overhead.start_ray(tiny_cfg, attempts=5)
+    yield
+    ray.shutdown()
+
+
+def test_ray_overhead_runs_both_paths_with_equal_steps(bench_ray, ray_overhead, tiny_cfg,
+                                                        tmp_path):
+    cfg = tiny_cfg
+    lines = []
+    runs, summary = ray_overhead.benchmark(cfg, tmp_path, repeats=1, loss_rtol=0.5,
+                                           log=lines.append)
+    ray_run, plain_run = runs
+    assert (ray_run["kind"], plain_run["kind"]) == ("ray", "plain")
+    train_rows = ray_run["rows"]
+    assert 20 <= train_rows <= 40  # ~70% of 48 faces
+    # every batch of 8 but a last batch of one is a step, in both paths
+    expected_steps = train_rows // 8 + (train_rows % 8 >= 2)
+    assert ray_run["steps"] == plain_run["steps"] == expected_steps == summary["steps"]
+    assert plain_run["rows"] == train_rows
+    assert math.isfinite(ray_run["final_train_loss"]) and math.isfinite(
+        plain_run["final_train_loss"])
+    phases = ray_overhead.ray_phases(ray_run)
+    assert phases["ray_start"] == 0.0  # Ray was already up (the fixture's)
+    assert ray_run["cpu_s"] > 0 and plain_run["cpu_s"] > 0
+    assert all(v >= 0 for k, v in phases.items() if k != "between_epochs"), phases
+    assert phases["report_with_checkpoint"] > 0  # the one epoch is checkpointed
+    # the phases account for the whole train_classifier call, give or take clock reads
+    accounted = sum(v for k, v in phases.items() if k not in ("ray_start", "ray_shutdown"))
+    assert accounted == pytest.approx(ray_run["fit_s"], abs=0.05)
+    assert summary["ratio_ray_over_plain"] > 0
+    ray_overhead.report(summary, log=lines.append)
+    assert any("ratio ray/plain" in line for line in lines)
