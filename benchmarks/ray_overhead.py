@@ -10,7 +10,7 @@ folder unless --root is given; a --root that already holds them is reused).
 
 A (Ray): a fresh local Ray (`ray.init` with the pipeline's arguments, plus address="local" and
 a private temp dir so it never joins another Ray on the machine), then
-`diffinf_ray.stages.train.train_classifier` (what the train stage calls: Ray Data datasets,
+`diffinf_ray.models.training.train_classifier` (what the train stage calls: Ray Data datasets,
 `fit_with_ray_train`, the harness's `_train_loop`) into a fresh checkpoint folder, then
 `ray.shutdown()`. The training loop is wrapped, in the worker, by `_instrumented_loop`, which
 only observes: it times the dataset iterators, `to_bytes` and `ray.train.report`, and counts
@@ -98,7 +98,7 @@ def _instrumented_loop(timings_path: str, loop_config: dict) -> None:
     import torch
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
-    from diffinf_ray.stages import train as train_stage
+    from diffinf_ray.models import training as train_stage
 
     record = {"enter": time.time(), "torch_threads": torch.get_num_threads(), "epochs": []}
     state = {"epoch": _new_epoch()}
@@ -261,8 +261,8 @@ def run_ray(cfg, work: Path, tag: str) -> dict:
     Starts (and shuts down) its own local Ray unless one is running already."""
     import ray
 
+    from diffinf_ray.models import training as train_stage
     from diffinf_ray.pipeline import open_run_root
-    from diffinf_ray.stages import train as train_stage
     from diffinf_ray.storage import Location
 
     if __name__ != "__main__":  # the worker cannot import this file as a module
@@ -300,8 +300,8 @@ def _plain_data(cfg):
     """The train and val splits as the Ray datasets give them, decoded once, in one process."""
     import torch
 
+    from diffinf_ray.datasets import decode_for_training, select_rows
     from diffinf_ray.pipeline import open_run_root
-    from diffinf_ray.stages.train import decode_for_training, select_rows
 
     table = open_run_root(cfg).noisy_manifest.read_table(columns=["image", "label", "split"])
     batch = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
@@ -357,7 +357,7 @@ def run_plain(cfg, work: Path, tag: str, threads: int) -> dict:
 
     from diffinf_ray.models.checkpoint import CHECKPOINT_FILE, checkpoint_dir_name, to_bytes
     from diffinf_ray.models.classifier import build_classifier
-    from diffinf_ray.stages.train import learning_rate_at
+    from diffinf_ray.models.training import learning_rate_at
 
     saved_threads = torch.get_num_threads()
     torch.set_num_threads(threads)

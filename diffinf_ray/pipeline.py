@@ -88,20 +88,32 @@ def is_done(root: RunRoot, cfg: Config, stage: str) -> bool:
     return record.get("status") == "done" and record.get("fingerprint") == fingerprint(cfg, stage)
 
 
+def upstream_attempts(root: RunRoot, stage: str) -> dict[str, str | None]:
+    """{upstream stage: attempt id of its finished record, None when it has none}."""
+    return {s: (root.stage_record(s) or {}).get("attempt") for s in REGISTRY[stage].upstream}
+
+
 def run_stage(cfg: Config, root: RunRoot, stage: str, force: bool = False,
               body: StageBody | None = None) -> StageOutcome:
-    """Run one stage unless it is done with the same fingerprint (or `force`). Exceptions of
-    the stage propagate; its record then stays "running", so a rerun runs it again."""
+    """Run one stage unless it is done with the same fingerprint on the same upstream outputs
+    (or `force`). Exceptions of the stage propagate; its record then says "failed" with the
+    error, and a rerun resumes it (a Train stage continues from its last checkpoint)."""
     fp = fingerprint(cfg, stage)
     record = root.stage_record(stage) or {}
     same = record.get("fingerprint") == fp
-    if not force and same and record.get("status") == "done":
+    inputs = upstream_attempts(root, stage)
+    # records written before inputs were recorded are taken as built on the current ones
+    rebuilt = [s for s, attempt in record.get("inputs", inputs).items() if inputs.get(s) != attempt]
+    if not force and same and record.get("status") == "done" and not rebuilt:
         log.info("stage %s: done already (fingerprint %s), skipped", stage, fp)
         return StageOutcome(stage, "skipped", fp, record.get("summary", {}))
-    if force or (record and not same):
+    if force or rebuilt or (record and not same):
         if record and not same:
             log.info("stage %s: settings changed (%s -> %s); its old outputs are replaced",
                      stage, record.get("fingerprint"), fp)
+        elif rebuilt and not force:
+            log.info("stage %s: %s rebuilt since it ran; its old outputs are replaced",
+                     stage, ", ".join(rebuilt))
         for folder in REGISTRY[stage].outputs:
             root.child(folder).delete()
     elif same:
@@ -109,9 +121,13 @@ def run_stage(cfg: Config, root: RunRoot, stage: str, force: bool = False,
     root.mark_started(stage, fp)
     started = time.perf_counter()
     log.info("stage %s: running (fingerprint %s)", stage, fp)
-    summary = (body or stage_function(stage))(config_for_stage(cfg, stage), root)
+    try:
+        summary = (body or stage_function(stage))(config_for_stage(cfg, stage), root)
+    except Exception as err:
+        root.mark_failed(stage, fp, f"{type(err).__name__}: {err}"[:2000])
+        raise
     seconds = time.perf_counter() - started
-    root.mark_done(stage, fp, summary, seconds)
+    root.mark_done(stage, fp, summary, seconds, inputs)
     log.info("stage %s: finished in %.1f s", stage, seconds)
     return StageOutcome(stage, "ran", fp, summary, seconds)
 

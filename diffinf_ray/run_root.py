@@ -61,7 +61,10 @@ class RunRoot:
         self._marker(stage).write_json({"stage": stage, "fingerprint": fingerprint,
                                         "status": "running"})
 
-    def mark_done(self, stage: str, fingerprint: str, summary: dict, seconds: float) -> None:
+    def mark_done(self, stage: str, fingerprint: str, summary: dict, seconds: float,
+                  inputs: dict | None = None) -> None:
+        """`inputs`: the attempt of each upstream stage whose outputs this run read, so that
+        a stage built on outputs that were rebuilt since is not taken for current."""
         self._marker(stage).write_json({
             "stage": stage,
             "fingerprint": fingerprint,
@@ -70,5 +73,12 @@ class RunRoot:
             "wall_seconds": round(seconds, 2),
             # tells two completions apart when the clock (1 s) and the rounded time agree
             "attempt": uuid.uuid4().hex,
+            "inputs": inputs or {},
             "summary": summary,
         })
+
+    def mark_failed(self, stage: str, fingerprint: str, error: str) -> None:
+        """The stage raised: not done; a rerun with the same fingerprint resumes it."""
+        self._marker(stage).write_json({
+            "stage": stage, "fingerprint": fingerprint, "status": "failed",
+            "failed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "error": error})

@@ -452,9 +452,14 @@ class SharedRunRoot(RunRoot):
         self._own(stage)
         super().mark_started(stage, fingerprint)
 
-    def mark_done(self, stage: str, fingerprint: str, summary: dict, seconds: float) -> None:
+    def mark_done(self, stage: str, fingerprint: str, summary: dict, seconds: float,
+                  inputs: dict | None = None) -> None:
         self._own(stage)
-        super().mark_done(stage, fingerprint, summary, seconds)
+        super().mark_done(stage, fingerprint, summary, seconds, inputs)
+
+    def mark_failed(self, stage: str, fingerprint: str, error: str) -> None:
+        self._own(stage)
+        super().mark_failed(stage, fingerprint, error)
 
 
 # -- the trainable ------------------------------------------------------------------------

@@ -63,12 +63,12 @@ class TrainingSetSpy:
     the ids left out of the train split it was given, and the number of rows handed to it.
 
     Wraps `split_dataset` (the one reader of a manifest split for training) and
-    `fit_with_ray_train` (the one Ray Train entry) of diffinf_ray.stages.train. Counting rows
+    `fit_with_ray_train` (the one Ray Train entry) of diffinf_ray.models.training. Counting rows
     runs the fit's own train dataset once more (one Ray Data job).
     """
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, root: Path):
-        import diffinf_ray.stages.train as train_module
+        import diffinf_ray.models.training as train_module
 
         self.root = root
         self.fits: dict[str, dict] = {}

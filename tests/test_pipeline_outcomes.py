@@ -67,7 +67,7 @@ def test_a_failed_stage_blocks_only_what_reads_it(cfg):
     assert calls == ["train", "judges", "report"]
     assert "train" not in run and run["judges"] == {"stage": "judges"}
     root = pipeline.open_run_root(cfg)
-    assert root.stage_record("train")["status"] == "running"  # not done: a rerun runs it
+    assert root.stage_record("train")["status"] == "failed"  # not done: a rerun runs it
 
 
 def test_a_stage_sees_only_its_declared_settings(cfg):
@@ -85,3 +85,27 @@ def test_force_reruns_every_wanted_stage(cfg):
     calls.clear()
     forced = run_pipeline(cfg, stages=WANTED, bodies=recording_bodies(calls), force=True)
     assert calls == WANTED and forced.with_status("ran") == WANTED
+
+
+def test_stages_built_on_rebuilt_outputs_run_again(cfg):
+    """--force on a few stages rebuilds their outputs: the next run re-runs what read them,
+    though no setting changed."""
+    calls: list = []
+    run_pipeline(cfg, stages=WANTED, bodies=recording_bodies(calls))
+    run_pipeline(cfg, stages=["ingest", "noise"], bodies=recording_bodies(calls), force=True)
+    calls.clear()
+    again = run_pipeline(cfg, stages=WANTED, bodies=recording_bodies(calls))
+    assert calls == ["train", "evaluate", "influence", "removal", "report"]
+    assert again.with_status("skipped") == ["ingest", "noise", "judges"]
+    root = pipeline.open_run_root(cfg)
+    assert root.stage_record("train")["inputs"] == {"noise": root.stage_record("noise")["attempt"]}
+
+
+def test_a_failed_stage_records_its_error(cfg):
+    with pytest.raises(RuntimeError):
+        run_pipeline(cfg, stages=WANTED, bodies=recording_bodies([], fail="noise"))
+    record = pipeline.open_run_root(cfg).stage_record("noise")
+    assert record["status"] == "failed" and record["error"] == "RuntimeError: noise broke"
+    calls: list = []
+    run_pipeline(cfg, stages=WANTED, bodies=recording_bodies(calls))
+    assert calls == WANTED[1:]  # ingest was done; noise resumes, the rest follows
