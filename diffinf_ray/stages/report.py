@@ -109,6 +109,28 @@ def stage_times(root: RunRoot) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def detection_section(root: RunRoot, tau: float, summary: dict) -> list[str]:
+    """Markdown lines on how well the detectors found the injected corruption: TracIn's
+    flagged set, then every registered detector the run scored (into `summary` too)."""
+    md: list[str] = []
+    influence = _read_json(root.child("influence", "detection.json"))
+    if influence and "tracin" in influence:
+        t = influence["tracin"]
+        md += ["\n## Detection (TracIn self-influence vs the injected corruption)\n",
+               f"top-{tau:.0%}: precision {t['precision']:.3f}, recall "
+               f"{t['recall']:.3f}; AUROC {t['auroc']:.3f}\n"]
+    found = read_detection(root)
+    if len(found) > 1:  # every registered detector this run scored, at the same budget
+        table = pd.DataFrame([
+            {"detector": name, "what": DETECTORS[name].description if name in DETECTORS else "",
+             f"top-{tau:.0%} precision": rep.get("precision"),
+             "recall": rep.get("recall"), "AUROC": rep.get("auroc")}
+            for name, rep in found.items()])
+        md += ["\nEvery detector at the same budget:\n\n", _table_md(table), "\n"]
+        summary["detection"] = table.to_dict(orient="records")
+    return md
+
+
 def run_report(cfg: Config, root: RunRoot) -> dict:
     out = root.child(STAGE_FOLDER)
     names = cfg.class_names
@@ -120,21 +142,7 @@ def run_report(cfg: Config, root: RunRoot) -> dict:
           "## Clean test split\n", _table_md(metrics, 2)]
     summary: dict = {"conditions": metrics.to_dict(orient="records")}
 
-    influence = _read_json(root.child("influence", "detection.json"))
-    if influence and "tracin" in influence:
-        t = influence["tracin"]
-        md += ["\n## Detection (TracIn self-influence vs the injected corruption)\n",
-               f"top-{cfg.influence.tau:.0%}: precision {t['precision']:.3f}, recall "
-               f"{t['recall']:.3f}; AUROC {t['auroc']:.3f}\n"]
-    found = read_detection(root)
-    if len(found) > 1:  # every registered detector this run scored, at the same budget
-        table = pd.DataFrame([
-            {"detector": name, "what": DETECTORS[name].description if name in DETECTORS else "",
-             f"top-{cfg.influence.tau:.0%} precision": rep.get("precision"),
-             "recall": rep.get("recall"), "AUROC": rep.get("auroc")}
-            for name, rep in found.items()])
-        md += ["\nEvery detector at the same budget:\n\n", _table_md(table), "\n"]
-        summary["detection"] = table.to_dict(orient="records")
+    md += detection_section(root, cfg.influence.tau, summary)
     predictor = _read_json(root.child("predictor", "report.json"))
     if predictor:
         md.append(f"\nInfluence predictor h_w: held-out AUROC {predictor['heldout_auroc']:.3f} "
