@@ -1,7 +1,7 @@
 """The interface every noisy-label training method implements, and what they share.
 
 A method owns its network(s), their optimiser(s) and any per-sample state; a training loop only
-feeds it batches. Epochs are 1-based (as in `stages/train.py`), steps 0-based within an epoch.
+feeds it batches. Epochs are 1-based (as in `models/training.py`), steps 0-based within an epoch.
 A batch is a dict of tensors:
 
 - "image": float (B, C, H, W) (any input the model factory's networks accept),

@@ -1,6 +1,6 @@
 """`standard`: plain cross-entropy on the assigned labels, one network (the noisy baseline).
 
-It is the same recipe as `stages/train.py` behind the common method interface, so that every
+It is the same recipe as `models/training.py` behind the common method interface, so that every
 comparison in METHOD.md stage 9 goes through one training loop. No method-specific keys.
 """
 
