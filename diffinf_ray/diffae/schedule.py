@@ -6,8 +6,8 @@ Forward process (DDPM, linear betas 1e-4..0.02 over T = 1000 steps, as the offic
 
 Timesteps (official `space_timesteps(T, "ddimS")`, `timesteps.ddim_timesteps`): tau = range(0,
 T, k) for the smallest integer stride k giving exactly S values, tau_0 = 0 < ... < tau_{S-1}.
-S = 20 gives 0, 50, ..., 950; S = 30 gives 0, 34, ..., 986; S = 1 and S with no such stride
-(45, 501..999 for T = 1000) are refused, as the official code refuses them.
+S = 20 gives 0, 50, ..., 950; S = 30 gives 0, 34, ..., 986; S with no such stride (1, 45,
+501..999, ... for T = 1000) are refused, as the official code refuses them.
 
 One DDIM step (official `ddim_sample` / `ddim_reverse_sample`, `clip_denoised=True`), with the
 model evaluated at the *source* level abar_t:

@@ -2,7 +2,8 @@
 
 `space_timesteps(T, "ddimS")` of phizaz/diffae (diffusion/diffusion.py) takes range(0, T, k) for
 the smallest integer stride k in 1..T-1 that gives exactly S timesteps. With T = 1000: S = 20
-gives 0, 50, ..., 950; S = 30 gives 0, 34, ..., 986; S = 1, 45 and 501..999 have no such stride
+gives 0, 50, ..., 950; S = 30 gives 0, 34, ..., 986. Every S from 2 to 36 has one; S = 1, most
+counts above 36 (37, 41, 45, 60, ...; 40, 50, 100, 125, 200, 250 are fine) and 501..999 have none
 and are refused, as the official code refuses them.
 """
 
