@@ -1,9 +1,10 @@
 """Benchmark the editor: seconds per edited image and where they go.
 
 Medians over --repeats (after one warm-up) of:
-- encode: semantic code + DDIM inversion (`encode_steps` UNet forwards), per batch;
-- decode f+b: the differentiable decode (`decode_steps` steps, checkpointed unless
-  --no-checkpoint) forward + backward to z and x_T;
+- encode: semantic code + the official DDIM inversion (`encode_steps` UNet forwards, by default
+  --steps), per batch;
+- decode f+b: the differentiable official decode (`decode_steps`, by default --steps;
+  checkpointed unless --no-checkpoint) forward + backward to z and x_T;
 - losses f+b: the loss networks (identity, parsing, perceptual, pixel) and h_w(g(x)) forward +
   backward to the image;
 - UNet f+b: one UNet forward + backward to its inputs (x_t, z) at the batch, weights frozen;
@@ -18,9 +19,9 @@ LPIPS-alex with a random backbone (`pnet_rand`: no download). The classifier is 
 ResNet-18 `AttributeClassifier`.
 
     python benchmarks/edit.py --preset tiny --image-size 64 --batch 8 --iterations 3 \
-        --decode-steps 5 --encode-steps 5 --repeats 3 --threads 1
+        --steps 5 --repeats 3 --threads 1
     python benchmarks/edit.py --device cuda --preset ffhq128 --image-size 128 --batch 16 \
-        --iterations 20 --decode-steps 10 --encode-steps 20
+        --iterations 20 --steps 10
 """
 
 from __future__ import annotations
@@ -155,8 +156,9 @@ def main(argv=None) -> None:
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--iterations", type=int, default=3, help="K Adam steps")
-    parser.add_argument("--decode-steps", type=int, default=5, help="S DDIM decode steps")
-    parser.add_argument("--encode-steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=5, help="S DDIM steps (inversion, decode)")
+    parser.add_argument("--decode-steps", type=int, default=None, help="default: --steps")
+    parser.add_argument("--encode-steps", type=int, default=None, help="default: --steps")
     parser.add_argument("--optimize", choices=("z", "xT", "both"), default="both")
     parser.add_argument("--no-checkpoint", action="store_true",
                         help="keep every decode step's activations (faster, memory linear in S)")
@@ -165,6 +167,8 @@ def main(argv=None) -> None:
     parser.add_argument("--clock", choices=("wall", "cpu"), default=None,
                         help="wall (default on cuda) or this process's CPU time (default on cpu)")
     args = parser.parse_args(argv)
+    args.decode_steps = args.decode_steps or args.steps
+    args.encode_steps = args.encode_steps or args.steps
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -26,6 +26,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from diffinf_ray.diffae.timesteps import ddim_timesteps
+
 # The stage table lives in stage_registry; these names are re-exported for the config's users.
 from diffinf_ray.stage_registry import STAGES, fingerprint, upstream_stages  # noqa: F401
 
@@ -286,8 +288,13 @@ class EditSection(_Section):
     # 0.05 moved each x_T element by ~0.05 in Adam's first step: 6x the pixel error of 0.01 for
     # the same oracle outcome on 32 px synthfaces (benchmarks/RESULTS.md, edit settings)
     lr: float = Field(0.01, gt=0)
-    encode_steps: int = Field(20, ge=1, le=1000)  # DDIM inversion steps
-    decode_steps: int = Field(10, ge=1, le=1000)  # differentiable DDIM decode steps (S)
+    # DDIM steps S of the inversion and of the differentiable decode: the official loops with
+    # one S give x_T at the level the decode starts from. encode_steps / decode_steps (None:
+    # `steps`) set either on purpose. S needs an official integer stride: 2..36 all do, larger
+    # counts often not (45 is refused; 40, 50, 100, 250 are fine).
+    steps: int = Field(10, ge=2, le=1000)
+    encode_steps: int | None = Field(None, ge=2, le=1000)
+    decode_steps: int | None = Field(None, ge=2, le=1000)
     w_id: float = Field(1.0, ge=0)
     w_reg: float = Field(1.0, ge=0)
     w_si: float = Field(1.0, ge=0)
@@ -302,6 +309,16 @@ class EditSection(_Section):
     gpus_per_actor: Annotated[float, Field(gt=0.0, le=8.0)] = 1.0  # < 1 packs actors on a GPU
     max_attempts: int = Field(3, ge=1)  # per row, then quarantined with its reason
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _official_step_counts(self) -> EditSection:
+        for name in ("steps", "encode_steps", "decode_steps"):
+            if getattr(self, name) is not None:
+                try:
+                    ddim_timesteps(getattr(self, name))
+                except ValueError as err:
+                    raise ValueError(f"edit.{name}: {err}") from None
+        return self
 
 
 class OracleSection(_Section):

@@ -219,3 +219,27 @@ def test_config_module_does_not_import_torch():
             "load_config('jobs/configs/demo.yaml'); print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_one_step_count_governs_inversion_and_decode(tmp_path):
+    from diffinf_ray.edit.editor import EditSettings
+
+    default = load_config(write(tmp_path, ""))
+    assert (default.edit.steps, default.edit.encode_steps, default.edit.decode_steps) == (10, None, None)
+    settings = EditSettings.from_section(default.edit)
+    assert (settings.encode_steps, settings.decode_steps) == (10, 10)
+    one = EditSettings.from_section(load_config(write(tmp_path, ""), ["edit.steps=20"]).edit)
+    assert (one.encode_steps, one.decode_steps) == (20, 20)
+    # the old keys still work, alone (the other follows `steps`) or both on purpose
+    old = load_config(write(tmp_path, "edit:\n  encode_steps: 250\n  decode_steps: 20\n"))
+    both = EditSettings.from_section(old.edit)
+    assert (both.encode_steps, both.decode_steps) == (250, 20)
+    alone = EditSettings.from_section(load_config(write(tmp_path, ""), ["edit.encode_steps=50"]).edit)
+    assert (alone.encode_steps, alone.decode_steps) == (50, 10)
+    assert fingerprint(old, "edit") != fingerprint(default, "edit")
+
+
+@pytest.mark.parametrize("override", ["edit.steps=45", "edit.encode_steps=600", "edit.decode_steps=1"])
+def test_step_counts_without_an_official_grid_are_refused(tmp_path, override):
+    with pytest.raises(ConfigError, match=override.split("=")[0]):
+        load_config(write(tmp_path, ""), [override])

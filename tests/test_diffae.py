@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from diffusers import DDIMInverseScheduler, DDIMScheduler
+from diffusers import DDIMScheduler
 
 from diffinf_ray.diffae.autoencoder import (
     DiffusionAutoencoder,
@@ -17,7 +17,12 @@ from diffinf_ray.diffae.autoencoder import (
     saved_tensor_bytes,
 )
 from diffinf_ray.diffae.model import NULL_LABEL, DiffAEConfig, build_model, preset
-from diffinf_ray.diffae.schedule import NoiseSchedule, ddim_inversion_step, ddim_step
+from diffinf_ray.diffae.schedule import (
+    NoiseSchedule,
+    ddim_inversion_step,
+    ddim_step,
+    ddim_timesteps,
+)
 from diffinf_ray.diffae.training import EMA, diffusion_loss, train_step
 from diffinf_ray.diffae.weights import (
     EMA_WEIGHTS_FILE,
@@ -52,8 +57,8 @@ def blob_images(n: int = 8, size: int = 32, seed: int = 0) -> torch.Tensor:
     return torch.stack(out).clamp(-1, 1)
 
 
-def diffusers_ddim(cls=DDIMScheduler, **kw):
-    return cls(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+def diffusers_ddim(**kw):
+    return DDIMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
                set_alpha_to_one=True, steps_offset=0, timestep_spacing="leading", **kw)
 
 
@@ -103,21 +108,60 @@ def test_presets_are_consistent_configs():
 
 # -- schedule against diffusers -------------------------------------------------------------------
 
+def official_space_timesteps(num_timesteps: int, section_counts: str) -> set[int]:
+    """phizaz/diffae diffusion/diffusion.py:space_timesteps, its "ddimN" branch, verbatim."""
+    desired_count = int(section_counts[len("ddim"):])
+    for i in range(1, num_timesteps):
+        if len(range(0, num_timesteps, i)) == desired_count:
+            return set(range(0, num_timesteps, i))
+    raise ValueError(f"cannot create exactly {num_timesteps} steps with an integer stride")
+
+
+def official_step(x, eps, abar, abar_to):
+    """The official ddim_sample / ddim_reverse_sample update (eta = 0, clip_denoised=True), in
+    float64 as its numpy tables: x0 from eps, clamped, eps re-derived, moved to abar_to."""
+    x, eps = x.double(), eps.double()
+    x0 = ((1 / abar) ** 0.5 * x - (1 / abar - 1) ** 0.5 * eps).clamp(-1, 1)
+    eps = ((1 / abar) ** 0.5 * x - x0) / (1 / abar - 1) ** 0.5
+    return x0 * abar_to**0.5 + (1 - abar_to) ** 0.5 * eps
+
+
 def test_linear_schedule_matches_diffusers():
     ours = NoiseSchedule.linear()
     ref = diffusers_ddim()
     torch.testing.assert_close(ours.alphas_cumprod.float(), ref.alphas_cumprod, rtol=1e-5, atol=0)
-    for steps in (7, 20, 30, 50, 250):
+    # diffusers' "leading" spacing is the official one only where S divides 1000
+    for steps in (20, 50, 250):
         ref.set_timesteps(steps)
         assert torch.equal(ours.ddim_timesteps(steps), ref.timesteps), steps
+    for steps in (7, 30):
+        ref.set_timesteps(steps)
+        assert not torch.equal(ours.ddim_timesteps(steps), ref.timesteps), steps
 
 
-def test_timesteps_equal_official_space_timesteps_when_steps_divide_1000():
-    # official: space_timesteps(1000, "ddimS") = range(0, 1000, stride) with len == S
-    for steps in (10, 20, 50, 100, 250):
-        stride = next(s for s in range(1, 1000) if len(range(0, 1000, s)) == steps)
-        official = sorted(range(0, 1000, stride), reverse=True)
-        assert NoiseSchedule.linear().ddim_timesteps(steps).tolist() == official
+@pytest.mark.parametrize("steps", [2, 3, 7, 10, 20, 30, 50, 100, 250, 1000])
+def test_timesteps_equal_official_space_timesteps(steps):
+    official = sorted(official_space_timesteps(1000, f"ddim{steps}"))
+    assert ddim_timesteps(steps) == official
+    assert NoiseSchedule.linear().ddim_timesteps(steps).tolist() == official[::-1]
+    decode_grid = [s.timestep for s in NoiseSchedule.linear().sampling_steps(steps)]
+    inversion_grid = [s.timestep for s in NoiseSchedule.linear().inversion_steps(steps)]
+    assert decode_grid == official[::-1] and inversion_grid == official
+
+
+@pytest.mark.parametrize("steps", [1, 45, 501, 999])
+def test_step_counts_the_official_code_refuses_are_refused(steps):
+    with pytest.raises(ValueError, match="integer stride"):
+        official_space_timesteps(1000, f"ddim{steps}")
+    with pytest.raises(ValueError, match=f"{steps} DDIM steps.*use "):
+        ddim_timesteps(steps)
+    with pytest.raises(ValueError, match="integer stride"):
+        list(NoiseSchedule.linear().sampling_steps(steps))
+
+
+def test_timesteps_for_other_schedule_lengths_follow_the_same_rule():
+    assert ddim_timesteps(4, 100) == sorted(official_space_timesteps(100, "ddim4"))
+    assert NoiseSchedule.linear(100).ddim_timesteps(3).tolist() == [68, 34, 0]
 
 
 @pytest.mark.parametrize("clip", [False, True])
@@ -143,26 +187,33 @@ def test_ddim_step_equals_diffusers_step(clip):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_inversion_step_equals_diffusers_inverse_scheduler():
-    ref = diffusers_ddim(DDIMInverseScheduler, clip_sample=False)
-    ref.set_timesteps(20)
-    ours = list(NoiseSchedule.linear().inversion_steps(20))
-    assert [s.timestep for s in ours] == ref.timesteps.tolist()
-    assert ours[0].abar_from == 1.0  # inversion starts from the clean image
-    g = torch.Generator().manual_seed(1)
-    for step in ours:
-        x, eps = torch.randn(2, 3, 8, 8, generator=g), torch.randn(2, 3, 8, 8, generator=g)
-        expected = ref.step(eps, step.timestep, x).prev_sample
-        got = ddim_inversion_step(x, eps, step.abar_from, step.abar_to)
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-
-
-def test_inversion_grid_ends_where_decoding_starts():
+@pytest.mark.parametrize("steps", [7, 20])
+def test_loops_take_the_official_steps(steps):
+    """Decode: at tau_{S-1}..tau_0, each to the level below, the last to abar = 1 (official
+    alphas_cumprod_prev). Inversion: at tau_0..tau_{S-1}, from its own level to the next, the
+    last to abar = 0 (official alphas_cumprod_next), each the official update."""
     schedule = NoiseSchedule.linear()
-    inv, dec = list(schedule.inversion_steps(10)), list(schedule.sampling_steps(10))
-    assert inv[-1].abar_to == dec[0].abar_from
-    assert dec[-1].abar_to == 1.0
-    assert [(s.abar_from, s.abar_to) for s in inv] == [(s.abar_to, s.abar_from) for s in dec[::-1]]
+    abar = schedule.alphas_cumprod
+    taus = sorted(official_space_timesteps(1000, f"ddim{steps}"))
+    levels = [float(abar[t]) for t in taus]
+    decode_loop = list(schedule.sampling_steps(steps))
+    assert [(s.timestep, s.abar_from, s.abar_to) for s in decode_loop] == [
+        (taus[i], levels[i], levels[i - 1] if i else 1.0) for i in reversed(range(steps))]
+    inversion_loop = list(schedule.inversion_steps(steps))
+    assert [(s.timestep, s.abar_from, s.abar_to) for s in inversion_loop] == [
+        (taus[i], levels[i], levels[i + 1] if i + 1 < steps else 0.0) for i in range(steps)]
+    g = torch.Generator().manual_seed(1)
+    for step in decode_loop + inversion_loop:
+        x, eps = 3 * torch.randn(2, 3, 8, 8, generator=g), torch.randn(2, 3, 8, 8, generator=g)
+        expected = official_step(x, eps, step.abar_from, step.abar_to)
+        got = ddim_inversion_step(x, eps, step.abar_from, step.abar_to)
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+        assert torch.equal(got, ddim_step(x, eps, step.abar_from, step.abar_to))
+    # inside [-1, 1] the clamp is idle: abar_to = 0 gives back eps (x_T), abar_to = 1 gives x0
+    x0, a = torch.rand(2, 3, 8, 8, generator=g) - 0.5, float(abar[500])
+    x = a**0.5 * x0 + (1 - a) ** 0.5 * eps
+    torch.testing.assert_close(ddim_inversion_step(x, eps, a, 0.0), eps, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ddim_step(x, eps, a, 1.0), x0, rtol=1e-5, atol=1e-5)
 
 
 # -- encode / decode ----------------------------------------------------------------------------

@@ -1,9 +1,12 @@
 """The official DiffAE architecture: exact state_dict layout against the reference shape lists,
-forward passes at 128 and 256 px, the block semantics, and safe checkpoint conversion/loading."""
+forward passes at 128 and 256 px, the block semantics, safe checkpoint conversion/loading, and
+z, eps, decode (`render`) and inversion (`encode_stochastic`) against golden vectors computed by
+the official code (tests/data/diffae_official/PROVENANCE.md)."""
 
 from __future__ import annotations
 
 import ast
+import json
 import math
 import os
 import sys
@@ -11,9 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from diffinf_ray.diffae import official
-from diffinf_ray.diffae.autoencoder import decode, encode
+from diffinf_ray.diffae.autoencoder import decode, encode, invert
 from diffinf_ray.diffae.official import (
     AttentionBlock,
     ResBlock,
@@ -23,6 +27,7 @@ from diffinf_ray.diffae.official import (
     official_config,
     parameter_shapes,
 )
+from diffinf_ray.diffae.schedule import NoiseSchedule, ddim_timesteps
 from diffinf_ray.diffae.weights import WeightsError
 
 REFERENCE_FILES = {
@@ -31,6 +36,13 @@ REFERENCE_FILES = {
 }
 # Parameter totals stated in shared/docs/DIFFAE_NOTES.md (derived from the official code).
 TOTAL_PARAMETERS = {"ffhq128_autoenc": 128_545_155, "ffhq256_autoenc": 168_492_291}
+GOLDEN_DIR = Path(__file__).parent / "data" / "diffae_official"
+# The golden vectors come from another machine, whose float32 kernels round differently in the
+# last bits: the official code itself, run on this box with these weights, is 7e-7 (z) and 5e-6
+# (eps) away from them, and our port equals its output here bit for bit. So z and eps are held
+# to float32 rounding, and the loops (10-20 network calls, clamps) to ~1e-4.
+NET_TOLERANCE = 1e-5
+LOOP_TOLERANCE = 1e-4
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -266,3 +278,76 @@ def test_load_ema_only_torch_state_dict_and_refuse_pickled_objects(tmp_path):
         load_official(tmp_path / "object.pt", config)
     with pytest.raises(WeightsError, match="matches none"):
         load_official(tmp_path / "ema.pt")  # no config given and not an official size
+
+
+# -- golden vectors from the official code ------------------------------------------------------
+
+def _seeded_official_model() -> tuple[official.BeatGANsAutoencModel, torch.Generator]:
+    """The golden vectors' model (PROVENANCE.md): ffhq128 at width 32, every parameter redrawn
+    in registration order from one seeded generator, which then draws the inputs."""
+    torch.manual_seed(0)
+    model = build_official(official_config("ffhq128_autoenc", model_channels=32))
+    g = torch.Generator().manual_seed(1234)
+    norm_suffixes = ("in_layers.0.weight", "out_layers.0.weight", "out.0.weight")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel()))
+            elif "norm" in name or name.endswith(norm_suffixes):
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    return model.eval().requires_grad_(False), g
+
+
+@pytest.fixture(scope="module")
+def golden():
+    """(model, the official tensors, the official JSON); the inputs regenerate exactly."""
+    tensors = load_file(GOLDEN_DIR / "diffae_official_vectors.safetensors")
+    meta = json.loads((GOLDEN_DIR / "diffae_official_vectors.json").read_text())
+    model, g = _seeded_official_model()
+    assert sum(p.numel() for p in model.parameters()) == meta["n_parameters"]
+    total = math.fsum(p.double().sum().item() for p in model.parameters())
+    assert total == pytest.approx(meta["parameter_sum_float64"], rel=1e-12, abs=0)
+    for key, shape in (("x0", (2, 3, 128, 128)), ("xt", (2, 3, 128, 128)), ("xT", (1, 3, 128, 128))):
+        drawn = torch.rand(shape, generator=g) * 2 - 1 if key == "x0" else torch.randn(shape, generator=g)
+        assert torch.equal(drawn, tensors[key]), key
+    return model, tensors, meta
+
+
+def test_semantic_code_and_eps_equal_the_official_ones(golden):
+    model, ref, _ = golden
+    with torch.no_grad():
+        z = model.encode(ref["x0"])
+        eps = model(ref["xt"], ref["t"], ref["z"])
+    for got, key in ((z, "z"), (eps, "eps")):
+        error = (got - ref[key]).abs().max().item()
+        assert error < NET_TOLERANCE, (key, error)
+
+
+@pytest.mark.parametrize("steps", [10, 20])
+def test_decode_is_the_official_render(golden, steps):
+    model, ref, _ = golden
+    with torch.no_grad():
+        out = decode(model, ref["z"][:1], ref["xT"], steps=steps, checkpoint=False)
+    error = (out - ref[f"decode_S{steps}"]).abs().max().item()
+    assert error < LOOP_TOLERANCE, error
+
+
+@pytest.mark.parametrize("steps", [10, 20])
+def test_inversion_is_the_official_encode_stochastic(golden, steps):
+    model, ref, _ = golden
+    with torch.no_grad():
+        x_T = invert(model, ref["x0"][:1], ref["z"][:1], steps=steps, checkpoint=False)
+        _, via_encode = encode(model, ref["x0"][:1], steps=steps, checkpoint=False)
+    for got in (x_T, via_encode):  # encode = the semantic code (batch of 1), then the inversion
+        error = (got - ref[f"invert_S{steps}"]).abs().max().item()
+        assert error < LOOP_TOLERANCE, error
+
+
+def test_timesteps_equal_the_official_grids():
+    meta = json.loads((GOLDEN_DIR / "diffae_official_vectors.json").read_text())
+    assert len(meta["ddim_timesteps"]) >= 8
+    for steps, official_grid in meta["ddim_timesteps"].items():
+        assert ddim_timesteps(int(steps)) == official_grid, steps
+        assert NoiseSchedule.linear().ddim_timesteps(int(steps)).tolist() == official_grid[::-1]

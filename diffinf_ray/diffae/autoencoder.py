@@ -3,6 +3,13 @@
     z, x_T = encode(model, x, steps)              semantic code + deterministic DDIM inversion
     x0     = decode(model, z, x_T, label, steps)  deterministic DDIM sampling (eta = 0)
 
+Both loops are the official DiffAE ones (schedule.py): `encode` is `encode_stochastic`
+(`ddim_reverse_sample_loop`), `decode` is `render` before its map to [0, 1] (`ddim_sample_loop`),
+with the official timesteps and x0_hat clamped at every step. Inversion ends at abar = 0 and
+decoding starts at the last timestep of *its* grid, so x_T is what `decode` expects when both
+use the same S; for the official model they reproduce the official outputs (tests/
+test_diffae_official.py, golden vectors to ~1e-5).
+
 `model` is anything with `encode(images) -> z` and `model(x_t, t, z, label) -> eps`: our
 `DiffAEModel` or the official architecture in `diffinf_ray.diffae.official` (label None).
 
@@ -23,8 +30,7 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 from diffinf_ray.diffae.model import NULL_LABEL
 from diffinf_ray.diffae.schedule import DDIMStep, NoiseSchedule, ddim_inversion_step, ddim_step
 
-DEFAULT_DECODE_STEPS = 20  # the official T_eval
-DEFAULT_ENCODE_STEPS = 250  # the official inversion demos (autoencoding, manipulation)
+DEFAULT_STEPS = 20  # the official T_eval; its reconstruction metric inverts with the same S
 
 
 def _default_schedule(schedule: NoiseSchedule | None) -> NoiseSchedule:
@@ -52,9 +58,9 @@ def predict_eps(
     return eps_null + guidance_scale * (eps_label - eps_null)
 
 
-def _sampling_step(model, x, z, label, step: DDIMStep, clip_x0: bool, guidance_scale: float):
+def _sampling_step(model, x, z, label, step: DDIMStep, guidance_scale: float):
     eps = predict_eps(model, x, step.timestep, z, label, guidance_scale)
-    return ddim_step(x, eps, step.abar_from, step.abar_to, clip_x0=clip_x0)
+    return ddim_step(x, eps, step.abar_from, step.abar_to)
 
 
 def _inversion_step(model, x, z, label, step: DDIMStep):
@@ -73,11 +79,12 @@ def invert(
     images: torch.Tensor,
     z: torch.Tensor,
     label: torch.Tensor | None = None,
-    steps: int = DEFAULT_ENCODE_STEPS,
+    steps: int = DEFAULT_STEPS,
     schedule: NoiseSchedule | None = None,
     checkpoint: bool = True,
 ) -> torch.Tensor:
-    """Deterministic DDIM inversion of `images` (B, C, H, W) in [-1, 1] conditioned on z: x_T."""
+    """Deterministic DDIM inversion of `images` (B, C, H, W) in [-1, 1] conditioned on z: x_T
+    (the official `ddim_reverse_sample_loop` with S steps)."""
     schedule = _default_schedule(schedule)
     x = images
     for step in schedule.inversion_steps(steps):
@@ -88,7 +95,7 @@ def invert(
 def encode(
     model,
     images: torch.Tensor,
-    steps: int = DEFAULT_ENCODE_STEPS,
+    steps: int = DEFAULT_STEPS,
     label: torch.Tensor | None = None,
     schedule: NoiseSchedule | None = None,
     checkpoint: bool = True,
@@ -103,40 +110,46 @@ def decode(
     z: torch.Tensor,
     x_T: torch.Tensor,
     label: torch.Tensor | None = None,
-    steps: int = DEFAULT_DECODE_STEPS,
+    steps: int = DEFAULT_STEPS,
     schedule: NoiseSchedule | None = None,
     checkpoint: bool = True,
-    clip_x0: bool = False,
     guidance_scale: float = 1.0,
 ) -> torch.Tensor:
-    """Deterministic DDIM sampling from x_T (B, C, H, W) given z (B, z_dim): x_0.
+    """Deterministic DDIM sampling from x_T (B, C, H, W) given z (B, z_dim): x_0 (the official
+    `ddim_sample_loop` with S steps; x_0 itself is not clamped).
 
     Differentiable in z and x_T; per-step gradient checkpointing unless `checkpoint=False`.
-    `clip_x0` clamps each x0_hat to [-1, 1] as the official sampler (zero gradient outside).
+    Each step's x0_hat clamp passes gradients inside [-1, 1]; for a pixel outside it the
+    gradient reaches x_t through the re-derived eps only, not through the model's eps.
     """
     schedule = _default_schedule(schedule)
     x = x_T
     for step in schedule.sampling_steps(steps):
-        x = _run(_sampling_step, checkpoint, model, x, z, label, step, clip_x0, guidance_scale)
+        x = _run(_sampling_step, checkpoint, model, x, z, label, step, guidance_scale)
     return x
 
 
 class DiffusionAutoencoder:
     """A frozen model and its schedule, with step counts fixed once:
-    `ae.encode(x) -> (z, x_T)`, `ae.decode(z, x_T, label) -> x0`."""
+    `ae.encode(x) -> (z, x_T)`, `ae.decode(z, x_T, label) -> x0`.
+
+    `steps` governs inversion and decoding; `encode_steps` / `decode_steps` override one of
+    them on purpose (the official manipulation demo inverts with 250 and renders with 100).
+    """
 
     def __init__(
         self,
         model,
         schedule: NoiseSchedule | None = None,
-        encode_steps: int = DEFAULT_ENCODE_STEPS,
-        decode_steps: int = DEFAULT_DECODE_STEPS,
+        encode_steps: int | None = None,
+        decode_steps: int | None = None,
         checkpoint: bool = True,
+        steps: int = DEFAULT_STEPS,
     ):
         self.model = model.eval().requires_grad_(False)
         self.schedule = _default_schedule(schedule)
-        self.encode_steps = encode_steps
-        self.decode_steps = decode_steps
+        self.encode_steps = encode_steps or steps
+        self.decode_steps = decode_steps or steps
         self.checkpoint = checkpoint
 
     @torch.no_grad()

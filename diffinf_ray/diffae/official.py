@@ -30,11 +30,11 @@ file: only do that in a trusted, throwaway environment. `load_official(path_or_u
 loads the safetensors export (or an EMA-only `torch.save` state dict, with weights_only=True),
 checking its sha256 when given.
 
-Sampling. `autoencoder.decode(model, z, x_T, steps=T, clip_x0=True)` is the official
-`render(x_T, z, T)` (same timesteps for T dividing 1000, x0_hat clamped, eps re-derived;
-render then maps the result to [0, 1]);
-`autoencoder.encode` matches `encode_stochastic` up to the one-step grid offset described in
-`schedule.py`. Images are FFHQ-aligned RGB in [-1, 1].
+Sampling. `autoencoder.decode(model, z, x_T, steps=T)` is the official `render(x_T, z, T)`
+before its map to [0, 1], and `autoencoder.encode(model, x, steps=T)[1]` is the official
+`encode_stochastic(x, z, T)`: the same timesteps for every T (`space_timesteps`), x0_hat clamped
+at every step, inversion from abar_0 to abar = 0 (schedule.py). Checked against golden vectors
+from the official code in tests/test_diffae_official.py. Images are FFHQ-aligned RGB in [-1, 1].
 """
 
 from __future__ import annotations
@@ -224,12 +224,13 @@ class AttentionBlock(nn.Module):
         length = qkv.shape[-1]
         ch = c // self.num_heads
         q, k, v = qkv.reshape(b * self.num_heads, 3 * ch, length).split(ch, dim=1)
-        # softmax(q^T k / sqrt(ch)) v, as QKVAttentionLegacy (which computes the softmax in fp32)
-        a = F.scaled_dot_product_attention(
-            q.transpose(1, 2).float(), k.transpose(1, 2).float(), v.transpose(1, 2).float()
-        ).to(x.dtype)
-        h = self.proj_out(a.transpose(1, 2).reshape(b, c, length))
-        return (x + h).reshape(b, c, *spatial)
+        # softmax(q^T k / sqrt(ch)) v computed as QKVAttentionLegacy does (scale on both sides,
+        # softmax in fp32), so the outputs equal the official ones bit for bit
+        scale = 1 / math.sqrt(math.sqrt(ch))
+        weight = torch.einsum("bct,bcs->bts", q * scale, k * scale)
+        weight = torch.softmax(weight.float(), dim=-1).type(weight.dtype)
+        a = torch.einsum("bts,bcs->bct", weight, v).reshape(b, c, length)
+        return (x + self.proj_out(a)).reshape(b, c, *spatial)
 
 
 class TimestepEmbedSequential(nn.Sequential):

@@ -1,25 +1,26 @@
-"""Noise schedule and deterministic DDIM (eta = 0) for the diffusion autoencoder.
+"""Noise schedule and the official DiffAE deterministic DDIM (eta = 0) loops.
 
 Forward process (DDPM, linear betas 1e-4..0.02 over T = 1000 steps, as the official DiffAE):
 
     x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps
 
-DDIM step (METHOD.md, stage 5), from noise level abar_t to abar_prev:
+Timesteps (official `space_timesteps(T, "ddimS")`, `timesteps.ddim_timesteps`): tau = range(0,
+T, k) for the smallest integer stride k giving exactly S values, tau_0 = 0 < ... < tau_{S-1}.
+S = 20 gives 0, 50, ..., 950; S = 30 gives 0, 34, ..., 986; S with no such stride (1, 45,
+501..999, ... for T = 1000) are refused, as the official code refuses them.
 
-    x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)
-    x_prev = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev) eps
+One DDIM step (official `ddim_sample` / `ddim_reverse_sample`, `clip_denoised=True`), with the
+model evaluated at the *source* level abar_t:
 
-The same formula run towards *more* noise (abar_next < abar_t) is the DDIM inversion step.
+    x0_hat = clamp(sqrt(1/abar_t) x_t - sqrt(1/abar_t - 1) eps, -1, 1)
+    eps'   = (sqrt(1/abar_t) x_t - x0_hat) / sqrt(1/abar_t - 1)
+    x_to   = sqrt(abar_to) x0_hat + sqrt(1 - abar_to) eps'
 
-Timestep spacing is diffusers' `DDIMScheduler(timestep_spacing="leading", steps_offset=0,
-set_alpha_to_one=True)`: with S steps and ratio k = T // S the model is evaluated at
-t = (S-1)k, ..., k, 0 and the last step lands on abar = 1 (the clean image). For S dividing
-1000 (20, 50, 100, 250, ...) these are exactly the official `space_timesteps(1000, "ddim{S}")`
-timesteps. Inversion walks the same grid upwards (diffusers' `DDIMInverseScheduler`): from
-abar = 1 through abar_0, abar_k, ... to abar_{(S-1)k}, the level where decoding starts, so
-x_T is exactly what `decode` expects. (The official `ddim_reverse_sample_loop` instead evaluates
-the model at the source timestep and ends at abar = 0; the two differ by one grid offset at
-both ends.)
+Decoding (`render`) runs it at t = tau_{S-1}, ..., tau_0 with abar_to = abar_{tau_{i-1}}, and
+abar = 1 after tau_0. Inversion (`encode_stochastic`, `ddim_reverse_sample_loop`) starts from
+the clean image taken as x at tau_0 and runs it at t = tau_0, ..., tau_{S-1} with abar_to =
+abar_{tau_{i+1}}, and abar = 0 after tau_{S-1}: x_T is the last eps'. Decoding then starts from
+x_T at tau_{S-1}, as the official code does (so one step count S should govern both).
 
 All schedule arithmetic is float64; step coefficients are cast to the sample's dtype.
 """
@@ -31,7 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
-NUM_TRAIN_TIMESTEPS = 1000
+from diffinf_ray.diffae.timesteps import NUM_TRAIN_TIMESTEPS, ddim_timesteps
+
 BETA_START = 1e-4
 BETA_END = 0.02
 
@@ -60,39 +62,37 @@ def ddim_step(
     x_t: torch.Tensor,
     eps: torch.Tensor,
     abar_t: torch.Tensor | float,
-    abar_prev: torch.Tensor | float,
-    clip_x0: bool = False,
+    abar_to: torch.Tensor | float,
+    clip_x0: bool = True,
 ) -> torch.Tensor:
-    """One deterministic DDIM update of `x_t` at noise level `abar_t` to level `abar_prev`.
+    """One deterministic DDIM update of `x_t` from noise level `abar_t` to `abar_to` (either way).
 
-    `eps` is the model's noise prediction at (x_t, t). With `clip_x0` the predicted clean image
-    is clamped to [-1, 1] and eps is re-derived from it, as the official DiffAE sampler does
-    (`clip_denoised=True`; diffusers: `clip_sample=True, use_clipped_model_output=True`); leave it
-    off when gradients must flow through x0_hat everywhere.
+    `eps` is the model's noise prediction at (x_t, t). `clip_x0` (the official
+    `clip_denoised=True`; diffusers: `clip_sample=True, use_clipped_model_output=True`) clamps
+    x0_hat to [-1, 1] and re-derives eps from it; the clamp passes gradients inside the range.
+    `abar_to` = 1 gives x0_hat, `abar_to` = 0 gives eps'.
     """
     a_t = _as_coefficient(abar_t, x_t)
-    a_prev = _as_coefficient(abar_prev, x_t)
-    sqrt_a_t = a_t.sqrt().to(x_t.dtype)
-    sqrt_1m_a_t = (1 - a_t).sqrt().to(x_t.dtype)
-    x0_hat = (x_t - sqrt_1m_a_t * eps) / sqrt_a_t
+    a_to = _as_coefficient(abar_to, x_t)
+    recip = (1 / a_t).sqrt().to(x_t.dtype)  # sqrt(1 / abar_t)
+    recipm1 = (1 / a_t - 1).sqrt().to(x_t.dtype)  # sqrt(1 / abar_t - 1)
+    x0_hat = recip * x_t - recipm1 * eps
     if clip_x0:
         x0_hat = x0_hat.clamp(-1, 1)
-        eps = (x_t - sqrt_a_t * x0_hat) / sqrt_1m_a_t
-    return a_prev.sqrt().to(x_t.dtype) * x0_hat + (1 - a_prev).sqrt().to(x_t.dtype) * eps
+        eps = (recip * x_t - x0_hat) / recipm1
+    return a_to.sqrt().to(x_t.dtype) * x0_hat + (1 - a_to).sqrt().to(x_t.dtype) * eps
 
 
 def ddim_inversion_step(
     x: torch.Tensor,
     eps: torch.Tensor,
-    abar_from: torch.Tensor | float,
-    abar_to: torch.Tensor | float,
+    abar_t: torch.Tensor | float,
+    abar_next: torch.Tensor | float,
+    clip_x0: bool = True,
 ) -> torch.Tensor:
-    """One DDIM inversion update from noise level `abar_from` up to the noisier `abar_to`.
-
-    It is the DDIM step run the other way: x0_hat from (x, eps) at `abar_from`, then re-noised
-    with the same eps to `abar_to`. `abar_from` may be 1 (the clean image, x0_hat = x).
-    """
-    return ddim_step(x, eps, abar_from, abar_to)
+    """One step of the official DDIM inversion (`ddim_reverse_sample`): x at level `abar_t`,
+    where the model gave `eps`, re-noised to the noisier `abar_next` (0 on the last step)."""
+    return ddim_step(x, eps, abar_t, abar_next, clip_x0=clip_x0)
 
 
 @dataclass(frozen=True)
@@ -136,28 +136,23 @@ class NoiseSchedule:
         return a.sqrt().to(x0.dtype) * x0 + (1 - a).sqrt().to(x0.dtype) * noise
 
     def ddim_timesteps(self, steps: int) -> torch.Tensor:
-        """Sampling timesteps, descending: (S-1)k, ..., k, 0 with k = T // S ("leading")."""
-        if not 1 <= steps <= self.num_train_timesteps:
-            raise ValueError(f"steps must be in [1, {self.num_train_timesteps}], got {steps}")
-        ratio = self.num_train_timesteps // steps
-        return torch.arange(steps - 1, -1, -1, dtype=torch.long) * ratio
+        """The official sampling timesteps, descending: tau_{S-1}, ..., tau_0 = 0."""
+        return torch.tensor(ddim_timesteps(steps, self.num_train_timesteps)[::-1], dtype=torch.long)
 
-    def _abar_or_one(self, t: int) -> float:
-        return float(self.alphas_cumprod[t]) if t >= 0 else 1.0
+    def _levels(self, steps: int) -> tuple[list[int], list[float]]:
+        taus = ddim_timesteps(steps, self.num_train_timesteps)
+        return taus, [float(self.alphas_cumprod[t]) for t in taus]
 
     def sampling_steps(self, steps: int) -> Iterator[DDIMStep]:
-        """The decode loop: from abar_{(S-1)k} down to abar = 1."""
-        ratio = self.num_train_timesteps // steps
-        for t in self.ddim_timesteps(steps).tolist():
-            yield DDIMStep(t, self._abar_or_one(t), self._abar_or_one(t - ratio))
+        """The official decode loop (`ddim_sample_loop`): at tau_{S-1}, ..., tau_0, each step
+        to the level of the next timestep down, the last to abar = 1."""
+        taus, abars = self._levels(steps)
+        for i in reversed(range(len(taus))):
+            yield DDIMStep(taus[i], abars[i], abars[i - 1] if i > 0 else 1.0)
 
     def inversion_steps(self, steps: int) -> Iterator[DDIMStep]:
-        """The inversion loop, the sampling grid walked upwards: abar = 1 -> abar_{(S-1)k}.
-
-        Each step is evaluated at the timestep of its destination, like decoding's step between
-        the same two levels, so inversion then decoding is exact up to eps(x) changing between
-        neighbouring grid points.
-        """
-        ratio = self.num_train_timesteps // steps
-        for t in reversed(self.ddim_timesteps(steps).tolist()):
-            yield DDIMStep(t, self._abar_or_one(t - ratio), self._abar_or_one(t))
+        """The official inversion loop (`ddim_reverse_sample_loop`): at tau_0, ..., tau_{S-1},
+        each step from its own level to the next timestep's, the last to abar = 0."""
+        taus, abars = self._levels(steps)
+        for i in range(len(taus)):
+            yield DDIMStep(taus[i], abars[i], abars[i + 1] if i + 1 < len(taus) else 0.0)

@@ -5,13 +5,15 @@ image keeps identity and structure but stops looking high-influence under its as
 
 Per batch, with every network frozen (eval mode, no parameter gradients):
 
-1. (z, x_T) = encode(x): semantic code + deterministic DDIM inversion (`encode_steps`), no grad,
-   conditioned on the assigned label like the decode (label None for an unconditional model).
+1. (z, x_T) = encode(x): semantic code + the official deterministic DDIM inversion
+   (`encode_steps`, by default `steps`), no grad, conditioned on the assigned label like the
+   decode (label None for an unconditional model).
 2. The latents named by `optimize` ("z", "xT" or "both") become leaves of one Adam optimiser.
    Each sample's loss depends only on its own latents, and Adam's state is per element, so the
    batched optimiser is exactly B independent ones.
 3. Evaluation j = 0, 1, ..., K of the current latents L_j:
-       x_hat = decode(z, x_T, label, decode_steps)       differentiable, per-step checkpointing
+       x_hat = decode(z, x_T, label, decode_steps)       the official DDIM sampling loop,
+                                                          differentiable, per-step checkpointing
        total = losses.combine(losses.terms(x_hat, x)) + w_si * h_w(g(x_hat), label)
    A sample whose p_high = h_w(g(x_hat), label) < stop_p_high, or that has reached j = K, is
    done: its L_j, x_hat and losses are kept and it leaves the batch (later decodes run on the
@@ -65,8 +67,9 @@ class EditSettings:
     optimize: str = "both"  # "z" | "xT" | "both"
     iterations: int = 20  # K, Adam steps at most
     lr: float = 0.01
-    encode_steps: int = 20  # DDIM inversion steps
-    decode_steps: int = 10  # differentiable DDIM decode steps
+    steps: int = 10  # DDIM steps S of the inversion and of the differentiable decode
+    encode_steps: int | None = None  # inversion steps, when not `steps` on purpose
+    decode_steps: int | None = None  # decode steps, when not `steps` on purpose
     stop_p_high: float = 0.2  # a sample is done once its p_high falls below this
     checkpoint: bool = True  # per-step gradient checkpointing in the decode
     seed: int = 0
@@ -74,8 +77,12 @@ class EditSettings:
     def __post_init__(self):
         if self.optimize not in OPTIMIZE_CHOICES:
             raise ValueError(f"optimize must be one of {OPTIMIZE_CHOICES}, got {self.optimize!r}")
-        if self.iterations < 0 or self.encode_steps < 1 or self.decode_steps < 1:
-            raise ValueError("iterations must be >= 0 and encode/decode steps >= 1")
+        # frozen: resolve the defaults once, so encode_steps / decode_steps are always ints
+        for name in ("encode_steps", "decode_steps"):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, self.steps)
+        if self.iterations < 0 or min(self.steps, self.encode_steps, self.decode_steps) < 1:
+            raise ValueError("iterations must be >= 0 and steps >= 1")
         if not 0.0 <= self.stop_p_high <= 1.0:
             raise ValueError(f"stop_p_high must be in [0, 1], got {self.stop_p_high}")
 

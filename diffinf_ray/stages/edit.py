@@ -60,7 +60,7 @@ def build_editor(cfg: Config, root: RunRoot, device: str):
     model = load_run_autoencoder(root, map_location=device).to(device)
     autoencoder = DiffusionAutoencoder(model, encode_steps=section.encode_steps,
                                        decode_steps=section.decode_steps,
-                                       checkpoint=section.checkpoint)
+                                       checkpoint=section.checkpoint, steps=section.steps)
     classifier = load_checkpoint(classifier_checkpoint(root)).build_model().to(device)
     predictor = load_run_predictor(root).to(device)
     losses, _ = load_edit_losses(cfg, root, device)
