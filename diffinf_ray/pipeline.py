@@ -93,6 +93,21 @@ def upstream_attempts(root: RunRoot, stage: str) -> dict[str, str | None]:
     return {s: (root.stage_record(s) or {}).get("attempt") for s in REGISTRY[stage].upstream}
 
 
+def _check_upstream_done(root: RunRoot, stage: str) -> None:
+    """A clear error, before any work, when a stage whose outputs `stage` reads has not
+    finished under `root` (tolerant stages, the report, show whatever exists)."""
+    if REGISTRY[stage].tolerant:
+        return
+    missing = [s for s in STAGES if s in upstream_stages(stage)
+               and (root.stage_record(s) or {}).get("status") != "done"]
+    if missing:
+        raise RuntimeError(
+            f"stage {stage} reads outputs that are not there: "
+            + ", ".join(f"stage {s}" for s in missing)
+            + f" has not finished under {root}; run them first (`diffinf run CONFIG` runs the "
+            "configured stages in order)")
+
+
 def run_stage(cfg: Config, root: RunRoot, stage: str, force: bool = False,
               body: StageBody | None = None) -> StageOutcome:
     """Run one stage unless it is done with the same fingerprint on the same upstream outputs
@@ -118,6 +133,7 @@ def run_stage(cfg: Config, root: RunRoot, stage: str, force: bool = False,
             root.child(folder).delete()
     elif same:
         log.info("stage %s: resuming an unfinished run (fingerprint %s)", stage, fp)
+    _check_upstream_done(root, stage)
     root.mark_started(stage, fp)
     started = time.perf_counter()
     log.info("stage %s: running (fingerprint %s)", stage, fp)

@@ -181,14 +181,8 @@ def test_stage_command_runs_that_stage_only(run_copy, capsys):
 
 @pytest.mark.parametrize(("stage", "missing"), [
     ("evaluate", "train"),
-    pytest.param("influence", "noise", marks=pytest.mark.xfail(strict=True, reason=(
-        "influence on a root without manifest_noisy/ fails with 'FileNotFoundError: "
-        "<root>/manifest_noisy' from Ray Data's reader: it names a folder, not the noise "
-        "stage to run"))),
-    pytest.param("removal", "influence", marks=pytest.mark.xfail(strict=True, reason=(
-        "removal on a root without influence output fails with 'StorageError: "
-        "<root>/influence/influence.parquet does not exist': a file, not the influence stage "
-        "to run"))),
+    ("influence", "noise"),
+    ("removal", "influence"),
 ])
 def test_stage_without_upstream_outputs_is_a_clear_error(ray_local, tmp_path, capsys, stage,
                                                           missing):

@@ -109,3 +109,14 @@ def test_a_failed_stage_records_its_error(cfg):
     calls: list = []
     run_pipeline(cfg, stages=WANTED, bodies=recording_bodies(calls))
     assert calls == WANTED[1:]  # ingest was done; noise resumes, the rest follows
+
+
+def test_a_stage_whose_inputs_are_missing_names_the_stages_to_run(cfg):
+    calls: list = []
+    with pytest.raises(RuntimeError, match=r"stage removal reads outputs that are not there: "
+                                           r"stage ingest, stage noise, stage train, "
+                                           r"stage influence has not finished"):
+        run_pipeline(cfg, stages=["removal"], bodies=recording_bodies(calls))
+    assert calls == []
+    run_pipeline(cfg, stages=["report"], bodies=recording_bodies(calls))  # shows what exists
+    assert calls == ["report"]
