@@ -3,6 +3,8 @@
     python -m diffinf_ray.diffae.train_synthfaces train --out DIR [--steps N ...]
     python -m diffinf_ray.diffae.train_synthfaces export --out DIR --step N --dest FOLDER
 
+    python -m diffinf_ray.diffae.train_synthfaces pixel --out DIR       (the pixel probe alone)
+
 `train` draws `--num-faces` synthfaces (age task, 32 px; cached in DIR/faces.npz), splits them
 by identity (synthfaces' train / val / test), and trains `--preset` (diffae/family.py) on the
 train split with the issue's testbed recipe: Adam, EMA, assigned labels that are the true age
@@ -16,7 +18,9 @@ row to DIR/log.jsonl:
 - a linear probe on z = E(x) (frozen encoder), fit on `--probe-train` train-split faces and
   scored on the test split, i.e. on people never seen in training: true age bin, true
   expression; identity retrieval top-1 among the test faces. The same on raw pixels is
-  measured once (DIR/pixel_probe.json) and repeated in every row.
+  measured once (DIR/pixel_probe.json; by `train` first, or with `--no-pixel-probe` by the
+  `pixel` command in a second process, as it takes minutes of CPU at 6000 faces) and repeated
+  in every row once it exists.
 
 Checkpoints: DIR/checkpoint.pt (model, EMA, Adam, step, RNG states; `torch.load(
 weights_only=True)`), rewritten at every log step, so `train` on the same DIR resumes; the EMA
@@ -132,6 +136,14 @@ def pixel_probe(faces: dict, splits: Splits) -> dict:
     return _probe_row(flat[splits.probe_train], flat[splits.test], faces, splits, "pixel")
 
 
+def write_pixel_probe(out: Path, faces: dict, splits: Splits) -> dict:
+    row = pixel_probe(faces, splits)
+    tmp = out / "pixel_probe.json.tmp"
+    tmp.write_text(json.dumps(row))
+    tmp.replace(out / "pixel_probe.json")
+    return row
+
+
 @torch.no_grad()
 def _encode_all(model: BeatGANsAutoencModel, images: np.ndarray, batch: int = 256) -> np.ndarray:
     return torch.cat([model.encode(to_model_images(images[i:i + batch]))
@@ -219,9 +231,8 @@ def train(args) -> dict:
         step = int(ck["step"])
         print(f"resumed from step {step}", flush=True)
     pixel_file = out / "pixel_probe.json"
-    if not pixel_file.exists():
-        pixel_file.write_text(json.dumps(pixel_probe(faces, splits)))
-    pixel = json.loads(pixel_file.read_text())
+    if args.pixel_probe and not pixel_file.exists():
+        write_pixel_probe(out, faces, splits)
     train_idx = torch.as_tensor(splits.train)
     images, y = to_model_images(faces["images"]), torch.as_tensor(labels, dtype=torch.long)
     started, losses, row = time.time(), [], {}
@@ -238,7 +249,8 @@ def train(args) -> dict:
             t0 = time.time()
             row.update(measure(_ema_model(ema, model.config), faces, labels, splits,
                                args.recon_steps))
-            row.update(pixel)
+            if pixel_file.exists():  # measured once (here or by the `pixel` command)
+                row.update(json.loads(pixel_file.read_text()))
             row["eval_seconds"] = time.time() - t0
             row["time"] = time.strftime("%Y-%m-%dT%H:%M:%S")
             _save_checkpoint(out, model, ema, opt, step, gen, args)
@@ -272,7 +284,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m diffinf_ray.diffae.train_synthfaces",
                                 description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
-    for name in ("train", "export"):
+    for name in ("train", "export", "pixel"):
         s = sub.add_parser(name)
         s.add_argument("--out", required=True, help="run folder (checkpoints, log.jsonl)")
         s.add_argument("--preset", default="synthfaces32")
@@ -295,6 +307,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--cond-drop", type=float, default=0.1)
     t.add_argument("--log-every", type=int, default=500)
     t.add_argument("--recon-steps", type=int, nargs="+", default=[10, 20])
+    t.add_argument("--no-pixel-probe", dest="pixel_probe", action="store_false",
+                   help="leave the pixel probe to the `pixel` command (run it alongside)")
     e = sub.choices["export"]
     e.add_argument("--step", type=int, required=True)
     e.add_argument("--dest", required=True)
@@ -306,6 +320,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "train":
         train(args)
+    elif args.command == "pixel":
+        torch.set_num_threads(args.threads)
+        out, faces, _, splits = _prepare(args)
+        print(json.dumps(write_pixel_probe(out, faces, splits)))
     else:
         manifest = export(args)
         print(json.dumps({"dest": args.dest, **manifest["files"]}, indent=2))
