@@ -9,7 +9,8 @@
 by identity (synthfaces' train / val / test), and trains `--preset` (diffae/family.py) on the
 train split with the issue's testbed recipe: Adam, EMA, assigned labels that are the true age
 bin with `--label-noise` of them flipped (uniformly to another bin), label dropout
-`--cond-drop` (null label). Every `--log-every` steps it measures the EMA model and appends a
+`--cond-drop` (null label); the EMA decay warms up as min(decay, (1 + step) / (10 + step)).
+Every `--log-every` steps it measures the EMA model and appends a
 row to DIR/log.jsonl:
 
 - reconstruction by inversion on `--recon-images` test-split faces at S = `--recon-steps`
@@ -237,6 +238,8 @@ def train(args) -> dict:
     images, y = to_model_images(faces["images"]), torch.as_tensor(labels, dtype=torch.long)
     started, losses, row = time.time(), [], {}
     while step < args.steps:
+        # EMA warm-up (as diffusers' EMAModel): short CPU runs would otherwise keep the init
+        ema.decay = min(args.ema_decay, (1 + step) / (10 + step))
         idx = train_idx[torch.randint(len(train_idx), (args.batch_size,), generator=gen)]
         losses.append(train_step(model, opt, images[idx], y[idx] if args.label_conditioning
                                  else None, ema=ema, grad_clip=1.0, generator=gen,
