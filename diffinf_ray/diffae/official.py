@@ -3,7 +3,8 @@
 A re-implementation of the `ffhq128_autoenc` / `ffhq256_autoenc` architecture whose state_dict
 keys and shapes are exactly those of the official model (608 / 706 tensors), so the released EMA
 weights load with `strict=True`. Same interface as `DiffAEModel`: `encode(x) -> z` (B, 512) and
-`model(x_t, t, z) -> eps`; it has no label input (label must be None).
+`model(x_t, t, z) -> eps`; it has no label input (label must be None) unless built with the
+optional label embedding (`num_classes`, see `diffinf_ray.diffae.family`).
 
 Architecture (official `model/unet.py`, `model/blocks.py`, `model/unet_autoenc.py`):
 - time: sinusoidal [cos, sin] embedding of t (128-d) -> Linear -> SiLU -> Linear (512);
@@ -65,6 +66,7 @@ from diffinf_ray.storage import Location
 
 EMA_PREFIX = "ema_model."
 EXPORT_FORMAT = "diffinf-diffae-official/1"
+NULL_LABEL = -1  # "no label" (classifier-free guidance), the same value as diffae.model's
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,13 @@ class OfficialConfig:
     num_heads: int = 1
     in_channels: int = 3
     out_channels: int = 3
+    # Additions of this project; the defaults leave the official network (and its state_dict)
+    # untouched. num_classes > 0: an assigned-label embedding (num_classes + 1 rows, the last
+    # for NULL_LABEL) added to the time embedding, as the official class-conditional UNet adds
+    # `label_emb(y)`. z_stats: buffers `conds_mean` / `conds_std` (the official LitModel's
+    # names) holding the mean/std of z over the training images, for z normalisation.
+    num_classes: int = 0
+    z_stats: bool = False
 
 
 OFFICIAL_CONFIGS: dict[str, OfficialConfig] = {
@@ -362,10 +371,42 @@ class BeatGANsAutoencModel(nn.Module):
             GroupNorm32(ch), nn.SiLU(), _zero(nn.Conv2d(input_ch, config.out_channels, 3, padding=1))
         )
         self.encoder = BeatGANsEncoderModel(config)
+        if config.num_classes:
+            self.label_emb = nn.Embedding(config.num_classes + 1, emb)
+        if config.z_stats:
+            self.register_buffer("conds_mean", torch.zeros(config.style_channels))
+            self.register_buffer("conds_std", torch.ones(config.style_channels))
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """z_sem = encoder(x): (B, 512), x in [-1, 1]."""
+        """z_sem = encoder(x): (B, style_channels), x in [-1, 1]."""
         return self.encoder(images)
+
+    def normalize_z(self, z: torch.Tensor) -> torch.Tensor:
+        """(z - mean) / std with the training images' statistics (official `normalize`)."""
+        if not self.config.z_stats:
+            raise ValueError("this model carries no z statistics (config.z_stats is False)")
+        return (z - self.conds_mean) / self.conds_std
+
+    def denormalize_z(self, z: torch.Tensor) -> torch.Tensor:
+        """Inverse of `normalize_z` (official `denormalize`)."""
+        if not self.config.z_stats:
+            raise ValueError("this model carries no z statistics (config.z_stats is False)")
+        return z * self.conds_std + self.conds_mean
+
+    def _label_embedding(self, label: torch.Tensor | None, batch: int, device) -> torch.Tensor | None:
+        """The label rows to add to the time embedding; NULL_LABEL (or no label) -> null row."""
+        if not self.config.num_classes:
+            if label is not None:
+                raise ValueError("the official DiffAE autoencoder takes no class label "
+                                 "(config.num_classes is 0)")
+            return None
+        if label is None:
+            label = torch.full((batch,), NULL_LABEL, dtype=torch.long, device=device)
+        label = label.to(device=device, dtype=torch.long)
+        if bool(((label < NULL_LABEL) | (label >= self.config.num_classes)).any()):
+            raise ValueError(f"labels must be in [0, {self.config.num_classes}) or {NULL_LABEL}")
+        index = torch.where(label == NULL_LABEL, self.config.num_classes, label)
+        return self.label_emb(index)
 
     def forward(
         self,
@@ -376,9 +417,9 @@ class BeatGANsAutoencModel(nn.Module):
         *,
         x_start: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """eps(x_t, t, z): (B, 3, H, W); t the original timestep index 0..999."""
-        if label is not None:
-            raise ValueError("the official DiffAE autoencoder takes no class label")
+        """eps(x_t, t, z, label): (B, 3, H, W); t the original timestep index 0..999. `label`
+        only with config.num_classes > 0 ((B,) ints, NULL_LABEL allowed; None = all null)."""
+        label_rows = self._label_embedding(label, x_t.shape[0], x_t.device)
         if z is None:
             if x_start is None:
                 raise ValueError("pass z or x_start")
@@ -388,6 +429,8 @@ class BeatGANsAutoencModel(nn.Module):
         if t.ndim == 0:
             t = t.expand(x_t.shape[0])
         emb = self.time_embed.time_embed(timestep_embedding(t, self.config.model_channels))
+        if label_rows is not None:
+            emb = emb + label_rows
         cond = self.time_embed.style(z)
 
         skips: list[list[torch.Tensor]] = [[] for _ in self.input_num_blocks]
