@@ -76,9 +76,9 @@ FAMILY_PRESETS: dict[str, OfficialConfig] = {
 
 # name -> (path under the repository, sha256 of model.safetensors)
 SHIPPED: dict[str, tuple[str, str]] = {
-    # step-100 EMA of the synthfaces32 preset (benchmarks/RESULTS.md): under-trained, see there
+    # step-200 EMA of the synthfaces32 preset (benchmarks/RESULTS.md): under-trained, see there
     "synthfaces32_diffae": ("models/synthfaces32_diffae",
-                            "e042f87fd645918fe10e85a3f761f0ccf29fa524a97647b3ab1295b3e80ee5c1"),
+                            "d6bf060410fb257cdac096f4a2fa4efb0841e741ce9ba60bc9d70714ced38d7f"),
 }
 
 
