@@ -75,7 +75,11 @@ FAMILY_PRESETS: dict[str, OfficialConfig] = {
 }
 
 # name -> (path under the repository, sha256 of model.safetensors)
-SHIPPED: dict[str, tuple[str, str]] = {}
+SHIPPED: dict[str, tuple[str, str]] = {
+    # step-200 EMA of the synthfaces32 preset (benchmarks/RESULTS.md): under-trained, see there
+    "synthfaces32_diffae": ("models/synthfaces32_diffae",
+                            "d6bf060410fb257cdac096f4a2fa4efb0841e741ce9ba60bc9d70714ced38d7f"),
+}
 
 
 def family_config(base: str | OfficialConfig, **overrides) -> OfficialConfig:
