@@ -32,6 +32,22 @@ def learning_rate_at(train: TrainSection, epoch: int) -> float:
     return train.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def validate(model, val_shard, device) -> dict:
+    """{val_loss, val_accuracy (%)} of `model` (put in eval mode) on a Ray Train val shard."""
+    import torch
+    import torch.nn.functional as F
+
+    model.eval()
+    n, correct, loss = 0, 0, 0.0
+    with torch.no_grad():
+        for batch in val_shard.iter_torch_batches(batch_size=256, device=device):
+            logits = model(batch["image"])
+            loss += F.cross_entropy(logits, batch["label"], reduction="sum").item()
+            correct += (logits.argmax(1) == batch["label"]).sum().item()
+            n += len(batch["label"])
+    return {"val_loss": loss / max(1, n), "val_accuracy": 100 * correct / max(1, n)}
+
+
 def _train_loop(loop_config: dict) -> None:
     """Runs on every Ray Train worker."""
     import ray.train
@@ -97,21 +113,12 @@ def _train_loop(loop_config: dict) -> None:
             total_n += len(labels)
             total_correct += (logits.argmax(1) == labels).sum().item()
 
-        model.eval()
-        val_n, val_correct, val_loss = 0, 0, 0.0
-        with torch.no_grad():
-            for batch in val_shard.iter_torch_batches(batch_size=256, device=device):
-                logits = model(batch["image"])
-                val_loss += F.cross_entropy(logits, batch["label"], reduction="sum").item()
-                val_correct += (logits.argmax(1) == batch["label"]).sum().item()
-                val_n += len(batch["label"])
         metrics = {
             "epoch": epoch,
             "learning_rate": lr,
             "train_loss": total_loss / max(1, total_n),
             "train_accuracy": 100 * total_correct / max(1, total_n),
-            "val_loss": val_loss / max(1, val_n),
-            "val_accuracy": 100 * val_correct / max(1, val_n),
+            **validate(model, val_shard, device),
         }
         if rank == 0:
             print(f"[train] epoch {epoch}/{train_cfg.epochs} lr {lr:.2e} "

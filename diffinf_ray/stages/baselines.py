@@ -59,7 +59,7 @@ from diffinf_ray.models.checkpoint import (
     list_checkpoints,
     to_bytes,
 )
-from diffinf_ray.models.training import fit_with_ray_train, learning_rate_at
+from diffinf_ray.models.training import fit_with_ray_train, learning_rate_at, validate
 from diffinf_ray.storage import Location
 
 log = logging.getLogger(__name__)
@@ -219,7 +219,6 @@ def _method_loop(loop_config: dict) -> None:
     without augmentation, on_epoch_start, training steps, on_epoch_end), then validation."""
     import ray.train
     import torch
-    import torch.nn.functional as F
     from ray.train import Checkpoint
 
     from diffinf_ray.baselines import build_method
@@ -277,18 +276,9 @@ def _method_loop(loop_config: dict) -> None:
                 counts[key] = counts.get(key, 0.0) + n
         method.on_epoch_end(epoch)
 
-        model = method.eval_model().eval()
-        val_n, val_correct, val_loss = 0, 0, 0.0
-        with torch.no_grad():
-            for batch in val_shard.iter_torch_batches(batch_size=256, device=device):
-                logits = model(batch["image"])
-                val_loss += F.cross_entropy(logits, batch["label"], reduction="sum").item()
-                val_correct += (logits.argmax(1) == batch["label"]).sum().item()
-                val_n += len(batch["label"])
         train_metrics = {f"train_{k}": sums[k] / counts[k] for k in sums}
         metrics = {"epoch": epoch, "learning_rate": lr, **train_metrics,
-                   "val_loss": val_loss / max(1, val_n),
-                   "val_accuracy": 100 * val_correct / max(1, val_n)}
+                   **validate(method.eval_model(), val_shard, device)}
         if rank == 0:
             # every metric the method reports: loss, and e.g. the selected share (kept_fraction,
             # chosen_fraction) and its clean share (label_precision)
