@@ -168,7 +168,7 @@ def test_shipped_models_load_by_name_with_their_sha256():
 
 def test_saved_family_model_loads_through_the_stage_record(tmp_path):
     """The pipeline names the file as it names official weights (weights_format: official)."""
-    from diffinf_ray.stages.autoencoder import load_model
+    from diffinf_ray.artifacts import load_autoencoder_model as load_model
 
     model = _tiny(num_classes=3)
     manifest = save_family(model, tmp_path / "m", z_mean=torch.zeros(32), z_std=torch.ones(32))
