@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from diffinf_ray.diffae.model import NULL_LABEL
+from diffinf_ray.diffae.labels import NULL_LABEL
 from diffinf_ray.diffae.schedule import DDIMStep, NoiseSchedule, ddim_inversion_step, ddim_step
 
 DEFAULT_STEPS = 20  # the official T_eval; its reconstruction metric inverts with the same S

@@ -28,8 +28,7 @@ from diffusers.models.autoencoders.vae import Encoder
 from torch import nn
 
 from diffinf_ray.diffae.config import PRESETS, DiffAEConfig, preset  # noqa: F401 (re-exported)
-
-NULL_LABEL = -1
+from diffinf_ray.diffae.labels import NULL_LABEL  # noqa: F401 (re-exported)
 
 
 def _level_resolutions(image_size: int, levels: int) -> list[int]:

@@ -55,6 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffinf_ray.diffae.labels import NULL_LABEL
 from diffinf_ray.diffae.weights import (
     WeightsError,
     check_sha256,
@@ -66,7 +67,6 @@ from diffinf_ray.storage import Location
 
 EMA_PREFIX = "ema_model."
 EXPORT_FORMAT = "diffinf-diffae-official/1"
-NULL_LABEL = -1  # "no label" (classifier-free guidance), the same value as diffae.model's
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from diffinf_ray.diffae.autoencoder import decode, encode
-from diffinf_ray.diffae.model import NULL_LABEL
+from diffinf_ray.diffae.labels import NULL_LABEL
 from diffinf_ray.diffae.schedule import NoiseSchedule
 
 SSIM_WINDOW = 11

@@ -23,6 +23,9 @@ row to DIR/log.jsonl:
   `pixel` command in a second process, as it takes minutes of CPU at 6000 faces) and repeated
   in every row once it exists.
 
+`--device cuda` trains and measures on a GPU (the probes stay on the CPU); `--max-minutes`
+ends a run early, measured and checkpointed, for a fixed time budget.
+
 Checkpoints: DIR/checkpoint.pt (model, EMA, Adam, step, RNG states; `torch.load(
 weights_only=True)`), rewritten at every log step, so `train` on the same DIR resumes; the EMA
 weights of every logged step are kept as DIR/ema/step_NNNNNNNN.safetensors.
@@ -147,7 +150,8 @@ def write_pixel_probe(out: Path, faces: dict, splits: Splits) -> dict:
 
 @torch.no_grad()
 def _encode_all(model: BeatGANsAutoencModel, images: np.ndarray, batch: int = 256) -> np.ndarray:
-    return torch.cat([model.encode(to_model_images(images[i:i + batch]))
+    device = next(model.parameters()).device
+    return torch.cat([model.encode(to_model_images(images[i:i + batch]).to(device)).cpu()
                       for i in range(0, len(images), batch)]).numpy()
 
 
@@ -170,8 +174,8 @@ def measure(model: BeatGANsAutoencModel, faces: dict, labels: np.ndarray, splits
 
 # -- training -------------------------------------------------------------------------------------
 
-def _ema_model(ema: EMA, config) -> BeatGANsAutoencModel:
-    model = BeatGANsAutoencModel(config)
+def _ema_model(ema: EMA, config, device: torch.device) -> BeatGANsAutoencModel:
+    model = BeatGANsAutoencModel(config).to(device)
     ema.copy_to(model)
     return model.eval()
 
@@ -216,41 +220,45 @@ def train(args) -> dict:
     """The training loop (resumes from DIR/checkpoint.pt); returns the last logged row."""
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    device = torch.device(args.device)
     out, faces, labels, splits = _prepare(args)
-    model = _build(args)
+    model = _build(args).to(device)
     ema = EMA(model, args.ema_decay)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     gen = torch.Generator().manual_seed(args.seed + 3)
     step = 0
     if (out / "checkpoint.pt").exists():
-        ck = torch.load(out / "checkpoint.pt", weights_only=True)
+        ck = torch.load(out / "checkpoint.pt", weights_only=True, map_location=device)
         model.load_state_dict(ck["model"])
         ema.shadow = {k: v.clone() for k, v in ck["ema"].items()}
         opt.load_state_dict(ck["opt"])
-        gen.set_state(ck["generator"])
-        torch.set_rng_state(ck["torch_rng"])
+        gen.set_state(ck["generator"].cpu())
+        torch.set_rng_state(ck["torch_rng"].cpu())
         step = int(ck["step"])
         print(f"resumed from step {step}", flush=True)
     pixel_file = out / "pixel_probe.json"
     if args.pixel_probe and not pixel_file.exists():
         write_pixel_probe(out, faces, splits)
     train_idx = torch.as_tensor(splits.train)
-    images, y = to_model_images(faces["images"]), torch.as_tensor(labels, dtype=torch.long)
+    images = to_model_images(faces["images"]).to(device)
+    y = torch.as_tensor(labels, dtype=torch.long).to(device)
+    deadline = time.time() + 60 * args.max_minutes if args.max_minutes else None
     started, losses, row = time.time(), [], {}
     while step < args.steps:
         # EMA warm-up (as diffusers' EMAModel): short CPU runs would otherwise keep the init
         ema.decay = min(args.ema_decay, (1 + step) / (10 + step))
-        idx = train_idx[torch.randint(len(train_idx), (args.batch_size,), generator=gen)]
+        idx = train_idx[torch.randint(len(train_idx), (args.batch_size,), generator=gen)].to(device)
         losses.append(train_step(model, opt, images[idx], y[idx] if args.label_conditioning
                                  else None, ema=ema, grad_clip=1.0, generator=gen,
                                  cond_drop_prob=args.cond_drop))
         step += 1
-        if step % args.log_every == 0 or step == args.steps:
+        out_of_time = deadline is not None and time.time() > deadline
+        if step % args.log_every == 0 or step == args.steps or out_of_time:
             train_seconds = time.time() - started
             row = {"step": step, "loss": float(np.mean(losses)),
                    "steps_per_second": len(losses) / train_seconds}
             t0 = time.time()
-            row.update(measure(_ema_model(ema, model.config), faces, labels, splits,
+            row.update(measure(_ema_model(ema, model.config, device), faces, labels, splits,
                                args.recon_steps))
             if pixel_file.exists():  # measured once (here or by the `pixel` command)
                 row.update(json.loads(pixel_file.read_text()))
@@ -259,6 +267,10 @@ def train(args) -> dict:
             _save_checkpoint(out, model, ema, opt, step, gen, args)
             _log(out, row)
             started, losses = time.time(), []
+            if out_of_time:
+                print(f"stopped at step {step}: --max-minutes {args.max_minutes} reached "
+                      f"(run again to resume)", flush=True)
+                break
     return row
 
 
@@ -266,13 +278,16 @@ def export(args) -> dict:
     """EMA weights of step `args.step` + z stats over the train split -> `args.dest`."""
     torch.set_num_threads(args.threads)
     out, faces, _, splits = _prepare(args)
+    device = torch.device(args.device)
     data = (out / "ema" / f"step_{args.step:08d}.safetensors").read_bytes()
     from diffinf_ray.diffae.official import _safetensors_metadata
 
     config = config_from_json(_safetensors_metadata(data)["config"])
     model = BeatGANsAutoencModel(config)
     model.load_state_dict(state_dict_from_bytes(data, "ema"), strict=True)
-    mean, std = compute_z_stats(model, to_model_images(faces["images"][splits.train]))
+    mean, std = compute_z_stats(model.to(device),
+                                to_model_images(faces["images"][splits.train]).to(device))
+    model, mean, std = model.cpu(), mean.cpu(), std.cpu()
     dtype = torch.float16 if args.half else torch.float32
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     measured = next((r for r in rows if r["step"] == args.step), None)
@@ -302,6 +317,7 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--probe-train", type=int, default=3000)
         s.add_argument("--recon-images", type=int, default=48)
         s.add_argument("--threads", type=int, default=1)
+        s.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     t = sub.choices["train"]
     t.add_argument("--steps", type=int, default=20000)
     t.add_argument("--batch-size", type=int, default=32)
@@ -309,6 +325,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--ema-decay", type=float, default=0.999)
     t.add_argument("--cond-drop", type=float, default=0.1)
     t.add_argument("--log-every", type=int, default=500)
+    t.add_argument("--max-minutes", type=float, default=0.0,
+                   help="stop (measured and checkpointed) after this much wall time; 0: no limit")
     t.add_argument("--recon-steps", type=int, nargs="+", default=[10, 20])
     t.add_argument("--no-pixel-probe", dest="pixel_probe", action="store_false",
                    help="leave the pixel probe to the `pixel` command (run it alongside)")

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffinf_ray.diffae.model import NULL_LABEL
+from diffinf_ray.diffae.labels import NULL_LABEL
 from diffinf_ray.diffae.schedule import NoiseSchedule
 
 
@@ -65,12 +65,16 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        floats, targets = [], []
         for key, value in model.state_dict().items():
             shadow = self.shadow[key]
             if value.is_floating_point():
-                shadow.lerp_(value.detach(), 1.0 - self.decay)
+                floats.append(shadow)
+                targets.append(value.detach())
             else:
                 shadow.copy_(value)
+        if floats:  # one fused kernel per dtype/device rather than one per tensor
+            torch._foreach_lerp_(floats, targets, 1.0 - self.decay)
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:

@@ -15,14 +15,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
-from diffinf_ray.diffae.model import DiffAEConfig, DiffAEModel
 from diffinf_ray.models.weights import WeightsError  # one error type for every weight file
 from diffinf_ray.storage import Location
+
+if TYPE_CHECKING:
+    from diffinf_ray.diffae.model import DiffAEModel
 
 FORMAT = "diffinf-diffae/1"
 CONFIG_FILE = "config.json"
@@ -140,6 +143,8 @@ def load_autoencoder(
     data = loc.read_bytes()
     check_sha256(data, files[name]["sha256"], f"{loc.display} (hash recorded in {CONFIG_FILE})")
     check_sha256(data, sha256, loc.display)
+    from diffinf_ray.diffae.model import DiffAEConfig, DiffAEModel  # diffusers: only when used
+
     model = DiffAEModel(DiffAEConfig.from_dict(_tuples(manifest["config"])))
     state = state_dict_from_bytes(data, loc.display)
     try:
