@@ -6,6 +6,9 @@
     diffinf experiment CONFIG [--task T] [--dry-run]   the Table-1 comparison over tasks and seeds
     diffinf sweep CONFIG [key=value ...] [--no-restore] [--dry-run]
                                                        a Ray Tune sweep of edit weights, tau, noise
+    diffinf diagnose-labels CONFIG [key=value ...] [--images N] [--scales 1 3 5] [--depths full 5]
+                                                       does the autoencoder's label path carry
+                                                       the attribute? (the judges' oracle decides)
     diffinf synthfaces-preview --task age --out grid.png
 
 Every command's arguments are defined here (`diffinf COMMAND --help`); the jobs/ recipes reuse
@@ -119,6 +122,19 @@ def _cmd_preview(args) -> int:
     return 0
 
 
+def _cmd_diagnose_labels(args) -> int:
+    from diffinf_ray.diffae.label_sensitivity import format_label_sensitivity
+    from diffinf_ray.label_diagnostic import run_label_diagnostic
+
+    cfg = load_config(args.config, args.overrides)
+    depths = [None if d == "full" else int(d) for d in args.depths]
+    result = run_label_diagnostic(cfg, images=args.images, scales=args.scales, depths=depths,
+                                  steps=args.steps)
+    print(format_label_sensitivity(result, result["class_names"]))
+    print(f"\nwritten to {result['written_to']}")
+    return 0
+
+
 def _cmd_experiment(args) -> int:
     from diffinf_ray.experiment import run_command
 
@@ -189,6 +205,20 @@ def add_sweep_arguments(parser, config: str = "config") -> None:
                         help="print the plan (shared and per-trial stages) and exit")
 
 
+def add_diagnose_labels_arguments(parser, config: str = "config") -> None:
+    _config_argument(parser, config, "pipeline config YAML (its autoencoder and judges are used)")
+    _overrides_argument(parser)
+    parser.add_argument("--images", type=int, default=96,
+                        help="faces of the judges' test split to decode (default 96)")
+    parser.add_argument("--scales", type=float, nargs="+", default=[1.0, 3.0, 5.0],
+                        help="classifier-free guidance scales (default 1 3 5)")
+    parser.add_argument("--depths", nargs="+", default=["full"], metavar="K",
+                        help="inversion depths: 'full' (the official loop) or k < S steps of "
+                        "a partial inversion (default: full)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="DDIM steps S (default: the edit's decode steps)")
+
+
 def add_preview_arguments(parser, config: str | None = None) -> None:
     parser.add_argument("--task", choices=["age", "expression"], default="age")
     parser.add_argument("--resolution", type=int, default=64, help="pixels (default 64)")
@@ -207,6 +237,8 @@ COMMANDS = {
                    add_experiment_arguments, _cmd_experiment),
     "sweep": ("Ray Tune sweep of edit weights, tau, noise rate", add_sweep_arguments,
               _cmd_sweep),
+    "diagnose-labels": ("decode under each label: does the oracle follow the label?",
+                        add_diagnose_labels_arguments, _cmd_diagnose_labels),
     "synthfaces-preview": ("write a PNG grid of synthetic faces per class",
                            add_preview_arguments, _cmd_preview),
 }

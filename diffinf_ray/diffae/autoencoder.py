@@ -82,12 +82,14 @@ def invert(
     steps: int = DEFAULT_STEPS,
     schedule: NoiseSchedule | None = None,
     checkpoint: bool = True,
+    depth: int | None = None,
 ) -> torch.Tensor:
     """Deterministic DDIM inversion of `images` (B, C, H, W) in [-1, 1] conditioned on z: x_T
-    (the official `ddim_reverse_sample_loop` with S steps)."""
+    (the official `ddim_reverse_sample_loop` with S steps; with `depth` k, only its first k
+    steps: a partial inversion, `NoiseSchedule.inversion_steps`)."""
     schedule = _default_schedule(schedule)
     x = images
-    for step in schedule.inversion_steps(steps):
+    for step in schedule.inversion_steps(steps, depth):
         x = _run(_inversion_step, checkpoint, model, x, z, label, step)
     return x
 
@@ -114,6 +116,7 @@ def decode(
     schedule: NoiseSchedule | None = None,
     checkpoint: bool = True,
     guidance_scale: float = 1.0,
+    depth: int | None = None,
 ) -> torch.Tensor:
     """Deterministic DDIM sampling from x_T (B, C, H, W) given z (B, z_dim): x_0 (the official
     `ddim_sample_loop` with S steps; x_0 itself is not clamped).
@@ -121,10 +124,11 @@ def decode(
     Differentiable in z and x_T; per-step gradient checkpointing unless `checkpoint=False`.
     Each step's x0_hat clamp passes gradients inside [-1, 1]; for a pixel outside it the
     gradient reaches x_t through the re-derived eps only, not through the model's eps.
+    With `depth` k, x_T is a partial inversion of depth k (`invert(..., depth=k)`).
     """
     schedule = _default_schedule(schedule)
     x = x_T
-    for step in schedule.sampling_steps(steps):
+    for step in schedule.sampling_steps(steps, depth):
         x = _run(_sampling_step, checkpoint, model, x, z, label, step, guidance_scale)
     return x
 

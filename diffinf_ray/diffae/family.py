@@ -76,9 +76,9 @@ FAMILY_PRESETS: dict[str, OfficialConfig] = {
 
 # name -> (path under the repository, sha256 of model.safetensors)
 SHIPPED: dict[str, tuple[str, str]] = {
-    # step-200 EMA of the synthfaces32 preset (benchmarks/RESULTS.md): under-trained, see there
+    # step-5721 EMA of the synthfaces32 preset, trained on an H200 (benchmarks/RESULTS.md)
     "synthfaces32_diffae": ("models/synthfaces32_diffae",
-                            "d6bf060410fb257cdac096f4a2fa4efb0841e741ce9ba60bc9d70714ced38d7f"),
+                            "953e7b83fdff515b8e4e017e952c3950a4085d4a3814a64c274b6694c20ca9ab"),
 }
 
 

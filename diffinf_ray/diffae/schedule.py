@@ -143,16 +143,31 @@ class NoiseSchedule:
         taus = ddim_timesteps(steps, self.num_train_timesteps)
         return taus, [float(self.alphas_cumprod[t]) for t in taus]
 
-    def sampling_steps(self, steps: int) -> Iterator[DDIMStep]:
+    def sampling_steps(self, steps: int, depth: int | None = None) -> Iterator[DDIMStep]:
         """The official decode loop (`ddim_sample_loop`): at tau_{S-1}, ..., tau_0, each step
-        to the level of the next timestep down, the last to abar = 1."""
+        to the level of the next timestep down, the last to abar = 1.
+
+        `depth` k < S (not in the official code: partial inversion, as SDEdit) starts at the
+        level of tau_k instead, where `inversion_steps(steps, k)` ends: k + 1 steps."""
         taus, abars = self._levels(steps)
-        for i in reversed(range(len(taus))):
+        top = len(taus) if depth is None else _check_depth(depth, len(taus)) + 1
+        for i in reversed(range(top)):
             yield DDIMStep(taus[i], abars[i], abars[i - 1] if i > 0 else 1.0)
 
-    def inversion_steps(self, steps: int) -> Iterator[DDIMStep]:
+    def inversion_steps(self, steps: int, depth: int | None = None) -> Iterator[DDIMStep]:
         """The official inversion loop (`ddim_reverse_sample_loop`): at tau_0, ..., tau_{S-1},
-        each step from its own level to the next timestep's, the last to abar = 0."""
+        each step from its own level to the next timestep's, the last to abar = 0.
+
+        `depth` k < S stops after the first k steps, at the level of tau_k (partial inversion:
+        the decode keeps more of the image, the label changes less)."""
         taus, abars = self._levels(steps)
-        for i in range(len(taus)):
+        stop = len(taus) if depth is None else _check_depth(depth, len(taus))
+        for i in range(stop):
             yield DDIMStep(taus[i], abars[i], abars[i + 1] if i + 1 < len(taus) else 0.0)
+
+
+def _check_depth(depth: int, steps: int) -> int:
+    if not 1 <= depth < steps:
+        raise ValueError(f"partial inversion depth must be in [1, {steps - 1}] for {steps} steps, "
+                         f"got {depth} (leave it unset for the full loop)")
+    return depth
