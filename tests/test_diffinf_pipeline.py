@@ -174,3 +174,22 @@ def test_a_failing_row_is_retried_then_quarantined(diffinf_run):
     assert list(failed.sample_id) == [bad]
     assert "cannot edit this one" in failed.error.iloc[0]
     assert failed.attempts.iloc[0] >= cfg.edit.max_attempts
+
+
+def test_the_label_diagnostic_reads_the_runs_autoencoder_and_judges(diffinf_run):
+    """`diffinf diagnose-labels` on a finished run: the stages it needs are skipped (done), the
+    judges' test faces are decoded under each label and the result is written to the run root."""
+    from diffinf_ray.label_diagnostic import run_label_diagnostic
+
+    cfg, root, _ = diffinf_run
+    result = run_label_diagnostic(cfg, images=5, scales=(1.0, 3.0), depths=(None, 1), steps=3)
+    written = json.loads((root / "diagnostics" / "label_sensitivity.json").read_text())
+    judges = json.loads((root / "judges" / "report.json").read_text())
+    assert written["images"] == 5 and written["class_names"] == list(cfg.class_names)
+    assert written["oracle_test_accuracy"] == judges["attribute_oracle"]["test_accuracy"]
+    assert [r["depth"] for r in written["runs"]] == [None, 1]
+    for run in result["runs"]:
+        assert [s["scale"] for s in run["scales"]] == [1.0, 3.0]
+        for s in run["scales"]:
+            assert len(s["confusion"]) == len(cfg.class_names)
+            assert all(abs(sum(row) - 1) < 1e-3 for row in s["confusion"])
