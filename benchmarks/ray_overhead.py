@@ -98,6 +98,7 @@ def _instrumented_loop(timings_path: str, loop_config: dict) -> None:
     import torch
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
+    from diffinf_ray.models import harness
     from diffinf_ray.models import training as train_stage
 
     record = {"enter": time.time(), "torch_threads": torch.get_num_threads(), "epochs": []}
@@ -107,7 +108,7 @@ def _instrumented_loop(timings_path: str, loop_config: dict) -> None:
         state["epoch"]["steps"] += 1
 
     real_shard, real_report, real_to_bytes = (
-        ray.train.get_dataset_shard, ray.train.report, train_stage.to_bytes)
+        ray.train.get_dataset_shard, ray.train.report, harness.to_bytes)
 
     def timed_to_bytes(payload):
         t0 = time.time()
@@ -129,7 +130,7 @@ def _instrumented_loop(timings_path: str, loop_config: dict) -> None:
     patches = [mock.patch.object(ray.train, "get_dataset_shard",
                                  lambda name: _TimedShard(real_shard(name), name, state)),
                mock.patch.object(ray.train, "report", timed_report),
-               mock.patch.object(train_stage, "to_bytes", timed_to_bytes)]
+               mock.patch.object(harness, "to_bytes", timed_to_bytes)]
     for patch in patches:
         patch.start()
     try:
@@ -357,7 +358,7 @@ def run_plain(cfg, work: Path, tag: str, threads: int) -> dict:
 
     from diffinf_ray.models.checkpoint import CHECKPOINT_FILE, checkpoint_dir_name, to_bytes
     from diffinf_ray.models.classifier import build_classifier
-    from diffinf_ray.models.training import learning_rate_at
+    from diffinf_ray.models.harness import learning_rate_at
 
     saved_threads = torch.get_num_threads()
     torch.set_num_threads(threads)

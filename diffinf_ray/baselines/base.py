@@ -308,15 +308,17 @@ class MethodBase:
 
 
 def run_epoch(method: NoisyLabelMethod, batches: Callable[[], Iterable[Batch]],
-              epoch: int) -> dict[str, float]:
+              epoch: int, scan_batches: Callable[[], Iterable[Batch]] | None = None
+              ) -> dict[str, float]:
     """One epoch by the contract in the module docstring; metrics averaged over samples.
 
     `batches()` must return a fresh iterable over the training set each time it is called (it is
-    called twice when the method needs a scan).
+    called twice when the method needs a scan). `scan_batches()`, when given, is what the scan
+    pass reads instead (the Ray Train loop: unshuffled, without augmentation).
     """
     if method.needs_scan(epoch):
         with torch.no_grad():
-            for batch in batches():
+            for batch in (scan_batches or batches)():
                 method.scan_batch(batch, epoch)
     method.on_epoch_start(epoch)
     sums: dict[str, float] = {}

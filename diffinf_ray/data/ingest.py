@@ -40,6 +40,7 @@ import re
 from collections import Counter
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from urllib.parse import urlparse
 
 import numpy as np
@@ -518,6 +519,84 @@ def _column(batch: Mapping[str, np.ndarray], name: str, n: int) -> list[object]:
     return values.tolist() if isinstance(values, np.ndarray) else list(values)
 
 
+def _input_label_key(batch: Mapping[str, np.ndarray]) -> str:
+    """The label column of an input batch ('label' or 'label_name'); a batch without the
+    required columns is an error naming what it has."""
+    for required in ("sample_id", "source"):
+        if required not in batch:
+            raise ValueError(f"ingest_batch: input batch lacks column {required!r} (has {sorted(batch)})")
+    if "label" in batch:
+        return "label"
+    if "label_name" in batch:
+        return "label_name"
+    raise ValueError(f"ingest_batch: input batch lacks 'label' or 'label_name' (has {sorted(batch)})")
+
+
+@dataclass(frozen=True)
+class _RowRules:
+    """What `ingest_batch` checks every row against (built once per batch)."""
+
+    root: Location
+    classes: list[str]
+    class_index: dict[str, int]
+    duplicate_ids: Collection[str]
+    thresholds: list[tuple[str, float]]
+    split_seed: int
+    split_by_identity: bool
+
+
+def _check_row(rules: _RowRules, sid: str | None, source: str | None, raw_label: object,
+               raw_split: object, identity: str | None
+               ) -> tuple[tuple[int, str, Location] | None, str | None]:
+    """((label index, split, image location), None) for a good row, (None, reason) for a bad
+    one. The split is the given one, or a hash of identity (when `split_by_identity` and
+    known) or sample_id."""
+    if sid is None:
+        return None, REASON_MISSING_ID
+    if sid in rules.duplicate_ids:
+        counts = rules.duplicate_ids if isinstance(rules.duplicate_ids, Mapping) else None
+        times = f" ({counts[sid]} rows)" if counts is not None else ""
+        return None, f"duplicate sample_id {sid!r}{times}"
+    index, reason = resolve_label(raw_label, rules.classes, rules.class_index)
+    if reason is not None:
+        return None, reason
+    split, reason = _check_split(raw_split)
+    if reason is not None:
+        return None, reason
+    try:
+        location = resolve_source(source, rules.root)
+    except SourceError as err:
+        return None, str(err)
+    if location is None:
+        return None, REASON_ESCAPE
+    if split is None:
+        key = (f"identity:{identity}" if rules.split_by_identity and identity is not None
+               else f"sample_id:{sid}")
+        split = hash_split(key, rules.split_seed, rules.thresholds)
+    return (index, split, location), None
+
+
+def _load_images(locations: Mapping[int, Location], image_size: int, io_threads: int
+                 ) -> list[tuple[int, bytes | None, str | None]]:
+    """(row, PNG or None, quarantine reason or None) for each row of `locations`, read with
+    up to `io_threads` threads (S3 latency)."""
+    todo = list(locations)
+
+    def load(i: int) -> tuple[int, bytes | None, str | None]:
+        return (i, *_load_image(locations[i], image_size))
+
+    if io_threads > 1 and len(todo) > 1:
+        with ThreadPoolExecutor(max_workers=min(io_threads, len(todo))) as pool:
+            return list(pool.map(load, todo))
+    return [load(i) for i in todo]
+
+
+def _objects(values: list[object]) -> np.ndarray:
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out
+
+
 def ingest_batch(
     batch: Mapping[str, np.ndarray],
     *,
@@ -552,17 +631,11 @@ def ingest_batch(
     if image_size < 1:
         raise ValueError(f"image_size must be positive, got {image_size}")
     thresholds = split_thresholds(split_fractions)
-    label_key = "label" if "label" in batch else "label_name" if "label_name" in batch else None
-    for required in ("sample_id", "source"):
-        if required not in batch:
-            raise ValueError(f"ingest_batch: input batch lacks column {required!r} (has {sorted(batch)})")
-    if label_key is None:
-        raise ValueError(f"ingest_batch: input batch lacks 'label' or 'label_name' (has {sorted(batch)})")
+    label_key = _input_label_key(batch)
+    rules = _RowRules(Location(dataset_root_uri, storage_options), classes,
+                      {c: i for i, c in enumerate(classes)}, duplicate_ids, thresholds,
+                      split_seed, split_by_identity)
     n = len(batch["sample_id"])
-    root = Location(dataset_root_uri, storage_options)
-    class_index = {c: i for i, c in enumerate(classes)}
-    counts = duplicate_ids if isinstance(duplicate_ids, Mapping) else None
-
     sample_ids = [_optional_str(v) for v in _column(batch, "sample_id", n)]
     sources = [_optional_str(v) for v in _column(batch, "source", n)]
     raw_labels = _column(batch, label_key, n)
@@ -573,78 +646,33 @@ def ingest_batch(
     labels = np.full(n, -1, dtype=np.int32)
     splits: list[str | None] = [None] * n
     reasons: list[str | None] = [None] * n
-    locations: list[Location | None] = [None] * n
+    locations: dict[int, Location] = {}
     for i in range(n):
-        sid = sample_ids[i]
-        if sid is None:
-            reasons[i] = REASON_MISSING_ID
-            continue
-        if sid in duplicate_ids:
-            times = f" ({counts[sid]} rows)" if counts is not None else ""
-            reasons[i] = f"duplicate sample_id {sid!r}{times}"
-            continue
-        index, reason = resolve_label(raw_labels[i], classes, class_index)
-        if reason is not None:
-            reasons[i] = reason
-            continue
-        split, reason = _check_split(raw_splits[i])
-        if reason is not None:
-            reasons[i] = reason
-            continue
-        try:
-            location = resolve_source(sources[i], root)
-        except SourceError as err:
-            reasons[i] = str(err)
-            continue
-        if location is None:
-            reasons[i] = REASON_ESCAPE
-            continue
-        labels[i] = index
-        if split is None:
-            key = (f"identity:{identities[i]}" if split_by_identity and identities[i] is not None
-                   else f"sample_id:{sid}")
-            split = hash_split(key, split_seed, thresholds)
-        splits[i] = split
-        locations[i] = location
+        good, reasons[i] = _check_row(rules, sample_ids[i], sources[i], raw_labels[i],
+                                      raw_splits[i], identities[i])
+        if good is not None:
+            labels[i], splits[i], locations[i] = good
 
-    todo = [i for i in range(n) if reasons[i] is None]
     images: list[bytes | None] = [None] * n
     image_uris: list[str | None] = [None] * n
-
-    def load(i: int) -> tuple[int, bytes | None, str | None]:
-        return (i, *_load_image(locations[i], image_size))
-
-    if io_threads > 1 and len(todo) > 1:
-        with ThreadPoolExecutor(max_workers=min(io_threads, len(todo))) as pool:
-            results = list(pool.map(load, todo))
-    else:
-        results = [load(i) for i in todo]
-    for i, png, reason in results:
+    for i, png, reason in _load_images(locations, image_size, io_threads):
         if reason is not None:
-            reasons[i] = reason
-            labels[i] = -1
-            splits[i] = None
+            reasons[i], labels[i], splits[i] = reason, -1, None
         else:
-            images[i] = png
-            image_uris[i] = locations[i].display
-
-    def objects(values: list[object]) -> np.ndarray:
-        out = np.empty(n, dtype=object)
-        out[:] = values
-        return out
+            images[i], image_uris[i] = png, locations[i].display
 
     return {
-        "sample_id": objects(sample_ids),
-        "split": objects(splits),
+        "sample_id": _objects(sample_ids),
+        "split": _objects(splits),
         "label": labels,
-        "label_clean": objects([None] * n),
-        "is_corrupted": objects([None] * n),
-        "image": objects(images),
-        "image_uri": objects(image_uris),
-        "group": objects(groups),
-        "identity": objects(identities),
-        "source": objects(sources),
-        "quarantine_reason": objects(reasons),
+        "label_clean": _objects([None] * n),
+        "is_corrupted": _objects([None] * n),
+        "image": _objects(images),
+        "image_uri": _objects(image_uris),
+        "group": _objects(groups),
+        "identity": _objects(identities),
+        "source": _objects(sources),
+        "quarantine_reason": _objects(reasons),
     }
 
 

@@ -81,6 +81,25 @@ class MeanLogitEnsemble(nn.Module):
         return torch.stack([m(images) for m in self.members]).mean(dim=0)
 
 
+def classifier_payload(members: list[AttributeClassifier], epoch: int, learning_rate: float,
+                       optimizer_state: dict | None = None, **extra) -> dict:
+    """The checkpoint.pt dict (the format above) for classifiers that predict together: one,
+    or an ensemble whose first member is `model_state` and the others `peer_states`. Every
+    training writes this (models/harness.py), whoever trained the classifier; `extra` keys
+    (e.g. the baseline's "method") are kept and ignored by `parse`."""
+    def cpu_state(model) -> dict:
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+    payload = {"model_state": cpu_state(members[0]), "epoch": epoch,
+               "learning_rate": learning_rate, "architecture": members[0].architecture(),
+               **extra}
+    if optimizer_state is not None:
+        payload["optimizer_state"] = optimizer_state
+    if len(members) > 1:
+        payload["peer_states"] = [cpu_state(m) for m in members[1:]]
+    return payload
+
+
 def to_bytes(ckpt: dict) -> bytes:
     buf = io.BytesIO()
     torch.save(ckpt, buf)

@@ -8,7 +8,8 @@ In:  manifest_noisy/ rows of the train split: image, label (the assigned label, 
 Out: <run root>/autoencoder/
        checkpoints/step_NNNNNNNN/autoencoder_state.pt
                   Ray Train checkpoints (`torch.load(weights_only=True)`): model_state,
-                  ema_state, optimizer_state, step, epoch, resumed_from_step, model_config.
+                  ema_state, optimizer_state, step, epoch, learning_rate, resumed_from_step,
+                  model_config; written on rank 0 by the harness (models/harness.py).
                   Written every `checkpoint_every` steps (or epochs) and at the end, with the
                   metrics step, epoch, resumed_from_step, loss, steps_per_second; the last
                   `keep_checkpoints` are kept.
@@ -39,7 +40,6 @@ Mixed precision: with `mixed_precision` and a GPU, the forward pass runs under b
 from __future__ import annotations
 
 import logging
-import tempfile
 import time
 from pathlib import Path
 
@@ -48,6 +48,13 @@ import numpy as np
 from diffinf_ray.artifacts import AUTOENCODER_FOLDER, AUTOENCODER_RECORD, load_autoencoder_model
 from diffinf_ray.config import AutoencoderSection, Config, ConfigError
 from diffinf_ray.datasets import check_manifest, decode_for_training, read_split, split_dataset
+from diffinf_ray.models.harness import (
+    Placement,
+    TrainWorker,
+    cpu_state,
+    fit,
+    random_hflip,
+)
 from diffinf_ray.run_root import RunRoot
 from diffinf_ray.storage import Location, StorageOptions, display_uri
 
@@ -124,169 +131,168 @@ def _step_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 
-def _autoencoder_loop(loop_config: dict) -> None:
-    """Runs on every Ray Train worker."""
-    import ray.train
-    import ray.train.torch
-    import torch
-    from ray.train import Checkpoint
+class AutoencoderCore:
+    """The autoencoder's part of a training run through the harness: the model (its weights,
+    EMA and Adam state restored from the latest checkpoint), bf16 autocast, flip augmentation,
+    EMA warm-up, and a loop counted in steps or epochs with a checkpoint every
+    `checkpoint_every` of them and at the end."""
 
-    from diffinf_ray.diffae.model import DiffAEConfig, DiffAEModel
-    from diffinf_ray.diffae.schedule import NoiseSchedule
-    from diffinf_ray.diffae.training import EMA, train_step
+    def __init__(self, loop_config: dict, worker: TrainWorker):
+        import ray.train.torch
+        import torch
 
-    section = AutoencoderSection.model_validate(loop_config["autoencoder"])
-    config = DiffAEConfig.from_dict(loop_config["model_config"])
-    seed = loop_config["seed"]
-    rank = ray.train.get_context().get_world_rank()
-    device = ray.train.torch.get_device()
-    torch.manual_seed(seed)  # the same initial weights on every worker
+        from diffinf_ray.diffae.model import DiffAEConfig, DiffAEModel
+        from diffinf_ray.diffae.schedule import NoiseSchedule
+        from diffinf_ray.diffae.training import EMA
 
-    model = DiffAEModel(config)
-    step = epoch = 0
-    resumed: dict | None = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
+        self.section = section = AutoencoderSection.model_validate(loop_config["autoencoder"])
+        self.config = DiffAEConfig.from_dict(loop_config["model_config"])
+        self.seed, self.worker = loop_config["seed"], worker
+        torch.manual_seed(self.seed)  # the same initial weights on every worker
+        model = DiffAEModel(self.config)
+        resumed = self._resumed_payload()
+        self.step = self.epoch = 0
+        if resumed is not None:
+            model.load_state_dict(resumed["model_state"])
+            self.step, self.epoch = int(resumed["step"]), int(resumed["epoch"])
+        self.model = ray.train.torch.prepare_model(model)  # to the device; DDP when several
+        self.raw = getattr(self.model, "module", self.model)
+        self.ema = EMA(self.raw, section.ema_decay)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=section.lr)
+        if resumed is not None:
+            self.ema.shadow = {k: v.to(worker.device) for k, v in resumed["ema_state"].items()}
+            self.optimizer.load_state_dict(resumed["optimizer_state"])
+        self.net = self.model
+        if section.mixed_precision and worker.device.type == "cuda":
+            self.net = bf16_autocast(self.model, self.raw, worker.device.type)
+        self.schedule = NoiseSchedule.linear()
+        self.resumed_from = self.step
+        self.by_steps = section.steps is not None
+        self.total = section.steps if self.by_steps else section.epochs
+        self.window = {"loss": 0.0, "steps": 0, "since": time.perf_counter()}  # per checkpoint
+        self.shown = {"loss": 0.0, "steps": 0, "since": time.perf_counter()}  # per log line
+
+    def _resumed_payload(self) -> dict | None:
+        """The latest checkpoint's payload (checked to be of this model config), or None."""
+        import torch
+
+        checkpoint = self.worker.resume_from()
+        if checkpoint is None:
+            return None
         with checkpoint.as_directory() as d:
-            resumed = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
-        if resumed["model_config"] != config.to_dict():
+            payload = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+        if payload["model_config"] != self.config.to_dict():
             raise ValueError(f"{checkpoint.path}: checkpoint of another model config; delete "
                              "the autoencoder/checkpoints folder to start over")
-        model.load_state_dict(resumed["model_state"])
-        step, epoch = int(resumed["step"]), int(resumed["epoch"])
-        if rank == 0:
-            print(f"[autoencoder] resuming after step {step} (epoch {epoch}) from "
-                  f"{checkpoint.path}", flush=True)
-    model = ray.train.torch.prepare_model(model)  # to the device; DDP with several workers
-    raw = getattr(model, "module", model)
-    ema = EMA(raw, section.ema_decay)
-    optimizer = torch.optim.Adam(model.parameters(), lr=section.lr)
-    if resumed is not None:
-        ema.shadow = {k: v.to(device) for k, v in resumed["ema_state"].items()}
-        optimizer.load_state_dict(resumed["optimizer_state"])
-        del resumed
-    net = model
-    if section.mixed_precision and device.type == "cuda":
-        net = bf16_autocast(model, raw, device.type)
-    schedule = NoiseSchedule.linear()
+        self.worker.log(f"resuming after step {payload['step']} (epoch {payload['epoch']}) "
+                        f"from {checkpoint.path}")
+        return payload
 
-    resumed_from = step
-    by_steps = section.steps is not None
-    total = section.steps if by_steps else section.epochs
-    window = {"loss": 0.0, "steps": 0, "since": time.perf_counter()}
+    def done(self) -> bool:
+        return (self.step if self.by_steps else self.epoch) >= self.total
 
-    def save() -> None:
-        seconds = time.perf_counter() - window["since"]
-        metrics = {"step": step, "epoch": epoch, "resumed_from_step": resumed_from,
-                   "loss": window["loss"] / max(1, window["steps"]),
-                   "steps_per_second": window["steps"] / max(seconds, 1e-9)}
-        window.update(loss=0.0, steps=0, since=time.perf_counter())
-        if rank != 0:
-            ray.train.report(metrics)  # report() is a barrier: every worker calls it
-            return
-        payload = {
-            "model_state": {k: v.detach().cpu() for k, v in raw.state_dict().items()},
-            "ema_state": {k: v.detach().cpu() for k, v in ema.state_dict().items()},
-            "optimizer_state": optimizer.state_dict(),
-            "step": step,
-            "epoch": epoch,
-            "resumed_from_step": resumed_from,
-            "model_config": config.to_dict(),
-        }
-        with tempfile.TemporaryDirectory() as tmp:
-            torch.save(payload, Path(tmp) / CHECKPOINT_FILE)
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
-                             checkpoint_dir_name=checkpoint_dir_name(step))
-        print(f"[autoencoder] checkpoint at step {step}: loss {metrics['loss']:.4f}", flush=True)
+    def save(self) -> None:
+        """Report the window's metrics with a checkpoint (rank 0 writes it)."""
+        seconds = time.perf_counter() - self.window["since"]
+        metrics = {"step": self.step, "epoch": self.epoch, "resumed_from_step": self.resumed_from,
+                   "loss": self.window["loss"] / max(1, self.window["steps"]),
+                   "steps_per_second": self.window["steps"] / max(seconds, 1e-9)}
+        self.window.update(loss=0.0, steps=0, since=time.perf_counter())
+        files = None
+        if self.worker.rank == 0:
+            files = {CHECKPOINT_FILE: {
+                "model_state": cpu_state(self.raw),
+                "ema_state": {k: v.detach().cpu() for k, v in self.ema.state_dict().items()},
+                "optimizer_state": self.optimizer.state_dict(),
+                "step": self.step, "epoch": self.epoch, "learning_rate": self.section.lr,
+                "resumed_from_step": self.resumed_from,
+                "model_config": self.config.to_dict(),
+            }}
+        self.worker.report(metrics, files, checkpoint_dir_name(self.step))
+        self.worker.log(f"checkpoint at step {self.step}: loss {metrics['loss']:.4f}")
 
-    shard = ray.train.get_dataset_shard("train")
-    done = (step if by_steps else epoch) >= total
-    if done and rank == 0:
-        print(f"[autoencoder] already at step {step} (epoch {epoch}); "
-              f"{'steps' if by_steps else 'epochs'}={total}: nothing to train", flush=True)
-    log_loss, log_steps, log_since = 0.0, 0, time.perf_counter()
-    while not done:
-        epoch += 1
-        generator = torch.Generator().manual_seed(_step_seed(seed, rank, step))
-        batches = 0
-        for batch in shard.iter_torch_batches(
-            batch_size=section.batch_size, device=device,
-            local_shuffle_buffer_size=4 * section.batch_size, local_shuffle_seed=seed + epoch,
-        ):
-            batches += 1
-            images = batch["image"]
-            if section.augment:
-                flip = torch.rand(images.shape[0], generator=generator) < 0.5
-                images = torch.where(flip.to(images.device)[:, None, None, None],
-                                     images.flip(-1), images)
-            labels = batch["label"] if config.num_classes > 0 else None
-            if section.ema_warmup:
-                ema.decay = min(section.ema_decay, (1 + step) / (10 + step))
-            loss = train_step(net, optimizer, images, labels, schedule, ema=ema,
-                              grad_clip=section.grad_clip, generator=generator,
-                              cond_drop_prob=section.cond_drop_prob)
-            step += 1
+    def train_batch(self, batch, generator) -> None:
+        """One optimiser step (with its EMA update), counted and logged."""
+        from diffinf_ray.diffae.training import train_step
+
+        section = self.section
+        images = batch["image"]
+        if section.augment:
+            images = random_hflip(images, generator)
+        labels = batch["label"] if self.config.num_classes > 0 else None
+        if section.ema_warmup:
+            self.ema.decay = min(section.ema_decay, (1 + self.step) / (10 + self.step))
+        loss = train_step(self.net, self.optimizer, images, labels, self.schedule, ema=self.ema,
+                          grad_clip=section.grad_clip, generator=generator,
+                          cond_drop_prob=section.cond_drop_prob)
+        self.step += 1
+        for window in (self.window, self.shown):
             window["loss"] += loss
             window["steps"] += 1
-            log_loss, log_steps = log_loss + loss, log_steps + 1
-            if rank == 0 and step % section.log_every == 0:
-                rate = log_steps / max(time.perf_counter() - log_since, 1e-9)
-                where = f"{step}/{total}" if by_steps else f"{step} (epoch {epoch}/{total})"
-                print(f"[autoencoder] step {where} loss {log_loss / log_steps:.4f} "
-                      f"{rate:.2f} steps/s", flush=True)
-                log_loss, log_steps, log_since = 0.0, 0, time.perf_counter()
-            if by_steps and (step % section.checkpoint_every == 0 or step == total):
-                save()
-            if by_steps and step >= total:
+        if self.step % section.log_every == 0 and self.worker.rank == 0:
+            shown = self.shown
+            rate = shown["steps"] / max(time.perf_counter() - shown["since"], 1e-9)
+            where = (f"{self.step}/{self.total}" if self.by_steps
+                     else f"{self.step} (epoch {self.epoch}/{self.total})")
+            self.worker.log(f"step {where} loss {shown['loss'] / shown['steps']:.4f} "
+                            f"{rate:.2f} steps/s")
+            shown.update(loss=0.0, steps=0, since=time.perf_counter())
+
+    def run_epoch(self, shard) -> None:
+        """One pass over the worker's shard (cut short at `steps`), checkpointing on time."""
+        import torch
+
+        self.epoch += 1
+        generator = torch.Generator().manual_seed(_step_seed(self.seed, self.worker.rank,
+                                                             self.step))
+        bs, batches = self.section.batch_size, 0
+        for batch in shard.iter_torch_batches(batch_size=bs, device=self.worker.device,
+                                              local_shuffle_buffer_size=4 * bs,
+                                              local_shuffle_seed=self.seed + self.epoch):
+            batches += 1
+            self.train_batch(batch, generator)
+            every = self.section.checkpoint_every
+            if self.by_steps and (self.step % every == 0 or self.step == self.total):
+                self.save()
+            if self.by_steps and self.step >= self.total:
                 break
         if batches == 0:
             raise ValueError("the train split gave this worker no images; "
                              "check the manifest's train split and autoencoder.num_workers")
-        if not by_steps and (epoch % section.checkpoint_every == 0 or epoch == total):
-            save()
-        done = (step if by_steps else epoch) >= total
+        if not self.by_steps and (self.epoch % self.section.checkpoint_every == 0
+                                  or self.epoch == self.total):
+            self.save()
+
+
+def _autoencoder_loop(loop_config: dict) -> None:
+    """Runs on every Ray Train worker: the autoencoder's core through the harness."""
+    import ray.train
+
+    core = AutoencoderCore(loop_config, TrainWorker.current("autoencoder"))
+    shard = ray.train.get_dataset_shard("train")
+    if core.done():
+        unit = "steps" if core.by_steps else "epochs"
+        core.worker.log(f"already at step {core.step} (epoch {core.epoch}); {unit}={core.total}: "
+                        "nothing to train")
+    while not core.done():
+        core.run_epoch(shard)
 
 
 # -- driver side ------------------------------------------------------------------------------
 
 def train_autoencoder(cfg: Config, manifest: Location, out: Location, model_config):
-    """Fit the autoencoder on the train split of `manifest`; Ray Train checkpoints go to
-    `out`/checkpoints (resumed from there). Returns the Ray Train `Result`."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from diffinf_ray.ray_session import without_progress_bars, worker_env
-
+    """Fit the autoencoder on the train split of `manifest` with the harness (placed by the
+    `autoencoder` section); Ray Train checkpoints go to `out`/checkpoints (resumed from
+    there), the last `keep_checkpoints` kept. Returns the Ray Train `Result`."""
     section = cfg.autoencoder
     train = split_dataset(manifest, "train", ["image", "label"]).map_batches(decode_for_training)
     if section.cache_decoded_images:
         # One decode instead of one Ray Data execution per epoch (seconds each on small CPUs).
         train = train.materialize()
-    trainer = TorchTrainer(
-        _autoencoder_loop,
-        train_loop_config={
-            "autoencoder": section.model_dump(mode="json"),
-            "model_config": model_config.to_dict(),
-            "seed": cfg.run.seed,
-        },
-        scaling_config=ScalingConfig(
-            num_workers=section.num_workers,
-            use_gpu=section.use_gpu,
-            resources_per_worker={"CPU": section.cpus_per_worker},
-        ),
-        run_config=RunConfig(
-            name="checkpoints",
-            storage_path=out.path,
-            storage_filesystem=out.fs,
-            checkpoint_config=CheckpointConfig(num_to_keep=section.keep_checkpoints),
-            failure_config=FailureConfig(max_failures=0),
-            worker_runtime_env={"env_vars": worker_env()},
-        ),
-        datasets=without_progress_bars({"train": train}),
-    )
-    result = trainer.fit()
-    if result.error is not None:
-        raise result.error
+    loop_config = {"autoencoder": section.model_dump(mode="json"),
+                   "model_config": model_config.to_dict(), "seed": cfg.run.seed}
+    result = fit(_autoencoder_loop, loop_config, {"train": train}, out.child("checkpoints"),
+                 Placement.of(section), keep=section.keep_checkpoints)
     if result.checkpoint is None:
         raise RuntimeError(f"{out.child('checkpoints').display}: training saved no checkpoint")
     return result

@@ -44,7 +44,6 @@ evaluation is kept when it is of that checkpoint (a stage interrupted after some
 from __future__ import annotations
 
 import logging
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -54,12 +53,13 @@ from diffinf_ray.config import Config, ConfigError, TrainSection
 from diffinf_ray.datasets import check_manifest, decode_for_training, read_split, split_dataset
 from diffinf_ray.models.checkpoint import (
     CHECKPOINT_FILE,
-    checkpoint_dir_name,
+    ClassifierCheckpoint,
+    classifier_payload,
     epoch_of,
     list_checkpoints,
-    to_bytes,
 )
-from diffinf_ray.models.training import fit_with_ray_train, learning_rate_at, validate
+from diffinf_ray.models.harness import random_hflip
+from diffinf_ray.models.training import fit_with_ray_train
 from diffinf_ray.storage import Location
 
 log = logging.getLogger(__name__)
@@ -176,18 +176,10 @@ def checkpoint_members(model) -> list:
     raise TypeError(f"cannot store a {type(model).__name__} as a classifier checkpoint")
 
 
-def classifier_payload(method, epoch: int, lr: float) -> dict:
-    """models/checkpoint.py's format for the method's test-time network (plain tensors)."""
-    members = checkpoint_members(method.eval_model())
-
-    def cpu_state(model) -> dict:
-        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
-
-    payload = {"model_state": cpu_state(members[0]), "epoch": epoch, "learning_rate": lr,
-               "architecture": members[0].architecture(), "method": method.name}
-    if len(members) > 1:
-        payload["peer_states"] = [cpu_state(m) for m in members[1:]]
-    return payload
+def method_payload(method, epoch: int, lr: float) -> dict:
+    """checkpoint.pt for the method's test-time network, in the one classifier format."""
+    return classifier_payload(checkpoint_members(method.eval_model()), epoch, lr,
+                              method=method.name)
 
 
 def average_gradients_before_step(method) -> None:
@@ -214,89 +206,84 @@ def average_gradients_before_step(method) -> None:
         optimizer.register_step_pre_hook(hook)
 
 
+class MethodCore:
+    """A noisy-label method's part of a training run (`harness.EpochCore`): the epoch contract
+    of baselines/base.py (scan pass without augmentation, on_epoch_start, training steps with
+    flip augmentation, on_epoch_end); its full state in method_state.pt for resume."""
+
+    def __init__(self, loop_config: dict, worker):
+        import torch
+
+        from diffinf_ray.baselines import build_method
+        from diffinf_ray.models.classifier import build_classifier
+
+        self.train = train = TrainSection.model_validate(loop_config["train"])
+        self.seed, self.worker = loop_config["seed"], worker
+        num_classes = loop_config["num_classes"]
+        torch.manual_seed(self.seed)  # the same initial weights on every worker
+        self.method = build_method(loop_config["method"], num_classes,
+                                   loop_config["num_samples"], loop_config["options"],
+                                   lambda: build_classifier(num_classes, train.head_hidden),
+                                   train.lr)
+        self.method.to(worker.device)
+        if worker.world > 1:
+            average_gradients_before_step(self.method)
+
+    def restore(self, ckpt: ClassifierCheckpoint, directory: Path) -> None:
+        import torch
+
+        path = directory / METHOD_STATE_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"baselines: {ckpt.source} has no {METHOD_STATE_FILE} "
+                                    "beside it; delete the method's checkpoints to start over")
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        self.method.load_state_dict(saved["method"])
+
+    def _batches(self, shard, epoch: int, augment: bool):
+        """A fresh pass over the shard: shuffled and flipped for training, plain for a scan."""
+        bs, device = self.train.batch_size, self.worker.device
+        if not augment:
+            return shard.iter_torch_batches(batch_size=bs, device=device)
+
+        def augmented():
+            for batch in shard.iter_torch_batches(batch_size=bs, device=device,
+                                                  local_shuffle_buffer_size=4 * bs,
+                                                  local_shuffle_seed=self.seed + epoch):
+                if self.train.augment:
+                    batch["image"] = random_hflip(batch["image"])
+                yield batch
+        return augmented()
+
+    def train_epoch(self, shard, epoch: int, lr: float) -> dict[str, float]:
+        import torch
+
+        from diffinf_ray.baselines import run_epoch
+
+        torch.manual_seed(self.seed + 1000 * epoch + self.worker.rank)  # per epoch and worker
+        self.method.set_lr(lr)
+        return run_epoch(self.method, lambda: self._batches(shard, epoch, True), epoch,
+                         scan_batches=lambda: self._batches(shard, epoch, False))
+
+    def eval_model(self):
+        return self.method.eval_model()
+
+    def checkpoint_files(self, epoch: int, lr: float) -> dict[str, dict]:
+        return {CHECKPOINT_FILE: method_payload(self.method, epoch, lr),
+                METHOD_STATE_FILE: {"epoch": epoch, "method": self.method.state_dict()}}
+
+    def describe(self, m: dict[str, float]) -> str:
+        # every metric the method reports: loss, and e.g. the selected share (kept_fraction,
+        # chosen_fraction) and its clean share (label_precision)
+        return " ".join(f"train_{k} {v:.4f}" for k, v in sorted(m.items()))
+
+
 def _method_loop(loop_config: dict) -> None:
-    """Runs on every Ray Train worker: the epoch contract of baselines/base.py (scan pass
-    without augmentation, on_epoch_start, training steps, on_epoch_end), then validation."""
-    import ray.train
-    import torch
-    from ray.train import Checkpoint
+    """Runs on every Ray Train worker: the method's core through the harness."""
+    from diffinf_ray.models.harness import TrainWorker, run_epochs
 
-    from diffinf_ray.baselines import build_method
-    from diffinf_ray.models.classifier import build_classifier
-
-    train_cfg = TrainSection.model_validate(loop_config["train"])
-    name, seed, num_classes = loop_config["method"], loop_config["seed"], loop_config["num_classes"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-
-    torch.manual_seed(seed)  # the same initial weights on every worker
-    method = build_method(name, num_classes, loop_config["num_samples"], loop_config["options"],
-                          lambda: build_classifier(num_classes, train_cfg.head_hidden),
-                          train_cfg.lr)
-    method.to(device)
-    start_epoch = 1
-    resume = ray.train.get_checkpoint()
-    if resume is not None:
-        with resume.as_directory() as d:
-            saved = torch.load(Path(d) / METHOD_STATE_FILE, map_location="cpu", weights_only=True)
-        method.load_state_dict(saved["method"])
-        start_epoch = int(saved["epoch"]) + 1
-        if rank == 0:
-            print(f"[baselines:{name}] resuming after epoch {saved['epoch']} from {resume.path}",
-                  flush=True)
-    if world > 1:
-        average_gradients_before_step(method)
-
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
-    bs = train_cfg.batch_size
-    for epoch in range(start_epoch, train_cfg.epochs + 1):
-        torch.manual_seed(seed + 1000 * epoch + rank)  # mixup draws: per epoch and worker
-        lr = learning_rate_at(train_cfg, epoch)
-        method.set_lr(lr)
-        if method.needs_scan(epoch):  # e.g. ProMix's per-sample losses; no augmentation
-            with torch.no_grad():
-                for batch in train_shard.iter_torch_batches(batch_size=bs, device=device):
-                    method.scan_batch(batch, epoch)
-        method.on_epoch_start(epoch)
-        sums: dict[str, float] = {}
-        counts: dict[str, float] = {}
-        for step, batch in enumerate(train_shard.iter_torch_batches(
-            batch_size=bs, device=device, local_shuffle_buffer_size=4 * bs,
-            local_shuffle_seed=seed + epoch,
-        )):
-            if train_cfg.augment:
-                images = batch["image"]
-                flip = torch.rand(images.shape[0], device=images.device) < 0.5
-                batch["image"] = torch.where(flip[:, None, None, None], images.flip(-1), images)
-            n = float(len(batch["label"]))
-            for key, value in method.training_step(batch, epoch, step).items():
-                sums[key] = sums.get(key, 0.0) + float(value) * n
-                counts[key] = counts.get(key, 0.0) + n
-        method.on_epoch_end(epoch)
-
-        train_metrics = {f"train_{k}": sums[k] / counts[k] for k in sums}
-        metrics = {"epoch": epoch, "learning_rate": lr, **train_metrics,
-                   **validate(method.eval_model(), val_shard, device)}
-        if rank == 0:
-            # every metric the method reports: loss, and e.g. the selected share (kept_fraction,
-            # chosen_fraction) and its clean share (label_precision)
-            shown = " ".join(f"{k} {v:.4f}" for k, v in sorted(train_metrics.items()))
-            print(f"[baselines:{name}] epoch {epoch}/{train_cfg.epochs} lr {lr:.2e} {shown} | "
-                  f"val loss {metrics['val_loss']:.4f} acc {metrics['val_accuracy']:.1f}%",
-                  flush=True)
-        save = epoch % train_cfg.checkpoint_every == 0 or epoch == train_cfg.epochs
-        if save and rank == 0:
-            with tempfile.TemporaryDirectory() as tmp:
-                (Path(tmp) / CHECKPOINT_FILE).write_bytes(
-                    to_bytes(classifier_payload(method, epoch, lr)))
-                torch.save({"epoch": epoch, "method": method.state_dict()},
-                           Path(tmp) / METHOD_STATE_FILE)
-                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
-                                 checkpoint_dir_name=checkpoint_dir_name(epoch))
-        else:
-            ray.train.report(metrics)  # a barrier: every worker reports every epoch
+    worker = TrainWorker.current(f"baselines:{loop_config['method']}")
+    core = MethodCore(loop_config, worker)
+    run_epochs(core, worker, core.train)
 
 
 # ----------------------------------------------------------------------------- driver side

@@ -1,0 +1,257 @@
+"""The one Ray Train harness: every model this project trains (the classifier, each noisy-label
+baseline, the diffusion autoencoder) goes through it. It owns what is not the model's business:
+
+- driver side, `fit`: the TorchTrainer with its ScalingConfig (workers, GPU or CPU, CPUs per
+  worker, from the config section that trains), RunConfig (storage, checkpoints kept),
+  FailureConfig(max_failures=0) (a failure surfaces instead of silently restarting), and which
+  Ray Data datasets are sharded ("train"; every worker sees all of "val");
+- worker side, `TrainWorker`: rank, world size and device; resume from the latest checkpoint;
+  rank-0 checkpointing (`report`: every worker reports, only rank 0 writes the files); logging;
+- for the epoch-based trainings (classifier and baselines), `run_epochs`: the learning-rate
+  schedule, resume at the epoch after the last checkpoint's, one training epoch by the core,
+  validation, per-epoch metrics and log line, and a classifier checkpoint
+  (models/checkpoint.py's format, with the learning rate in force) every
+  `train.checkpoint_every` epochs and at the last epoch.
+
+A core (`EpochCore`) supplies only the model's part: building its networks and optimisers,
+one training epoch (augmentation, mixed precision, EMA are the core's), the network to
+validate, its checkpoint files and how to restore them.
+
+Checkpoints: <checkpoints>/epoch_NNNN/checkpoint.pt (plus a core's own files beside it, e.g. a
+baseline's method_state.pt), or the autoencoder's step_NNNNNNNN/autoencoder_state.pt. Resume:
+Ray Train V2 restores a run from `(storage_path, name)` = the checkpoints folder's parent and
+name; `ray.train.get_checkpoint()` is then the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from diffinf_ray.config import TrainSection
+from diffinf_ray.models.checkpoint import (
+    CHECKPOINT_FILE,
+    ClassifierCheckpoint,
+    checkpoint_dir_name,
+    parse,
+    to_bytes,
+)
+from diffinf_ray.storage import Location
+
+# ----------------------------------------------------------------------------- driver side
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the workers run: a config section's num_workers, use_gpu, cpus_per_worker."""
+
+    num_workers: int
+    use_gpu: bool
+    cpus_per_worker: float
+
+    @classmethod
+    def of(cls, section) -> Placement:
+        """From any section with those three fields (`train`, `autoencoder`)."""
+        return cls(section.num_workers, section.use_gpu, section.cpus_per_worker)
+
+
+def fit(train_loop, loop_config: dict, datasets: dict, checkpoints: Location,
+        placement: Placement, keep: int | None = None):
+    """Run `train_loop(loop_config)` on Ray Train workers placed by `placement`, with Ray Data
+    `datasets` ("train" sharded across workers, any other one seen whole by every worker),
+    checkpoints under `checkpoints` (a run already there is resumed; the last `keep` are kept,
+    all when None). Returns the Ray Train `Result`; a failed run raises its error."""
+    import ray.train
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from diffinf_ray.ray_session import without_progress_bars, worker_env
+
+    parent, name = checkpoints.path.rsplit("/", 1)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=placement.num_workers,
+            use_gpu=placement.use_gpu,
+            resources_per_worker={"CPU": placement.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=parent,
+            storage_filesystem=checkpoints.fs,
+            checkpoint_config=CheckpointConfig(num_to_keep=keep),
+            # no silent restart: a worker's error fails the stage, which names it
+            failure_config=FailureConfig(max_failures=0),
+            worker_runtime_env={"env_vars": worker_env()},
+        ),
+        datasets=without_progress_bars(datasets),
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    return result
+
+
+def numeric_metrics(result) -> dict:
+    """The numbers among a Ray Train result's last reported metrics."""
+    return {k: v for k, v in (result.metrics or {}).items() if isinstance(v, int | float)}
+
+
+# ----------------------------------------------------------------------------- worker side
+
+
+@dataclass
+class TrainWorker:
+    """This Ray Train worker: where it runs, and how it logs, resumes and checkpoints."""
+
+    tag: str  # log prefix, e.g. "train" or "baselines:elr_plus"
+    rank: int
+    world: int
+    device: Any  # torch.device
+
+    @classmethod
+    def current(cls, tag: str) -> TrainWorker:
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        return cls(tag, ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device())
+
+    def log(self, message: str) -> None:
+        """A line on rank 0's log."""
+        if self.rank == 0:
+            print(f"[{self.tag}] {message}", flush=True)
+
+    def resume_from(self):
+        """The checkpoint this run resumes from (Ray Train's latest), or None."""
+        import ray.train
+
+        return ray.train.get_checkpoint()
+
+    def report(self, metrics: dict, files: dict[str, dict] | None = None,
+               dir_name: str | None = None) -> None:
+        """Report `metrics`, with a checkpoint of `files` ({file name: torch.save-able dict,
+        plain tensors and scalars only}) in `dir_name` when given. Every worker must call this
+        once per epoch (it is a barrier); only rank 0 passes files."""
+        import ray.train
+        from ray.train import Checkpoint
+
+        if not files:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, payload in files.items():
+                (Path(tmp) / name).write_bytes(to_bytes(payload))
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=dir_name)
+
+
+def cpu_state(module) -> dict:
+    """A module's state_dict as detached CPU tensors (what checkpoints hold)."""
+    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+
+
+def random_hflip(images, generator=None):
+    """Each image flipped left-right with probability 1/2 (the cores' augmentation); the draws
+    come from `generator` (on the CPU) when given, else from the images' device."""
+    import torch
+
+    if generator is None:
+        flip = torch.rand(images.shape[0], device=images.device) < 0.5
+    else:
+        flip = (torch.rand(images.shape[0], generator=generator) < 0.5).to(images.device)
+    return torch.where(flip[:, None, None, None], images.flip(-1), images)
+
+
+# ----------------------------------------------------------------------------- epoch runner
+
+
+def learning_rate_at(train: TrainSection, epoch: int) -> float:
+    """Learning rate in force during 1-based `epoch` (recorded in each checkpoint for TracIn)."""
+    if train.lr_schedule == "constant":
+        return train.lr
+    progress = (epoch - 1) / max(1, train.epochs)
+    return train.lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def validate(model, val_shard, device) -> dict:
+    """{val_loss, val_accuracy (%)} of `model` (put in eval mode) on a Ray Train val shard."""
+    import torch
+    import torch.nn.functional as F
+
+    model.eval()
+    n, correct, loss = 0, 0, 0.0
+    with torch.no_grad():
+        for batch in val_shard.iter_torch_batches(batch_size=256, device=device):
+            logits = model(batch["image"])
+            loss += F.cross_entropy(logits, batch["label"], reduction="sum").item()
+            correct += (logits.argmax(1) == batch["label"]).sum().item()
+            n += len(batch["label"])
+    return {"val_loss": loss / max(1, n), "val_accuracy": 100 * correct / max(1, n)}
+
+
+class EpochCore(Protocol):
+    """What a classifier-like training supplies to `run_epochs`."""
+
+    def restore(self, ckpt: ClassifierCheckpoint, directory: Path) -> None:
+        """Continue from a checkpoint: `ckpt` is its checkpoint.pt, `directory` holds any
+        further files the core wrote there."""
+
+    def train_epoch(self, shard, epoch: int, lr: float) -> dict[str, float]:
+        """One epoch over the worker's train shard at learning rate `lr`; metrics averaged
+        over samples, named without the "train_" prefix."""
+
+    def eval_model(self):
+        """The network validated (and saved) for this epoch."""
+
+    def checkpoint_files(self, epoch: int, lr: float) -> dict[str, dict]:
+        """{file name: payload}; CHECKPOINT_FILE in models/checkpoint.py's format."""
+
+    def describe(self, train_metrics: dict[str, float]) -> str:
+        """The training part of the epoch's log line."""
+
+
+def resume_epoch(core: EpochCore, worker: TrainWorker) -> int:
+    """The first epoch to train: 1, or the one after the latest checkpoint's (restored into
+    `core`). A checkpoint without a readable checkpoint.pt is an error naming the file."""
+    resume = worker.resume_from()
+    if resume is None:
+        return 1
+    with resume.as_directory() as d:
+        source = f"{resume.path}/{CHECKPOINT_FILE}"
+        path = Path(d) / CHECKPOINT_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"[{worker.tag}] {source}: missing; cannot resume (delete "
+                                    "the checkpoints folder to start over)")
+        ckpt = parse(path.read_bytes(), source)
+        core.restore(ckpt, Path(d))
+    worker.log(f"resuming after epoch {ckpt.epoch} from {resume.path}")
+    return ckpt.epoch + 1
+
+
+def run_epochs(core: EpochCore, worker: TrainWorker, train: TrainSection) -> None:
+    """Epochs up to `train.epochs` (from the one after the latest checkpoint's): the
+    scheduled learning rate, the core's epoch, validation on the "val" dataset, the metrics
+    {epoch, learning_rate, train_*, val_loss, val_accuracy} reported every epoch, with a
+    checkpoint every `train.checkpoint_every` epochs and at the last one."""
+    import ray.train
+
+    start = resume_epoch(core, worker)
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    for epoch in range(start, train.epochs + 1):
+        lr = learning_rate_at(train, epoch)
+        train_metrics = core.train_epoch(train_shard, epoch, lr)
+        metrics = {"epoch": epoch, "learning_rate": lr,
+                   **{f"train_{k}": v for k, v in train_metrics.items()},
+                   **validate(core.eval_model(), val_shard, worker.device)}
+        worker.log(f"epoch {epoch}/{train.epochs} lr {lr:.2e} {core.describe(train_metrics)} | "
+                   f"val loss {metrics['val_loss']:.4f} acc {metrics['val_accuracy']:.1f}%")
+        save = epoch % train.checkpoint_every == 0 or epoch == train.epochs
+        files = core.checkpoint_files(epoch, lr) if save and worker.rank == 0 else None
+        worker.report(metrics, files, checkpoint_dir_name(epoch))

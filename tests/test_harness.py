@@ -1,0 +1,179 @@
+"""The Ray Train harness (models/harness.py) on one in-process worker: Ray Train's worker calls
+(`get_checkpoint`, `get_dataset_shard`, `report`, `prepare_model`) are replaced by local ones
+that keep checkpoints in a folder, so resume and the checkpoint format are checked in seconds.
+The same harness on real Ray Train workers: tests/test_pipeline_ray.py (classifier resume),
+tests/test_baselines_stage.py, tests/test_autoencoder_stage.py."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffinf_ray.config import TrainSection
+from diffinf_ray.models.checkpoint import CHECKPOINT_FILE, checkpoint_dir_name, load_checkpoint
+from diffinf_ray.models.harness import TrainWorker, learning_rate_at, run_epochs
+from diffinf_ray.models.training import ClassifierCore
+from diffinf_ray.stages.baselines import METHOD_STATE_FILE, MethodCore
+from diffinf_ray.storage import Location
+
+NUM_CLASSES, ROWS = 3, 10
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # the CI box has 2 shared cores
+    yield
+    torch.set_num_threads(before)
+
+
+class Interrupted(Exception):
+    """Stands in for a run killed after some epochs."""
+
+
+class Shard:
+    """A train/val shard: the same rows each pass, in an order drawn from the shuffle seed."""
+
+    def __init__(self, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        self.images = torch.rand(ROWS, 3, 32, 32, generator=g) * 2 - 1
+        self.labels = torch.randint(0, NUM_CLASSES, (ROWS,), generator=g)
+
+    def iter_torch_batches(self, batch_size, device, local_shuffle_buffer_size=None,
+                           local_shuffle_seed=None):
+        order = torch.arange(ROWS)
+        if local_shuffle_seed is not None:
+            order = torch.randperm(ROWS, generator=torch.Generator().manual_seed(local_shuffle_seed))
+        for i in range(0, ROWS, batch_size):
+            idx = order[i:i + batch_size]
+            yield {"image": self.images[idx].to(device), "label": self.labels[idx].to(device),
+                   "index": idx.to(device)}
+
+
+class LocalTrain:
+    """Ray Train's worker calls, kept in `store`: report() copies a checkpoint to
+    store/<dir name>; get_checkpoint() is `resume_dir` (a folder of the store) or None."""
+
+    def __init__(self, monkeypatch, store: Path):
+        import ray.train
+        import ray.train.torch
+
+        self.store, self.reports, self.resume_dir, self.stop_after = store, [], None, None
+        shards = {"train": Shard(1), "val": Shard(2)}
+        monkeypatch.setattr(ray.train, "report", self.report)
+        monkeypatch.setattr(ray.train, "get_checkpoint", self.get_checkpoint)
+        monkeypatch.setattr(ray.train, "get_dataset_shard", shards.__getitem__)
+        monkeypatch.setattr(ray.train.torch, "prepare_model", lambda model: model)
+
+    def report(self, metrics, checkpoint=None, checkpoint_dir_name=None):
+        self.reports.append(dict(metrics))
+        if checkpoint is not None:
+            shutil.copytree(checkpoint.path, self.store / checkpoint_dir_name)
+        if self.stop_after is not None and len(self.reports) >= self.stop_after:
+            raise Interrupted
+
+    def get_checkpoint(self):
+        from ray.train import Checkpoint
+
+        return None if self.resume_dir is None else Checkpoint.from_directory(str(self.resume_dir))
+
+
+def worker(tag: str = "test") -> TrainWorker:
+    return TrainWorker(tag, rank=0, world=1, device=torch.device("cpu"))
+
+
+def train_section(**kw) -> TrainSection:
+    return TrainSection(**{"epochs": 4, "batch_size": 4, "lr": 1e-3, "lr_schedule": "cosine",
+                           "checkpoint_every": 1, "head_hidden": 8, "augment": False, **kw})
+
+
+def classifier_config(train: TrainSection) -> dict:
+    return {"train": train.model_dump(mode="json"), "num_classes": NUM_CLASSES, "seed": 3,
+            "init_state": None}
+
+
+def saved(store: Path, epoch: int):
+    return load_checkpoint(Location(str(store / checkpoint_dir_name(epoch) / CHECKPOINT_FILE)))
+
+
+def test_resume_continues_at_the_next_epoch_with_the_saved_state_and_lr(monkeypatch, tmp_path):
+    train = train_section()
+    whole = LocalTrain(monkeypatch, tmp_path / "whole")
+    run_epochs(ClassifierCore(classifier_config(train), worker()), worker(), train)
+    assert [m["epoch"] for m in whole.reports] == [1, 2, 3, 4]
+
+    # the same run killed after epoch 2's checkpoint, then started again on its folder
+    cut = LocalTrain(monkeypatch, tmp_path / "cut")
+    cut.stop_after = 2
+    with pytest.raises(Interrupted):
+        run_epochs(ClassifierCore(classifier_config(train), worker()), worker(), train)
+    assert sorted(p.name for p in cut.store.iterdir()) == ["epoch_0001", "epoch_0002"]
+    cut.stop_after, cut.resume_dir = None, cut.store / "epoch_0002"
+    restored = {}
+    core = ClassifierCore(classifier_config(train), worker())
+    real_restore = core.restore
+
+    def spy(ckpt, directory):
+        restored["epoch"], restored["lr"] = ckpt.epoch, ckpt.learning_rate
+        real_restore(ckpt, directory)
+
+    core.restore = spy
+    run_epochs(core, worker(), train)
+
+    assert restored == {"epoch": 2, "lr": pytest.approx(learning_rate_at(train, 2))}
+    assert [m["epoch"] for m in cut.reports] == [1, 2, 3, 4]  # 3 and 4 after the restart
+    for epoch in (1, 2, 3, 4):
+        assert saved(cut.store, epoch).learning_rate == pytest.approx(learning_rate_at(train, epoch))
+        assert cut.reports[epoch - 1]["learning_rate"] == pytest.approx(
+            learning_rate_at(train, epoch))
+    assert learning_rate_at(train, 3) < learning_rate_at(train, 2)  # cosine: the lr moved on
+    # weights, batch-norm statistics and Adam's state carried over: the same end as unbroken
+    a, b = saved(whole.store, 4), saved(cut.store, 4)
+    for key, value in a.model_state.items():
+        torch.testing.assert_close(b.model_state[key], value, msg=key)
+    steps = [s["step"] for s in b.optimizer_state["state"].values()]
+    assert steps and all(float(s) == 4 * 3 for s in steps)  # 3 batches of 10 rows per epoch
+    assert cut.reports[-1]["train_loss"] == pytest.approx(whole.reports[-1]["train_loss"])
+
+
+def test_a_checkpoint_without_checkpoint_pt_is_a_clear_error(monkeypatch, tmp_path):
+    train = train_section()
+    local = LocalTrain(monkeypatch, tmp_path)
+    (tmp_path / "epoch_0001").mkdir()
+    local.resume_dir = tmp_path / "epoch_0001"
+    with pytest.raises(FileNotFoundError, match=r"\[train\].*checkpoint\.pt: missing"):
+        run_epochs(ClassifierCore(classifier_config(train), worker()), worker("train"), train)
+
+
+@pytest.mark.parametrize("method", ["standard", "elr_plus"])
+def test_one_checkpoint_format_whoever_trained_the_classifier(monkeypatch, tmp_path, method):
+    """The classifier and a baseline method (one network, or ELR+'s two-network ensemble)
+    write checkpoint.pt through the harness; the classifier loader reads both back into a
+    network that predicts like the trainer's own."""
+    train = train_section(epochs=1)
+    images = torch.rand(5, 3, 32, 32) * 2 - 1
+    local = LocalTrain(monkeypatch, tmp_path)
+    cores = {
+        "classifier": ClassifierCore(classifier_config(train), worker()),
+        method: MethodCore({"train": train.model_dump(mode="json"), "method": method,
+                            "options": {}, "num_classes": NUM_CLASSES, "num_samples": ROWS,
+                            "seed": 3}, worker()),
+    }
+    for name, core in cores.items():
+        local.store = tmp_path / name
+        run_epochs(core, worker(), train)
+        ckpt = saved(local.store, 1)
+        assert (ckpt.epoch, ckpt.learning_rate) == (1, pytest.approx(train.lr))
+        assert ckpt.architecture == {"name": "resnet18_fc2", "num_classes": NUM_CLASSES,
+                                     "head_hidden": 8}
+        with torch.no_grad():
+            expected = core.eval_model().eval()(images)
+            torch.testing.assert_close(ckpt.build_model()(images), expected, msg=name)
+        assert len(ckpt.peer_states or []) == (1 if name == "elr_plus" else 0)
+        if name == "classifier":
+            assert ckpt.optimizer_state is not None  # what the classifier resumes from
+        else:
+            assert (local.store / "epoch_0001" / METHOD_STATE_FILE).is_file()
