@@ -6,11 +6,23 @@ export RAY_USAGE_STATS_ENABLED := 0
 
 .PHONY: setup demo test test-all lint clean
 
+# The install downloads several GB (torch's CUDA build, Ray): uv does it about 3x faster than pip
+# and, given pip's configured constraints (pip.conf / PIP_CONSTRAINT, which uv does not read),
+# picks the very same versions. `make setup INSTALLER=pip` installs with pip alone (e.g. behind a
+# package mirror that only pip is configured for).
+INSTALLER ?= uv
+PIP_CONSTRAINTS = $(shell $(PYTHON) -m pip config list 2>/dev/null | sed -n "s/^[^=]*\.constraint='\(.*\)'$$/\1/p")
+
 $(VENV)/.installed: pyproject.toml
-	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 needed, found " + sys.version' 
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 needed, found " + sys.version'
 	$(PYTHON) -m venv $(VENV)
+ifeq ($(INSTALLER),pip)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
+else
+	$(PY) -m pip install -q uv
+	$(VENV)/bin/uv pip install -q --python $(PY) $(foreach c,$(PIP_CONSTRAINTS),--constraint $(c)) -e '.[test]'
+endif
 	@touch $@
 
 setup: $(VENV)/.installed
