@@ -106,7 +106,10 @@ def test_ray_job_submit_tiny(ray_head, tmp_path):
 
 
 def test_ray_job_submit_experiment(ray_head, tmp_path):
-    """The Table-1 runner as a job: one task, 2 seeds, noisy + removal; the table comes back."""
+    """The Table-1 runner as a job: one task, 2 seeds, noisy + removal; the table comes back
+    with mean ± std over the seeds, and submitting it again resumes with nothing to re-run.
+    (The project's one real experiment run: test_experiment.py covers the runner with stand-in
+    stages.)"""
     root = tmp_path / "exp"
     config = tmp_path / "experiment.yaml"
     overrides = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in SMALL)}
@@ -116,13 +119,32 @@ def test_ray_job_submit_experiment(ray_head, tmp_path):
         "overrides": overrides, "stages": ["ingest", "noise", "train", "evaluate", "influence",
                                            "removal"],
         "clean_ceiling": False, "noise_rates": []}))
-    submit(ray_head, "jobs.experiment", "--config", str(config))
+    submit(ray_head, "jobs.experiment", "--config", str(config))  # exit 0: no failure, a table
     progress = json.loads((root / "experiment.json").read_text())["runs"]
     assert len(progress) == 2 and all(r["status"] == "done" for r in progress.values())
-    table = pd.read_csv(root / "table" / "table.csv").set_index("method")
-    for label in ("trained on noisy labels", "self-influence removal"):
-        assert table.loc[label, "expression acc (%)"].endswith("(n=2)")
-    assert (root / "table" / "table.html").exists()
+
+    out = root / "table"
+    table = pd.read_csv(out / "table.csv").set_index("method")
+    long = pd.read_csv(out / "metrics_long.csv")
+    assert sorted(long.condition.unique()) == ["noisy", "removal"]
+    for cond, label in (("noisy", "trained on noisy labels"), ("removal", "self-influence removal")):
+        acc = long[long.condition == cond].sort_values("seed").accuracy.to_numpy()
+        assert len(acc) == 2
+        assert table.loc[label, "expression acc (%)"] == \
+            f"{acc.mean():.2f} ± {acc.std(ddof=1):.2f} (n=2)"
+    assert table.loc["ProMix", "expression acc (%)"] == "-"
+    assert "±" in (out / "table.md").read_text() and "±" in (out / "table.html").read_text()
+    assert (out / "plots" / "detection_curves.png").read_bytes()[:4] == b"\x89PNG"
+
+    # resume: nothing re-runs, checkpoints untouched
+    ckpts = sorted(root.rglob("checkpoint.pt"))
+    assert len(ckpts) == 4  # train + removal, 2 seeds, 1 epoch
+    stamps = [p.stat().st_mtime_ns for p in ckpts]
+    submit(ray_head, "jobs.experiment", "--config", str(config))
+    again = json.loads((root / "experiment.json").read_text())["runs"]
+    assert [r["stages_ran"] for r in again.values()] == [[], []]
+    assert all(r["status"] == "done" for r in again.values())
+    assert [p.stat().st_mtime_ns for p in ckpts] == stamps
 
 
 @pytest.mark.slow
