@@ -40,7 +40,7 @@ test: setup lint
 # The same; kept for those used to it.
 test-all: test
 
-# While working: all but the `slow` tests (a few minutes less).
+# While working: all but the tests marked `slow`.
 test-quick: setup lint
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow"
 
