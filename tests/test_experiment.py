@@ -1,5 +1,6 @@
 """The Table-1 experiment runner: config validation, the plan, failure handling and resume
-(stand-in stages, no Ray), the table's formatting, and one tiny real experiment on local Ray."""
+(stand-in stages, no Ray) and the table's formatting. The one tiny real experiment runs as a
+`ray job submit` job: tests/test_job_submit.py::test_ray_job_submit_experiment."""
 
 from __future__ import annotations
 
@@ -303,41 +304,3 @@ def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path, capsys):
     assert "6 runs" in out and "age/clean/seed_2" in out and "expression" not in out
     assert not (tmp_path / "r").exists()
     assert ex.main([str(path), "--task", "nope"]) == 2
-
-
-# -- a tiny real experiment on local Ray -----------------------------------------------------
-
-@pytest.mark.slow
-def test_tiny_experiment_on_ray(ray_local, tmp_path):
-    exp = ex.ExperimentConfig(
-        name="tiny", root=str(tmp_path / "exp"), base=str(TINY), seeds=[0, 1],
-        tasks={"expression": {"data.task": "expression", "noise.rate": 0.2}},
-        # batch 20: no seed's training split (97, 76; 87, 68 after removal) leaves a last
-        # batch of 1, which batch norm refuses in training
-        overrides={"data.synthfaces.num_samples": 120, "data.synthfaces.num_identities": 30,
-                   "train.epochs": 1, "train.batch_size": 20},
-        stages=["ingest", "noise", "train", "evaluate", "influence", "removal"],
-        clean_ceiling=False)
-    result = ex.run_experiment(exp)
-    assert result.failures == [] and result.table_error is None
-
-    out = tmp_path / "exp" / "table"
-    table = pd.read_csv(out / "table.csv").set_index("method")
-    long = pd.read_csv(out / "metrics_long.csv")
-    assert sorted(long.condition.unique()) == ["noisy", "removal"]
-    for cond, label in (("noisy", "trained on noisy labels"), ("removal", "self-influence removal")):
-        acc = long[long.condition == cond].sort_values("seed").accuracy.to_numpy()
-        assert len(acc) == 2
-        assert table.loc[label, "expression acc (%)"] == \
-            f"{acc.mean():.2f} ± {acc.std(ddof=1):.2f} (n=2)"
-    assert table.loc["ProMix", "expression acc (%)"] == "-"
-    assert "±" in (out / "table.md").read_text() and "±" in (out / "table.html").read_text()
-    assert (out / "plots" / "detection_curves.png").read_bytes()[:4] == b"\x89PNG"
-
-    # resume: nothing re-runs, checkpoints untouched
-    ckpts = sorted((tmp_path / "exp").rglob("checkpoint.pt"))
-    assert len(ckpts) == 4  # train + removal, 2 seeds, 1 epoch
-    stamps = [p.stat().st_mtime_ns for p in ckpts]
-    again = ex.run_experiment(exp)
-    assert [o.stages_ran for o in again.outcomes] == [[], []]
-    assert [p.stat().st_mtime_ns for p in ckpts] == stamps
