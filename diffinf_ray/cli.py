@@ -237,7 +237,7 @@ COMMANDS = {
                    add_experiment_arguments, _cmd_experiment),
     "sweep": ("Ray Tune sweep of edit weights, tau, noise rate", add_sweep_arguments,
               _cmd_sweep),
-    "diagnose-labels": ("decode under each label: does the oracle follow the label?",
+    "diagnose-labels": ("does the label path carry the attribute? (oracle)",
                         add_diagnose_labels_arguments, _cmd_diagnose_labels),
     "synthfaces-preview": ("write a PNG grid of synthetic faces per class",
                            add_preview_arguments, _cmd_preview),
