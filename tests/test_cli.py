@@ -48,6 +48,7 @@ OWN_OPTIONS = {
     "experiment": ["config", "--task", "--dry-run", "--table-only"],
     "sweep": ["config", "key=value", "--restore", "--no-restore", "--dry-run"],
     "synthfaces-preview": ["--task", "--resolution", "--per-class", "--seed", "--out"],
+    "diagnose-labels": ["config", "key=value", "--images", "--scales", "--depths", "--steps"],
 }
 
 
