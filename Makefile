@@ -33,7 +33,8 @@ demo: setup
 
 # Quick start 2: the tests (what CI runs): all but the heaviest real-Ray ones, marked `slow`
 # (a Tune sweep with restore, every baseline method on Ray Train, a sweep through `ray job
-# submit`). With them the suite measured about 50 minutes on this 2-core box, over CI's 45.
+# submit`). With them the suite ran 53 minutes on this 2-core box (loaded by other work), over
+# CI's 45.
 test: setup lint
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow"
 
