@@ -204,39 +204,17 @@ def load(config: Path, overrides: list[str], root: Path):
 
 def start_ray(cfg, attempts: int = 5) -> int:
     """ray.init as `ray_session` does for a local Ray, kept off any other Ray on the machine
-    (address="local", a temp dir of its own). Ray gives its raylet 30 s to register, which a
-    heavily loaded box can miss: retried up to `attempts` times, after stopping the daemons the
-    failed attempt left running. Returns the number of attempts made."""
+    (address="local", a temp dir of its own), retried when a loaded box makes its start-up
+    time out. Returns the number of attempts made."""
     import ray
 
-    from diffinf_ray.ray_session import worker_env
+    from diffinf_ray.ray_session import start_local_ray, worker_env
 
-    for attempt in range(1, attempts + 1):
-        temp_dir = tempfile.mkdtemp(prefix="ro_ray_")
-        try:
-            ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False,
-                     log_to_driver=True, runtime_env={"env_vars": worker_env()},
-                     _temp_dir=temp_dir)
-            break
-        except Exception as err:  # noqa: BLE001 - Ray raises a bare Exception on this timeout
-            ray.shutdown()
-            _stop_processes_of(temp_dir)
-            if attempt == attempts or "timed out during startup" not in str(err):
-                raise
-            print(f"[ray_overhead] ray.init attempt {attempt} timed out; retrying", flush=True)
+    attempt = start_local_ray(cfg.ray.num_cpus, attempts, tempfile.mkdtemp(prefix="ro_ray_"),
+                              address="local", log_to_driver=True,
+                              runtime_env={"env_vars": worker_env()})
     ray.data.DataContext.get_current().enable_progress_bars = True
     return attempt
-
-
-def _stop_processes_of(temp_dir: str) -> None:
-    """Kill this process's descendants started for the Ray whose temp dir is `temp_dir`."""
-    psutil = _psutil()
-    for proc in psutil.Process().children(recursive=True):
-        try:
-            if temp_dir in " ".join(proc.cmdline()):
-                proc.kill()
-        except psutil.Error:
-            continue
 
 
 def prepare_data(cfg) -> None:

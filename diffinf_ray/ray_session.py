@@ -23,6 +23,56 @@ def worker_env() -> dict[str, str]:
     return {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
 
 
+# A loaded machine can make a local Ray's start-up fail: the raylet waits a fixed 15 s for the
+# dashboard agent's port file and exits when it is late (Ray issue 65983), and ray.init then
+# says "timed out during startup". Seen on a 2-core box at load average 25-45; a retry with a
+# fresh temp dir, after stopping what the failed attempt left running, gets it up.
+START_ATTEMPTS = 3
+
+
+def start_timed_out(err: BaseException) -> bool:
+    return "timed out during startup" in str(err)
+
+
+def stop_processes_of(temp_dir: str) -> None:
+    """Kill this process's descendants that were started for the Ray whose temp dir is
+    `temp_dir` (the daemons a failed start leaves behind)."""
+    import psutil  # Ray's vendored copy, on sys.path once ray is imported
+
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if temp_dir in " ".join(proc.cmdline()):
+                proc.kill()
+        except psutil.Error:
+            continue
+
+
+def start_local_ray(num_cpus: int | None, attempts: int = START_ATTEMPTS,
+                    temp_dir: str | None = None, **init_kwargs) -> int:
+    """`ray.init` of a new local Ray (no dashboard), retried up to `attempts` times when its
+    start-up times out. `temp_dir`: Ray's temp dir (retries use `<temp_dir>.2`, `.3`: a new
+    one each, as short as the first, since Ray's socket paths below it must stay under 108
+    bytes); None keeps Ray's default. Returns the number of attempts made."""
+    import ray
+
+    for attempt in range(1, attempts + 1):
+        attempt_dir = temp_dir if temp_dir is None or attempt == 1 else f"{temp_dir}.{attempt}"
+        if attempt_dir is not None:
+            init_kwargs["_temp_dir"] = attempt_dir
+        try:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, **init_kwargs)
+            return attempt
+        except Exception as err:  # noqa: BLE001 - Ray raises a bare Exception on this timeout
+            ray.shutdown()
+            # this process's own descendants: only the failed attempt's daemons match
+            stop_processes_of(attempt_dir or "ray")
+            if attempt == attempts or not start_timed_out(err):
+                raise
+            log.warning("Ray's start-up timed out (attempt %d of %d); retrying", attempt,
+                        attempts)
+    raise AssertionError("unreachable")
+
+
 @contextmanager
 def ray_session(cfg: Config) -> Iterator[None]:
     import ray
@@ -36,8 +86,8 @@ def ray_session(cfg: Config) -> Iterator[None]:
         # ours could conflict with it.
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=True,
-                 runtime_env={"env_vars": worker_env()})
+        start_local_ray(cfg.ray.num_cpus, log_to_driver=True,
+                        runtime_env={"env_vars": worker_env()})
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
     try:

@@ -101,43 +101,24 @@ def s3_endpoint(monkeypatch: pytest.MonkeyPatch, tmp_path_factory) -> Iterator[S
         log.close()
 
 
-# A loaded box can make Ray's start-up fail: the raylet waits a fixed 15 s for the dashboard
-# agent's port file and exits when it is late (Ray issue 65983), and Ray then reports "timed out
-# during startup". Seen in 2 of 8 test modules on a box at load average 25-45; a retry with a
-# fresh temp dir gets it up.
-RAY_START_ATTEMPTS = 3
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread for a module's tests (`pytestmark = usefixtures(...)`): the CI box
+    has 2 shared cores, and Ray's workers need the other."""
+    import torch
 
-
-def ray_start_timed_out(err: BaseException) -> bool:
-    return "timed out during startup" in str(err)
-
-
-def _stop_processes_of(temp_dir: str) -> None:
-    """Kill this process's descendants started for the Ray whose temp dir is `temp_dir`."""
-    import psutil  # Ray's vendored copy, on sys.path once ray is imported
-
-    for proc in psutil.Process().children(recursive=True):
-        try:
-            if temp_dir in " ".join(proc.cmdline()):
-                proc.kill()
-        except psutil.Error:
-            continue
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
 def ray_local(tmp_path_factory):
     ray = pytest.importorskip("ray")
-    for attempt in range(1, RAY_START_ATTEMPTS + 1):
-        temp_dir = str(tmp_path_factory.mktemp("ray"))
-        try:
-            ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir,
-                     configure_logging=False)
-            break
-        except Exception as err:
-            ray.shutdown()
-            _stop_processes_of(temp_dir)
-            if attempt == RAY_START_ATTEMPTS or not ray_start_timed_out(err):
-                raise
+    from diffinf_ray.ray_session import start_local_ray
+
+    start_local_ray(2, temp_dir=str(tmp_path_factory.mktemp("ray")), configure_logging=False)
     yield ray
     ray.shutdown()
 

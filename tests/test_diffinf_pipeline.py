@@ -29,14 +29,7 @@ def tiny_diffinf(root, *extra):
         "oracle.num_samples=120", "oracle.num_identities=30", "oracle.epochs=1", *extra])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

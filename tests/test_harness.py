@@ -22,12 +22,7 @@ from diffinf_ray.storage import Location
 NUM_CLASSES, ROWS = 3, 10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # the CI box has 2 shared cores
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class Interrupted(Exception):

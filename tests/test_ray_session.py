@@ -1,0 +1,48 @@
+"""Starting a local Ray on a loaded machine: a start-up that times out is retried in a fresh
+temp dir, any other failure is raised at once (ray.init replaced, so no Ray starts here)."""
+
+import pytest
+
+from diffinf_ray import ray_session
+
+
+class FakeInit:
+    def __init__(self, errors):
+        self.errors = list(errors)
+        self.temp_dirs = []
+
+    def __call__(self, **kwargs):
+        self.temp_dirs.append(kwargs.get("_temp_dir"))
+        if self.errors:
+            raise self.errors.pop(0)
+
+
+@pytest.fixture
+def fake_ray(monkeypatch):
+    ray = pytest.importorskip("ray")
+    stopped = []
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    monkeypatch.setattr(ray_session, "stop_processes_of", stopped.append)
+    return ray, stopped
+
+
+def test_a_timed_out_start_is_retried_in_a_new_temp_dir(fake_ray, monkeypatch, tmp_path):
+    ray, stopped = fake_ray
+    init = FakeInit([Exception("The current node timed out during startup.")])
+    monkeypatch.setattr(ray, "init", init)
+    base = str(tmp_path / "r")
+    assert ray_session.start_local_ray(2, temp_dir=base) == 2
+    assert init.temp_dirs == [base, f"{base}.2"]
+    assert stopped == [base]  # the failed attempt's daemons, and only those
+
+
+def test_other_errors_and_the_last_timeout_are_raised(fake_ray, monkeypatch):
+    ray, _ = fake_ray
+    monkeypatch.setattr(ray, "init", FakeInit([ValueError("bad num_cpus")]))
+    with pytest.raises(ValueError, match="bad num_cpus"):
+        ray_session.start_local_ray(2)
+    timeouts = [Exception("timed out during startup")] * 3
+    monkeypatch.setattr(ray, "init", init := FakeInit(timeouts))
+    with pytest.raises(Exception, match="timed out during startup"):
+        ray_session.start_local_ray(2, attempts=3)
+    assert init.temp_dirs == [None, None, None]  # Ray's default temp dir when none is given
