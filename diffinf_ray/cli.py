@@ -9,6 +9,10 @@
     diffinf diagnose-labels CONFIG [key=value ...] [--images N] [--scales 1 3 5] [--depths full 5]
                                                        does the autoencoder's label path carry
                                                        the attribute? (the judges' oracle decides)
+    diffinf record CONFIG [key=value ...] [--ledger DIR]  add the finished run's results to the
+                                                       results ledger (benchmarks/ledger/)
+    diffinf ledger [--ledger DIR] [--a diffinf] [--b removal] [--metric accuracy]
+                                                       paired differences over the ledger's seeds
     diffinf synthfaces-preview --task age --out grid.png
 
 Every command's arguments are defined here (`diffinf COMMAND --help`); the jobs/ recipes reuse
@@ -135,6 +139,32 @@ def _cmd_diagnose_labels(args) -> int:
     return 0
 
 
+def _cmd_record(args) -> int:
+    from diffinf_ray.ledger import run_record, write_record
+    from diffinf_ray.pipeline import open_run_root
+
+    cfg = load_config(args.config, args.overrides)
+    record = run_record(cfg, open_run_root(cfg))
+    if record.get("dirty"):
+        print("warning: the checkout has uncommitted changes; the record names commit "
+              f"{record['commit']}, which is not exactly the code that ran", file=sys.stderr)
+    path = write_record(record, args.ledger)
+    conditions = ", ".join(f"{k} {v['accuracy']:.2f}" for k, v in record["metrics"].items())
+    print(f"wrote {path} ({len(record['stages'])} stages; accuracy: {conditions or 'none'})")
+    return 0
+
+
+def _cmd_ledger(args) -> int:
+    from diffinf_ray.ledger import format_paired, git_commit, paired_differences, read_ledger
+
+    records = read_ledger(args.ledger)
+    rows = paired_differences(records, args.a, args.b, args.metric,
+                              head=git_commit()["commit"])
+    print(f"{len(records)} records in {args.ledger}\n")
+    print(format_paired(rows, args.a, args.b, args.metric))
+    return 0
+
+
 def _cmd_experiment(args) -> int:
     from diffinf_ray.experiment import run_command
 
@@ -219,6 +249,26 @@ def add_diagnose_labels_arguments(parser, config: str = "config") -> None:
                         help="DDIM steps S (default: the edit's decode steps)")
 
 
+def _ledger_argument(parser) -> None:
+    parser.add_argument("--ledger", default="benchmarks/ledger",
+                        help="the ledger folder (default benchmarks/ledger)")
+
+
+def add_record_arguments(parser, config: str = "config") -> None:
+    _config_argument(parser, config, "the pipeline config YAML of a finished run")
+    _overrides_argument(parser)
+    _ledger_argument(parser)
+
+
+def add_ledger_arguments(parser, config: str | None = None) -> None:
+    _ledger_argument(parser)
+    parser.add_argument("--a", default="diffinf", help="condition a (default diffinf)")
+    parser.add_argument("--b", default="removal", help="condition b (default removal)")
+    parser.add_argument("--metric", default="accuracy",
+                        choices=["accuracy", "auroc", "kappa", "ece"],
+                        help="the clean-test metric (default accuracy)")
+
+
 def add_preview_arguments(parser, config: str | None = None) -> None:
     parser.add_argument("--task", choices=["age", "expression"], default="age")
     parser.add_argument("--resolution", type=int, default=64, help="pixels (default 64)")
@@ -239,6 +289,10 @@ COMMANDS = {
               _cmd_sweep),
     "diagnose-labels": ("does the label path carry the attribute? (oracle)",
                         add_diagnose_labels_arguments, _cmd_diagnose_labels),
+    "record": ("add a finished run's results to the results ledger", add_record_arguments,
+               _cmd_record),
+    "ledger": ("paired differences over the ledger's seeds",
+               add_ledger_arguments, _cmd_ledger),
     "synthfaces-preview": ("write a PNG grid of synthetic faces per class",
                            add_preview_arguments, _cmd_preview),
 }

@@ -49,6 +49,8 @@ OWN_OPTIONS = {
     "sweep": ["config", "key=value", "--restore", "--no-restore", "--dry-run"],
     "synthfaces-preview": ["--task", "--resolution", "--per-class", "--seed", "--out"],
     "diagnose-labels": ["config", "key=value", "--images", "--scales", "--depths", "--steps"],
+    "record": ["config", "key=value", "--ledger"],
+    "ledger": ["--ledger", "--a", "--b", "--metric"],
 }
 
 

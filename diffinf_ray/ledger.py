@@ -1,0 +1,205 @@
+"""The results ledger: one small JSON record per finished run, committed with the code, so that
+tables too large for one session (several seeds of every condition) accumulate across sessions
+and machines without anyone pretending one session ran them.
+
+    record = run_record(cfg, root)          what a finished run measured, and where and when
+    path = write_record(record, folder)     a new file; an existing record is never rewritten
+    records = read_ledger(folder)           every record, oldest first
+    paired = paired_differences(records, "diffinf", "removal")
+
+A record (schema 1): run name, task, noise (kind, rate), seed; the config (without the run
+root, which only names a folder on one machine) and `setting`, the hash of that config without
+its seeds: records of the same setting and different seeds are the repeats of one cell; every
+done stage's fingerprint, wall seconds and summary (the stage records under <root>/stages/); the
+clean-test metrics of every condition the run trained (noisy, removal, the baselines, diffinf:
+`stages/report.condition_metrics`); the git commit (and whether the tree had uncommitted
+changes); the machine (platform, CPUs, accelerator); the date the record was written.
+
+Records are only ever added: a rerun of the same run is a new record with a new date. A table
+built from the ledger marks the records whose commit is not the checkout's (`stale`), so no row
+is presented as fresher than the code that produced it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+SCHEMA = 1
+DEFAULT_FOLDER = Path("benchmarks/ledger")
+# settings that say which repeat a run is, not what it measures
+SEED_KEYS = (("run", "seed"), ("noise", "seed"))
+
+
+def git_commit(cwd: str | Path | None = None) -> dict:
+    """{"commit": HEAD's hash or None, "dirty": uncommitted changes to tracked files}."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                cwd=cwd, capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": head, "dirty": bool(status.strip())}
+
+
+def machine() -> dict:
+    """Where a run ran: enough to tell a 2-core CPU box from a GPU node."""
+    info = {"platform": platform.platform(), "python": platform.python_version(),
+            "cpus": os.cpu_count(), "accelerator": None}
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            info["accelerator"] = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    return info
+
+
+def _config_without_root(cfg) -> dict:
+    config = cfg.model_dump(mode="json")
+    config["run"].pop("root", None)
+    return config
+
+
+def setting_hash(config: dict) -> str:
+    """The hash of a record's config without its seeds: what makes two runs repeats."""
+    unseeded = json.loads(json.dumps(config))
+    for section, key in SEED_KEYS:
+        unseeded.get(section, {}).pop(key, None)
+    return hashlib.sha256(json.dumps(unseeded, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_record(cfg, root, *, now: float | None = None, commit: dict | None = None,
+               host: dict | None = None) -> dict:
+    """The record of a run root's finished stages (module docstring). Raises ValueError when
+    no stage is done, or when a done stage's fingerprint is not the config's (its outputs
+    belong to other settings)."""
+    from diffinf_ray.stage_registry import fingerprint
+    from diffinf_ray.stages.report import condition_metrics
+
+    stages, stale = {}, []
+    for stage in cfg.stages:
+        rec = root.stage_record(stage)
+        if rec and rec.get("status") == "done":
+            stages[stage] = {k: rec.get(k) for k in
+                             ("fingerprint", "wall_seconds", "finished_at", "summary")}
+            if rec.get("fingerprint") != fingerprint(cfg, stage):
+                stale.append(stage)
+    if not stages:
+        raise ValueError(f"{root.base.display}: no finished stage to record")
+    if stale:  # their outputs were made with other settings than the config says
+        raise ValueError(f"{root.base.display}: stages {', '.join(stale)} finished with other "
+                         "settings than this config's; run the config first")
+    metrics = condition_metrics(root)
+    config = _config_without_root(cfg)
+    return {
+        "schema": SCHEMA,
+        "run": cfg.run.name,
+        "task": cfg.data.task,
+        "source": cfg.data.source,
+        "noise": {"kind": cfg.noise.kind, "rate": cfg.noise.rate},
+        "seed": cfg.run.seed,
+        "setting": setting_hash(config),
+        "config": config,
+        "stages": stages,
+        "metrics": {m.pop("condition"): m for m in metrics.to_dict(orient="records")},
+        **(commit if commit is not None else git_commit()),
+        "machine": host if host is not None else machine(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
+    }
+
+
+def record_name(record: dict) -> str:
+    stamp = record["date"].replace(":", "").replace("-", "")
+    return f"{stamp}_{record['run']}_{record['task']}_seed{record['seed']}_{record['setting'][:8]}.json"
+
+
+def write_record(record: dict, folder: str | Path = DEFAULT_FOLDER) -> Path:
+    """Write `record` as a new file in `folder`; refuses to replace an existing one."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / record_name(record)
+    with open(path, "x") as f:  # "x": a record is never rewritten
+        json.dump(record, f, indent=1, sort_keys=True)
+        f.write("\n")
+    return path
+
+
+def read_ledger(folder: str | Path = DEFAULT_FOLDER) -> list[dict]:
+    """Every record in `folder`, oldest first; a file that is not a schema-1 record is an error
+    naming it."""
+    records = []
+    for path in sorted(Path(folder).glob("*.json")):
+        record = json.loads(path.read_text())
+        if record.get("schema") != SCHEMA:
+            raise ValueError(f"{path}: not a ledger record of schema {SCHEMA}")
+        record["_file"] = path.name
+        records.append(record)
+    return sorted(records, key=lambda r: r["date"])
+
+
+def latest_per_seed(records: list[dict]) -> dict[tuple, dict]:
+    """{(setting, seed): the newest record}: a rerun supersedes, it does not add a repeat."""
+    latest = {}
+    for record in records:  # oldest first
+        latest[(record["setting"], record["seed"])] = record
+    return latest
+
+
+def _t_quantile_975(dof: int) -> float:
+    from scipy import stats
+
+    return float(stats.t.ppf(0.975, dof))
+
+
+def paired_differences(records: list[dict], a: str, b: str, metric: str = "accuracy",
+                       head: str | None = None) -> list[dict]:
+    """Per setting: condition `a` minus condition `b` on `metric`, paired by seed (same seed =
+    same noisy labels and flagged set). Each row: setting, run, task, noise_rate, seeds,
+    differences, mean, std (ddof 1), ci95 (t interval, None under two seeds), stale (records
+    whose commit is not `head`, when given)."""
+    groups: dict[str, list[dict]] = {}
+    for (setting, _), record in latest_per_seed(records).items():
+        m = record["metrics"]
+        if a in m and b in m and m[a].get(metric) is not None and m[b].get(metric) is not None:
+            groups.setdefault(setting, []).append(record)
+    rows = []
+    for setting, group in groups.items():
+        group.sort(key=lambda r: r["seed"])
+        diffs = [r["metrics"][a][metric] - r["metrics"][b][metric] for r in group]
+        n = len(diffs)
+        mean = sum(diffs) / n
+        std = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1)) if n > 1 else None
+        half = _t_quantile_975(n - 1) * std / math.sqrt(n) if n > 1 else None
+        rows.append({
+            "setting": setting, "run": group[0]["run"], "task": group[0]["task"],
+            "noise_rate": group[0]["noise"]["rate"], "seeds": [r["seed"] for r in group],
+            "differences": diffs, "mean": mean, "std": std,
+            "ci95": None if half is None else (mean - half, mean + half),
+            "stale": sum(1 for r in group if head is not None and r.get("commit") != head),
+        })
+    return sorted(rows, key=lambda r: (r["task"], r["run"], r["setting"]))
+
+
+def format_paired(rows: list[dict], a: str, b: str, metric: str) -> str:
+    """A markdown table of `paired_differences` rows."""
+    lines = [f"{a} - {b}, {metric} (paired by seed; 95% t interval)", "",
+             "| run | task | noise | seeds | mean | std | 95% interval | stale records |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ci = "-" if r["ci95"] is None else f"[{r['ci95'][0]:+.2f}, {r['ci95'][1]:+.2f}]"
+        std = "-" if r["std"] is None else f"{r['std']:.2f}"
+        lines.append(f"| {r['run']} | {r['task']} | {r['noise_rate']} | "
+                     f"{','.join(map(str, r['seeds']))} | {r['mean']:+.2f} | {std} | {ci} | "
+                     f"{r['stale']} |")
+    if not rows:
+        lines.append("| (no setting has both conditions) | | | | | | | |")
+    return "\n".join(lines)
