@@ -100,7 +100,8 @@ def check_rows(root: RunRoot, out, removed: pd.DataFrame) -> tuple[int, pd.DataF
     train_before = set(before.loc[before["split"] == "train", "sample_id"].astype(str))
     if (n_after + len(removed) != n_before or len(after) + len(removed) != len(before)
             or kept.duplicated().any() or len(gone) != len(removed)
-            or not gone <= train_before or gone & set(kept)):
+            or not gone <= train_before or gone & set(kept)
+            or set(kept) | gone != set(before["sample_id"].astype(str))):
         raise RuntimeError(f"refine: {len(before)} rows ({n_before} train) in, {len(after)} "
                            f"({n_after} train) out and {len(removed)} removed")
     return n_before, after
