@@ -151,6 +151,31 @@ def test_the_edit_stage_adds_the_verdict_of_each_edit_as_saved():
     np.testing.assert_allclose(seen[0].numpy(), saved, atol=1e-6)
 
 
+def test_the_edit_actor_writes_the_gate_columns_after_the_editor():
+    """LatentEditActor.__call__ with a stand-in editor: the verdict lands in its output rows."""
+    from diffinf_ray.stage_registry import config_for_stage
+    from diffinf_ray.stages.edit import RESULT_COLUMNS, LatentEditActor
+
+    class HalfEditor:
+        def edit(self, x, y):
+            n = len(y)
+            return {"edited": x.numpy() * 0.5, **{k: np.full(n, 0.1) for k in RESULT_COLUMNS}}
+
+    actor = LatentEditActor.__new__(LatentEditActor)  # no frozen models to load
+    actor.cfg = config_for_stage(load_config(TINY), "edit")
+    actor.editor = HalfEditor()
+    actor.gate = EditGate(GateSettings(min_identity=0.95), FixedClass(1))
+    batch = {"sample_id": np.array(["a", "b", "c"], dtype=object),
+             "image": np.array([_png(10), _png(20), _png(30)], dtype=object),
+             "label": np.array([1, 0, 1], dtype=np.int32)}
+    out = actor(batch)
+    np.testing.assert_allclose(out["identity_similarity"], 0.9)  # 1 - loss_id
+    assert out["gate_prediction"].tolist() == [1, 1, 1]
+    assert not out["gate_accepted"].any()  # identity 0.9 < 0.95 for all; label 0 also wrong
+    actor.gate = EditGate(GateSettings(), FixedClass(1))
+    assert actor(batch)["gate_accepted"].tolist() == [True, False, True]
+
+
 def _write_removal_checkpoint(root: RunRoot, num_classes: int = NUM_CLASSES) -> None:
     from diffinf_ray.models.checkpoint import (
         CHECKPOINT_FILE,
