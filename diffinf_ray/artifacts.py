@@ -1,6 +1,6 @@
 """What finished stages leave in the run root, loaded for the stages after them: the baseline
-classifier's last checkpoint, the high-influence set, the frozen predictor h_w, the
-autoencoder, the edit-loss networks, the edits and the judges.
+classifier's last checkpoint (and the removal stage's), the high-influence set, the frozen
+predictor h_w, the autoencoder, the edit-loss networks, the edits and the judges.
 
 Each loader names the stage to run when its output is missing. The folder names below are the
 run-root layout (run_root.py lists the rest); the stage that writes a folder uses the same name.
@@ -15,6 +15,7 @@ from diffinf_ray.storage import Location, StorageOptions
 
 INFLUENCE_FOLDER = "influence"
 INFLUENCE_TABLE = "influence.parquet"
+REMOVAL_FOLDER = "removal"
 PREDICTOR_FOLDER = "predictor"
 AUTOENCODER_FOLDER = "autoencoder"
 AUTOENCODER_RECORD = "model.json"
@@ -36,6 +37,20 @@ def classifier_checkpoint(root: RunRoot) -> Location:
     if not found:
         raise FileNotFoundError(f"no checkpoints under {root.checkpoints.display}; run the train "
                                 "stage first")
+    return found[-1]
+
+
+def removal_checkpoint(root: RunRoot) -> Location:
+    """The removal stage's last checkpoint: the classifier trained without the high-influence
+    rows, which never guided an edit (the edit gate's, edit/gate.py)."""
+    from diffinf_ray.models.checkpoint import list_checkpoints
+
+    folder = root.child(REMOVAL_FOLDER, "checkpoints")
+    found = list_checkpoints(folder)
+    if not found:
+        raise FileNotFoundError(f"no checkpoints under {folder.display}; run the removal stage "
+                                "first (the edit gate's classifier), or set "
+                                "edit.gate.enabled=false")
     return found[-1]
 
 

@@ -277,6 +277,20 @@ class LossNetsSection(_Section):
         return self
 
 
+class GateSection(_Section):
+    """The gate before an edit replaces its original (edit.gate; edit/gate.py): the removal
+    stage's classifier, which never guided an edit, must predict the assigned label (and
+    identity_similarity reach `min_identity` when set), else the row falls back to removal from
+    refined/ (`fallback: remove`) or to its original image (`keep`). `enabled: false`: every
+    edit replaces its original."""
+
+    enabled: bool = True
+    classifier: Literal["removal"] = "removal"
+    # None: F_id guided the edit and its cosine's scale depends on the network (edit/gate.py)
+    min_identity: Annotated[float, Field(ge=-1.0, le=1.0)] | None = None
+    fallback: Literal["remove", "keep"] = "remove"
+
+
 class EditSection(_Section):
     """The generative correction (stage `edit`, METHOD.md stage 6): optimise the latents of each
     high-influence sample through the frozen autoencoder's differentiable decode to minimise
@@ -309,6 +323,7 @@ class EditSection(_Section):
     gpus_per_actor: Annotated[float, Field(gt=0.0, le=8.0)] = 1.0  # < 1 packs actors on a GPU
     max_attempts: int = Field(3, ge=1)  # per row, then quarantined with its reason
     seed: int = 0
+    gate: GateSection = GateSection()
 
     @model_validator(mode="after")
     def _official_step_counts(self) -> EditSection:

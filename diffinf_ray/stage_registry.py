@@ -78,8 +78,9 @@ REGISTRY: dict[str, Stage] = {s.name: s for s in (
            ["influence"]),
     # images, identities and region masks; no labels
     _stage("lossnets", "lossnets:run_lossnets", ["lossnets"], ["ingest"]),
-    _stage("edit", "edit:run_edit", ["edit"], ["predictor", "lossnets", "autoencoder"],
-           outputs=["edits"]),
+    # the removal stage's classifier, which never guided an edit, gates each one (edit.gate)
+    _stage("edit", "edit:run_edit", ["edit"],
+           ["removal", "predictor", "lossnets", "autoencoder"], outputs=["edits"]),
     _stage("refine", "refine:run_refine", [], ["edit"], outputs=["refined"]),
     # the baseline recipe on the refined training split
     _stage("retrain", "refine:run_retrain", ["train", "evaluate"], ["refine"]),

@@ -1,6 +1,6 @@
 """The whole method end to end on a real local Ray at CI size: noisy baseline, TracIn,
-autoencoder, influence predictor, loss networks, edits (Ray Data actors), refine, retrain,
-oracle judges and the report."""
+autoencoder, influence predictor, loss networks, edits (Ray Data actors) and their gate,
+refine, retrain, oracle judges and the report."""
 
 import json
 
@@ -39,8 +39,12 @@ def diffinf_run(ray_local, tmp_path_factory):
     return cfg, root, run_pipeline(cfg)
 
 
-def test_every_high_influence_row_is_edited_and_the_refined_set_keeps_its_size(diffinf_run):
+def test_every_high_influence_row_is_edited_and_the_refined_set_conserves_rows(diffinf_run):
+    """Every flagged row is edited or quarantined; the gate (the removal classifier) judges each
+    edit; refined/ replaces the accepted edits and, with the default fallback `remove`, drops
+    the rejected rows into refined/_removed.parquet: refined train rows + removed == noisy."""
     cfg, root, results = diffinf_run
+    assert cfg.edit.gate.enabled and cfg.edit.gate.fallback == "remove"
     influence = pq.read_table(root / "influence" / "influence.parquet").to_pandas()
     flagged = set(influence.sample_id[influence.is_high])
     edits = pq.read_table(root / "edits" / "edits.parquet").to_pandas()
@@ -48,21 +52,56 @@ def test_every_high_influence_row_is_edited_and_the_refined_set_keeps_its_size(d
     assert set(edits.sample_id) | set(quarantined.sample_id) == flagged
     assert len(edits) + len(quarantined) == len(flagged)
     assert np.isfinite(edits[["loss_total", "lpips", "identity_similarity",
-                              "p_high_before", "p_high_after"]].to_numpy()).all()
+                              "p_high_before", "p_high_after", "gate_confidence"]]
+                       .to_numpy()).all()
+    # the gate's verdict on every edit (min_identity unset: the classifier alone decides)
+    assert edits.gate_prediction.between(0, len(cfg.class_names) - 1).all()
+    assert ((edits.gate_confidence >= 0) & (edits.gate_confidence <= 1)).all()
+    assert (edits.gate_accepted == (edits.gate_prediction == edits.label)).all()
+    accepted = set(edits.sample_id[edits.gate_accepted])
+    rejected = set(edits.sample_id[~edits.gate_accepted])
+    summary = json.loads((root / "stages" / "edit.json").read_text())["summary"]
+    assert (summary["gate_accepted"], summary["gate_fallen_back"]) == (len(accepted),
+                                                                       len(rejected))
 
     noisy = pq.read_table(root / "manifest_noisy").to_pandas().set_index("sample_id")
     refined = pq.read_table(root / "refined").to_pandas().set_index("sample_id")
-    assert sorted(refined.index) == sorted(noisy.index)
+    removed = pq.read_table(root / "refined" / "_removed.parquet").to_pandas()
+    assert set(removed.sample_id) == rejected and len(removed) == len(rejected)
+    assert removed.reason.str.contains("gate classifier predicts").all()
+    assert sorted([*refined.index, *removed.sample_id]) == sorted(noisy.index)
     train = refined[refined.split == "train"]
-    assert len(train) == (noisy.split == "train").sum()
+    assert len(train) + len(removed) == (noisy.split == "train").sum()
     assert (refined.label == noisy.loc[refined.index, "label"]).all()  # labels unchanged
-    assert set(train.index[train.is_edited]) == set(edits.sample_id)
+    assert set(train.index[train.is_edited]) == accepted
+    assert not refined.gate_rejected.any()  # with `remove`, no rejected row stays
     edited = edits.set_index("sample_id")
-    for sid in list(edited.index)[:5]:
+    for sid in sorted(accepted)[:5]:
         assert refined.loc[sid, "image"] == edited.loc[sid, "image"]
         assert refined.loc[sid, "image_original"] == noisy.loc[sid, "image"]
     untouched = train.index[~train.is_edited]
     assert (refined.loc[untouched, "image"] == noisy.loc[untouched, "image"]).all()
+
+
+def test_with_fallback_keep_the_refined_set_keeps_its_size(diffinf_run):
+    """The same run's edits refined with `edit.gate.fallback: keep` (the refine core on the
+    whole manifest as one batch): every row stays, rejected rows with their original image."""
+    from diffinf_ray.stages.refine import refine_batch
+
+    cfg, root, _ = diffinf_run
+    noisy = pq.read_table(root / "manifest_noisy").to_pandas()
+    edits = pq.read_table(root / "edits" / "edits.parquet").to_pandas().set_index("sample_id")
+    refined = refine_batch(noisy.copy(), edits[["image", "gate_accepted"]], "keep")
+    refined = refined.set_index("sample_id")
+    noisy = noisy.set_index("sample_id")
+    assert sorted(refined.index) == sorted(noisy.index)
+    assert (refined.split == noisy.loc[refined.index, "split"]).all()
+    assert set(refined.index[refined.is_edited]) == set(edits.index[edits.gate_accepted])
+    rejected = edits.index[~edits.gate_accepted]
+    assert set(refined.index[refined.gate_rejected]) == set(rejected)
+    assert (refined.loc[rejected, "image"] == noisy.loc[rejected, "image"]).all()
+    kept = refined.index[~refined.is_edited]
+    assert (refined.loc[kept, "image"] == noisy.loc[kept, "image"]).all()
 
 
 def test_retrain_report_and_judges(diffinf_run):
@@ -82,6 +121,12 @@ def test_retrain_report_and_judges(diffinf_run):
     assert "Perceptual distance" in report and (root / "report" / "report.html").exists()
     assert "Identity oracle: verification AUROC" in report  # how far to trust its figures
     assert list((root / "report").glob("grid_*.png"))
+    edits = pq.read_table(root / "edits" / "edits.parquet").to_pandas()
+    n_ok = int(edits.gate_accepted.sum())
+    assert f"{n_ok} edits accepted" in report and f"{len(edits) - n_ok} rejected" in report
+    grids = {p.name for p in (root / "report").glob("gate_grid_*.png")}
+    assert grids == ({"gate_grid_accepted.png"} if n_ok else set()) | (
+        {"gate_grid_rejected.png"} if n_ok < len(edits) else set())
 
 
 def test_a_weak_identity_oracle_is_flagged():

@@ -132,3 +132,22 @@ def test_the_view_pickles_and_dumps_only_what_it_shows():
 def test_judges_read_no_other_stage():
     assert upstream_stages("judges") == set()
     assert "report" in [s for s, st in REGISTRY.items() if st.tolerant]
+
+
+def test_the_edit_gate_is_covered_by_the_fingerprints():
+    """The edit reads the removal stage's classifier (edit.gate), so the removal recipe is in
+    its fingerprint; every gate setting reaches the edit and everything after it (refine reads
+    edit.gate.fallback through its upstream edit stage)."""
+    assert "removal" in REGISTRY["edit"].upstream
+    assert "removal" in upstream_stages("refine") and "removal" in upstream_stages("report")
+    base = load_config(TINY)
+    # evaluate.ece_bins: read by removal's evaluation, not by the predictor the edit also reads
+    assert covered_settings("predictor")["evaluate"] == ("batch_size",)
+    for override in ("edit.gate.fallback=keep", "edit.gate.min_identity=0.5",
+                     "edit.gate.enabled=false", "evaluate.ece_bins=20"):
+        changed = load_config(TINY, [override])
+        for stage in ("edit", "refine", "retrain", "oracle", "report"):
+            assert fingerprint(base, stage) != fingerprint(changed, stage), (override, stage)
+        assert fingerprint(base, "predictor") == fingerprint(changed, "predictor"), override
+    view = config_for_stage(load_config(TINY, ["edit.gate.fallback=keep"]), "refine")
+    assert view.edit.gate.fallback == "keep"

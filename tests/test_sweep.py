@@ -39,7 +39,8 @@ def write_sweep(tmp_path: Path, text: str, name: str = "s.yaml") -> Path:
 def test_shipped_sweeps_share_the_upstream_stages():
     plan = load_sweep(CONFIGS / "sweep.yaml")
     assert plan.shared == ["ingest", "noise", "train", "autoencoder", "lossnets"]
-    assert plan.per_trial == ["influence", "predictor", "edit", "refine", "retrain"]
+    # the edit gate reads the removal classifier, which drops the flagged set: tau retrains it
+    assert plan.per_trial == ["influence", "removal", "predictor", "edit", "refine", "retrain"]
     assert plan.max_reports == 5  # 10 epochs, 2 per report
     assert plan.root.path.endswith("runs/diffinf_age32/sweeps/edit_weights_tau")
 

@@ -6,4 +6,5 @@
 - `perceptual`: LPIPS (or the stated fallback distance);
 - `losses`: the edit objective's terms, per sample;
 - `editor`: latent optimisation through the frozen diffusion autoencoder's decode.
+- `gate`: the check before an edit replaces its original, by a classifier that never guided it.
 """

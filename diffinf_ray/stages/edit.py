@@ -9,10 +9,16 @@ Out: edits/edits.parquet   one row per edited sample: sample_id, label, image (P
                            edit), image_original (PNG), loss_total, loss_id, loss_struct,
                            loss_perc, loss_pixel, loss_si, lpips (the perceptual distance of
                            lossnets.json to the original), identity_similarity (cosine, F_id),
-                           p_high_before, p_high_after, iterations, reconstruction_mse, attempts
+                           p_high_before, p_high_after, iterations, reconstruction_mse, attempts,
+                           gate_prediction (int; -1: gate disabled), gate_confidence (the gate
+                           classifier's softmax probability of the label), gate_accepted (bool)
      edits/quarantine.parquet  rows that failed `edit.max_attempts` times, with the reason
                                (manifest.QUARANTINE_SCHEMA); high-influence rows = edits +
                                quarantined, always.
+The gate (edit/gate.py, `edit.gate`): after the editor, the removal stage's last classifier
+(removal/checkpoints/; trained without the high-influence rows, it never guided an edit) judges
+each edit as saved (PNG-rounded); refine falls a rejected row back to removal or to its
+original. `edit.gate.enabled: false` accepts every edit and loads no gate classifier.
 Each actor loads every frozen model once (from a local or s3:// run root), on a GPU when
 `edit.use_gpu` (`edit.gpus_per_actor` < 1 packs several actors on one GPU). An exception while
 editing a batch is retried up to `edit.max_attempts` times, then each row of the batch is tried
@@ -36,6 +42,7 @@ from diffinf_ray.artifacts import (
     load_edit_losses,
     load_run_autoencoder,
     load_run_predictor,
+    removal_checkpoint,
 )
 from diffinf_ray.config import Config
 from diffinf_ray.datasets import check_manifest, split_dataset
@@ -68,6 +75,36 @@ def build_editor(cfg: Config, root: RunRoot, device: str):
                         settings=EditSettings.from_section(section), device=device)
 
 
+def build_gate(cfg: Config, root: RunRoot, device: str):
+    """The edit gate (edit/gate.py) of `edit.gate`, with the removal stage's last classifier
+    (none loaded when the gate is disabled)."""
+    from diffinf_ray.edit.gate import EditGate, GateSettings
+    from diffinf_ray.models.checkpoint import load_checkpoint
+
+    settings = GateSettings.from_section(cfg.edit.gate)
+    classifier = None
+    if settings.enabled:  # settings.classifier == "removal", the one choice so far
+        classifier = load_checkpoint(removal_checkpoint(root)).build_model()
+    return EditGate(settings, classifier, device)
+
+
+def add_gate_columns(gate, out: dict[str, np.ndarray], parts) -> None:
+    """The gate's verdict on each edited row of an actor's `out` batch, on the edit as saved
+    (PNG-rounded, what refine puts in place); `parts` as in `LatentEditActor.__call__`. Rows
+    whose edit failed stay rejected (-1, NaN, False): they are quarantined anyway."""
+    n = len(out["sample_id"])
+    columns = {"gate_prediction": np.full(n, -1, np.int32), "gate_confidence": np.full(n, np.nan),
+               "gate_accepted": np.zeros(n, dtype=bool)}
+    for rows, r, _, _ in parts:
+        if r is None:
+            continue
+        saved = np.clip(np.rint((np.asarray(r["edited"]) + 1.0) * 127.5), 0, 255) / 127.5 - 1.0
+        verdict = gate(saved, np.asarray(out["label"])[rows], out["identity_similarity"][rows])
+        for name, values in verdict.columns().items():
+            columns[name][rows] = values
+    out.update(columns)
+
+
 def to_png_batch(images: np.ndarray) -> list[bytes]:
     """(B, 3, H, W) float in [-1, 1] -> PNG bytes per image (rounded to uint8)."""
     from diffinf_ray.data.images import encode_png
@@ -87,6 +124,7 @@ class LatentEditActor:
         self.cfg = config_for_stage(Config.model_validate(config), "edit")
         self.device = "cuda" if self.cfg.edit.use_gpu and torch.cuda.is_available() else "cpu"
         self.editor = build_editor(self.cfg, root, self.device)
+        self.gate = build_gate(self.cfg, root, self.device)
 
     def _edit(self, images: list[bytes], labels: np.ndarray) -> dict[str, np.ndarray]:
         import torch
@@ -135,6 +173,7 @@ class LatentEditActor:
                 out[name][rows] = np.asarray(r[name], dtype=np.float64)
         out["lpips"] = out["loss_perc"].copy()
         out["identity_similarity"] = 1.0 - out["loss_id"]
+        add_gate_columns(self.gate, out, parts)
         return out
 
 
@@ -165,6 +204,13 @@ def edit_dataset(cfg: Config, root: RunRoot, rows, actor_cls=None):
     )
 
 
+def gate_summary(cfg: Config, edits) -> dict:
+    """Counts of the gate's verdicts on the edits (a pandas frame of edits.parquet rows)."""
+    accepted = int(np.asarray(edits["gate_accepted"], dtype=bool).sum())
+    return {"gate_enabled": cfg.edit.gate.enabled, "gate_accepted": accepted,
+            "gate_fallen_back": len(edits) - accepted, "gate_fallback": cfg.edit.gate.fallback}
+
+
 def run_edit(cfg: Config, root: RunRoot) -> dict:
     import pandas as pd
 
@@ -178,7 +224,8 @@ def run_edit(cfg: Config, root: RunRoot) -> dict:
     failed = df["error"].notna()
     ok = df[~failed].drop(columns="error")
     out = root.child(STAGE_FOLDER)
-    ok = ok.astype({"label": np.int32, "attempts": np.int32, "iterations": np.int32})
+    ok = ok.astype({"label": np.int32, "attempts": np.int32, "iterations": np.int32,
+                    "gate_prediction": np.int32, "gate_accepted": bool})
     # plain columns: no pandas metadata (Ray hands back Arrow-backed pandas dtypes)
     table = pa.Table.from_pandas(ok, preserve_index=False).replace_schema_metadata(None)
     out.child(EDITS_TABLE).write_table(table)
@@ -191,7 +238,7 @@ def run_edit(cfg: Config, root: RunRoot) -> dict:
         raise RuntimeError(f"edit: {expected} high-influence rows in, {len(df)} out "
                            f"({len(ok)} edited, {int(failed.sum())} quarantined)")
     summary = {"high_influence_rows": expected, "edited": len(ok),
-               "quarantined": int(failed.sum())}
+               "quarantined": int(failed.sum()), **gate_summary(cfg, ok)}
     if len(ok):
         for name in ("lpips", "identity_similarity", "p_high_before", "p_high_after",
                      "loss_total", "iterations", "reconstruction_mse"):

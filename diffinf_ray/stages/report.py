@@ -6,8 +6,11 @@ In:  evaluation/, removal/evaluation/, baselines/<method>/evaluation/, retrain/e
 Out: report/metrics.csv        one row per training condition: accuracy, AUROC (x100), kappa, ECE
      report/lpips_by_class.csv per-class perceptual distance of the edits (mean, std, count)
      report/grid_<class>.png   originals (top row of each pair) above their edits
+     report/gate_grid_accepted.png, gate_grid_rejected.png  the same, per verdict of the
+                               edit gate (edit.gate; when the edits have its columns)
      report/report.md, report/report.html  the tables, the oracle and identity figures, the
-                               distances used (LPIPS or the stated fallback), stage wall times
+                               distances used (LPIPS or the stated fallback), the gate's counts
+                               (accepted / fallen back, and to what), stage wall times
 """
 
 from __future__ import annotations
@@ -74,6 +77,39 @@ def before_after_grid(edits: pd.DataFrame, columns: int = GRID_COLUMNS) -> bytes
     buf = io.BytesIO()
     Image.fromarray(image_grid(rows)).save(buf, format="PNG")
     return buf.getvalue()
+
+
+GATE_VERDICTS = (("accepted", True), ("rejected", False))
+
+
+def gate_section(cfg: Config, edits: pd.DataFrame, out) -> tuple[list[str], dict]:
+    """Markdown lines and summary of the edit gate's verdicts (none for edits without the
+    gate's columns), with a before/after grid per verdict written to `out`."""
+    if "gate_accepted" not in edits.columns:
+        return [], {}
+    gate = cfg.edit.gate
+    accepted = edits["gate_accepted"].to_numpy(bool)
+    summary = {"enabled": gate.enabled, "fallback": gate.fallback,
+               "accepted": int(accepted.sum()), "fallen_back": int((~accepted).sum())}
+    if not gate.enabled:
+        return ["\n### Gate\n", "The gate is off (edit.gate.enabled: false): every edit "
+                "replaces its original.\n"], summary
+    fate = ("left the refined set (removal)" if gate.fallback == "remove"
+            else "kept their original image")
+    md = ["\n### Gate (the removal stage's classifier, which never guided an edit)\n",
+          f"{summary['accepted']} edits accepted (they replace their original); "
+          f"{summary['fallen_back']} rejected, which {fate}"
+          + (f"; min_identity {gate.min_identity}" if gate.min_identity is not None else "")
+          + ".\n"]
+    for verdict, value in GATE_VERDICTS:
+        part = edits[accepted == value]
+        if len(part):
+            file = f"gate_grid_{verdict}.png"  # not grid_*: those are per class
+            out.child(file).write_bytes(before_after_grid(part.head(2 * GRID_COLUMNS)))
+            md.append(f"\n**gate {verdict}** ({len(part)} edits, mean gate confidence in the "
+                      f"label {part['gate_confidence'].mean():.3f}; originals above edits)"
+                      f"\n\n![gate {verdict}]({file})\n")
+    return md, summary
 
 
 def _table_md(df: pd.DataFrame, digits: int = 3) -> str:
@@ -174,6 +210,10 @@ def run_report(cfg: Config, root: RunRoot) -> dict:
                 grids.append((name, file))
         for name, file in grids:
             md.append(f"\n**{name}** (label; originals above edits)\n\n![{name}]({file})\n")
+        gate_md, gate_summary = gate_section(cfg, edits, out)
+        md += gate_md
+        if gate_summary:
+            summary["gate"] = gate_summary
 
     oracle = _read_json(root.child("oracle", "report.json"))
     if oracle:
