@@ -111,7 +111,10 @@ def test_retrain_report_and_judges(diffinf_run):
     predictor = json.loads((root / "predictor" / "report.json").read_text())
     assert 0 <= predictor["heldout_auroc"] <= 1
     oracle = json.loads((root / "oracle" / "report.json").read_text())
-    assert oracle["all"]["edits"] == pq.read_table(root / "edits" / "edits.parquet").num_rows
+    edits = pq.read_table(root / "edits" / "edits.parquet", columns=["gate_accepted"]).to_pandas()
+    assert oracle["all"]["edits"] == len(edits)
+    accepted = sum(oracle["gate_accepted"][k]["edits"] for k in ("corrupted_label", "clean_label"))
+    assert accepted == edits.gate_accepted.sum()  # the oracle's figures per gate verdict
     judges = json.loads((root / "judges" / "report.json").read_text())
     assert oracle["identity_oracle"] == judges["identity_oracle"]  # the oracle reads the judges
     assert 0 <= judges["attribute_oracle"]["test_accuracy"] <= 100

@@ -21,17 +21,19 @@ In:  judges/, edits/edits.parquet (sample_id, label, image, image_original), man
 Out: oracle/judgements.parquet  per edit: oracle_pred_before/after, identity_similarity_oracle
      oracle/report.json   the judges' report, plus: the share of edits the attribute oracle
                           assigns to the target (assigned) label before vs after, overall and split
-                          by whether the assigned label was corrupted; identity retention: the
-                          share of edits whose oracle similarity to the original passes each
-                          threshold
+                          by whether the assigned label was corrupted (and, when the edits carry
+                          the gate's verdict, by verdict: gate_accepted / gate_rejected);
+                          identity retention: the share of edits whose oracle similarity to the
+                          original passes each threshold
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.dataset as pads
 
-from diffinf_ray.artifacts import judges_root, load_judges, read_edits
+from diffinf_ray.artifacts import EDITS_FOLDER, EDITS_TABLE, judges_root, load_judges, read_edits
 from diffinf_ray.config import Config, ConfigError
 from diffinf_ray.datasets import check_manifest, read_split, synthfaces_dataset, write_dataset
 from diffinf_ray.manifest import QUARANTINE_SCHEMA
@@ -157,7 +159,10 @@ def run_oracle(cfg: Config, root: RunRoot) -> dict:
     attribute, embedder, judges = load_judges(root)
     thresholds = judges["identity_oracle"]
 
-    edits = read_edits(root, ["sample_id", "label", "image", "image_original"]).to_pandas()
+    columns = ["sample_id", "label", "image", "image_original"]
+    table = root.child(EDITS_FOLDER, EDITS_TABLE)
+    gated = "gate_accepted" in pads.dataset(table.path, filesystem=table.fs).schema.names
+    edits = read_edits(root, columns + (["gate_accepted"] if gated else [])).to_pandas()
     truth = root.noisy_manifest.read_table(
         columns=["sample_id", "label_clean", "is_corrupted"]).to_pandas()
     edits = edits.merge(truth, on="sample_id", how="left")
@@ -191,5 +196,10 @@ def run_oracle(cfg: Config, root: RunRoot) -> dict:
                                       if len(sim) else None),
         "mean_identity_similarity_oracle": float(sim.mean()) if len(sim) else None,
     }
+    if gated:  # what the gate let through, and what it sent back
+        accepted = edits["gate_accepted"].fillna(False).to_numpy(bool)
+        for name, verdict in (("gate_accepted", accepted), ("gate_rejected", ~accepted)):
+            report[name] = {"corrupted_label": shares(corrupted & verdict),
+                            "clean_label": shares(~corrupted & verdict)}
     root.child(STAGE_FOLDER, "report.json").write_json(report)
     return report
