@@ -36,7 +36,7 @@ demo: setup
 # submit`). With them the suite ran 53 minutes on this 2-core box (loaded by other work), over
 # CI's 45.
 test: setup lint
-	$(PY) -m pytest -q -p no:cacheprovider -m "not slow"
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" --durations=25
 
 # Every test, the slow ones included.
 test-all: setup lint

@@ -29,7 +29,9 @@ def tiny_diffinf(root, *extra):
         "oracle.num_samples=120", "oracle.num_identities=30", "oracle.epochs=1", *extra])
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+# The module's run (every stage, five Ray Train fits) takes about 10 minutes on an idle 2-core
+# box and has taken over 15 on a loaded one: the first test's timeout covers it.
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.timeout(2400)]
 
 
 @pytest.fixture(scope="module")
