@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -268,3 +269,65 @@ def test_config_defaults_and_errors(tmp_path):
         load_config(path, ["edit.method=sdedit"])
     with pytest.raises(ConfigError, match="edit.guided.t0"):
         load_config(path, ["edit.guided.t0=0"])
+
+
+# -- the stage's driver side: directions fitted on the run's unflagged training rows ----------
+def _tiny_run_root(tmp_path):
+    """A run root with just what the direction fit reads: manifest_noisy (train and val rows),
+    influence/influence.parquet (some train rows flagged) and autoencoder/model.json."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from diffinf_ray.data.images import encode_png
+    from diffinf_ray.diffae.weights import WEIGHTS_FILE, save_autoencoder
+
+    root = tmp_path / "run"
+    rng = np.random.default_rng(0)
+    n = 30
+    ids = [f"s{i:03d}" for i in range(n)][::-1]  # not in sample_id order on disk
+    labels = np.arange(n) % NUM_CLASSES
+    split = np.where(np.arange(n) < 24, "train", "val")
+    pixels = rng.integers(0, 256, size=(n, SIZE, SIZE, 3), dtype=np.uint8)
+    (root / "manifest_noisy").mkdir(parents=True)
+    for part in range(2):  # two files: Ray Data may hand them back in any order
+        rows = slice(part * 15, (part + 1) * 15)
+        pq.write_table(pa.table({"sample_id": ids[rows], "split": split[rows].tolist(),
+                                 "image": [encode_png(p) for p in pixels[rows]],
+                                 "label": labels[rows].astype(np.int32)}),
+                       root / "manifest_noisy" / f"part{part}.parquet")
+    flagged = np.isin(np.arange(n), [1, 5, 8, 26])  # 26 is a val row: not a train row anyway
+    (root / "influence").mkdir()
+    pq.write_table(pa.table({"sample_id": ids, "is_high": flagged.tolist()}),
+                   root / "influence" / "influence.parquet")
+    torch.manual_seed(0)
+    model = build_model("tiny", num_classes=NUM_CLASSES, image_size=SIZE).eval()
+    manifest = save_autoencoder(model, str(root / "autoencoder" / "weights"))
+    (root / "autoencoder" / "model.json").write_text(json.dumps({
+        "format": "diffinf", "uri": str(root / "autoencoder" / "weights"),
+        "sha256": manifest["files"][WEIGHTS_FILE]["sha256"], "num_classes": NUM_CLASSES}))
+    keep = (split == "train") & ~flagged
+    order = np.argsort(np.asarray(ids)[keep])
+    images = torch.from_numpy(pixels[keep][order]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return root, model, images, labels[keep][order]
+
+
+def test_the_stage_fits_directions_on_unflagged_training_rows_once(ray_local, tmp_path):
+    from diffinf_ray.pipeline import open_run_root
+    from diffinf_ray.stage_registry import config_for_stage
+    from diffinf_ray.stages.edit import directions_location, fit_run_directions, run_directions
+
+    root_dir, model, images, labels = _tiny_run_root(tmp_path)
+    (tmp_path / "run.yaml").write_text("")
+    cfg = config_for_stage(load_config(tmp_path / "run.yaml", [
+        f"run.root={root_dir}", "edit.method=guided", "edit.batch_size=2"]), "edit")
+    root = open_run_root(cfg)
+    fitted = fit_run_directions(cfg, root)
+    with torch.no_grad():
+        z = model.encode(images).numpy()
+    expected = fit_class_directions(z, labels, NUM_CLASSES, seed=cfg.edit.seed)
+    for name in ("mean", "std", "directions"):
+        np.testing.assert_allclose(getattr(fitted, name), getattr(expected, name), atol=1e-5)
+    # the actors read the saved file rather than fitting again
+    fake = ZDirections(fitted.mean, fitted.std, -fitted.directions)
+    fake.save(directions_location(root))
+    assert np.array_equal(run_directions(cfg, root).directions, fake.directions)
