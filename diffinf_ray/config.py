@@ -281,8 +281,9 @@ class LossNetsSection(_Section):
 class GuidedEditSection(_Section):
     """`edit.method: guided` (edit/guided.py): invert each image part-way under the null label,
     decode it under its assigned label with classifier-free guidance and z shifted toward that
-    label, keep the closest of `candidates` decodes. Uses edit.steps, edit.seed and the loss
-    weights; needs a label-conditional autoencoder."""
+    label, keep the closest of `candidates` decodes. Uses edit.steps (not encode_steps /
+    decode_steps: the partial inversion and the decode share one grid), edit.seed, the loss
+    weights and w_si (reported loss_total only); needs a label-conditional autoencoder."""
 
     # inversion depth as a fraction of edit.steps: round(t0 * steps) steps, at least 1
     t0: Annotated[float, Field(gt=0.0, le=1.0)] = 0.5
