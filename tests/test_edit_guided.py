@@ -331,3 +331,23 @@ def test_the_stage_fits_directions_on_unflagged_training_rows_once(ray_local, tm
     fake = ZDirections(fitted.mean, fitted.std, -fitted.directions)
     fake.save(directions_location(root))
     assert np.array_equal(run_directions(cfg, root).directions, fake.directions)
+
+
+def test_the_stage_refuses_guided_on_an_unconditional_autoencoder_before_any_actor(tmp_path):
+    from diffinf_ray.pipeline import open_run_root
+    from diffinf_ray.stage_registry import config_for_stage
+    from diffinf_ray.stages.edit import directions_location, prepare_method
+
+    (tmp_path / "run" / "autoencoder").mkdir(parents=True)
+    (tmp_path / "run" / "autoencoder" / "model.json").write_text(json.dumps({"num_classes": 0}))
+    (tmp_path / "run.yaml").write_text("")
+    for method, alpha in (("guided", 0.3), ("guided", 0.0)):
+        cfg = config_for_stage(load_config(tmp_path / "run.yaml", [
+            f"run.root={tmp_path / 'run'}", f"edit.method={method}",
+            f"edit.guided.alpha={alpha}"]), "edit")
+        with pytest.raises(ValueError, match="needs a label-conditional autoencoder"):
+            prepare_method(cfg, open_run_root(cfg))
+    latent = config_for_stage(load_config(tmp_path / "run.yaml", [
+        f"run.root={tmp_path / 'run'}"]), "edit")
+    prepare_method(latent, open_run_root(latent))  # nothing to fit, nothing refused
+    assert not directions_location(open_run_root(latent)).exists()

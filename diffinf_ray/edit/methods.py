@@ -36,6 +36,7 @@ class EditMethod:
     name: str
     build: Callable[[EditorParts, Any, Any], Any]  # (parts, config.EditSection, directions)
     needs_directions: Callable[[Any], bool] = lambda section: False
+    needs_labels: bool = False  # only for a label-conditional autoencoder
 
 
 def _build_latent(parts: EditorParts, section, directions=None):
@@ -58,7 +59,8 @@ def _build_guided(parts: EditorParts, section, directions=None):
 
 EDIT_METHODS: dict[str, EditMethod] = {m.name: m for m in (
     EditMethod("latent", _build_latent),
-    EditMethod("guided", _build_guided, needs_directions=lambda s: s.guided.alpha > 0),
+    EditMethod("guided", _build_guided, needs_directions=lambda s: s.guided.alpha > 0,
+               needs_labels=True),
 )}
 
 

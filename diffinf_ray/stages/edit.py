@@ -36,6 +36,8 @@ import numpy as np
 import pyarrow as pa
 
 from diffinf_ray.artifacts import (
+    AUTOENCODER_FOLDER,
+    AUTOENCODER_RECORD,
     EDITS_FOLDER,
     EDITS_QUARANTINE,
     EDITS_TABLE,
@@ -249,6 +251,22 @@ def _driver_device(cfg: Config) -> str:
     return "cuda" if cfg.edit.use_gpu and torch.cuda.is_available() else "cpu"
 
 
+def prepare_method(cfg: Config, root: RunRoot) -> None:
+    """Driver-side work of `edit.method` before any actor starts: refuse a method the run's
+    autoencoder cannot serve (here, not in every actor's constructor), and fit and save the
+    class directions a method needs."""
+    from diffinf_ray.edit.methods import edit_method
+
+    method = edit_method(cfg.edit.method)
+    record = root.child(AUTOENCODER_FOLDER, AUTOENCODER_RECORD).read_json()
+    if method.needs_labels and record.get("num_classes", 1) == 0:
+        raise ValueError(f"edit.method {method.name!r} needs a label-conditional autoencoder "
+                         "(num_classes > 0, trained with label dropout); this run's has no label "
+                         "path: use edit.method 'latent' or autoencoder.label_conditioning")
+    if method.needs_directions(cfg.edit):
+        fit_run_directions(cfg, root, _driver_device(cfg)).save(directions_location(root))
+
+
 def run_edit(cfg: Config, root: RunRoot) -> dict:
     import pandas as pd
 
@@ -256,10 +274,7 @@ def run_edit(cfg: Config, root: RunRoot) -> dict:
 
     check_manifest(root.noisy_manifest, "edit", MANIFEST_COLUMNS)
     rows, expected = high_influence_rows(root)
-    from diffinf_ray.edit.methods import edit_method
-
-    if edit_method(cfg.edit.method).needs_directions(cfg.edit):
-        fit_run_directions(cfg, root, _driver_device(cfg)).save(directions_location(root))
+    prepare_method(cfg, root)
     df = edit_dataset(cfg, root, rows).to_pandas()
     df["sample_id"] = df["sample_id"].astype(str)
     df = df.sort_values("sample_id", kind="stable").reset_index(drop=True)
