@@ -153,6 +153,26 @@ def test_same_seed_is_bitwise_equal_and_another_seed_changes_only_noised_candida
     assert torch.equal(torch.rand(1), before)  # the caller's RNG is untouched
 
 
+def test_an_images_edit_does_not_depend_on_its_batch(parts):
+    """Each image's SDEdit noise is its own (seed + pixels): edited alone, in another order or
+    in a batch of another size, it gets the same candidates (a row retried alone by the stage,
+    a different edit.batch_size)."""
+    images, labels = _batch(4)
+    editor = _editor(parts, SETTINGS)
+    whole = editor.edit(images, labels, return_latents=True)
+    order = torch.tensor([2, 0, 3, 1])
+    shuffled = editor.edit(images[order], labels[order], return_latents=True)
+    alone = editor.edit(images[1:2], labels[1:2], return_latents=True)
+    np.testing.assert_allclose(shuffled["candidate_distance"], whole["candidate_distance"][order],
+                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(alone["candidate_distance"], whole["candidate_distance"][1:2],
+                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(alone["edited"], whole["edited"][1:2], atol=1e-4)
+    noise = editor.sdedit_noise(images)
+    assert noise.shape == (SETTINGS.candidates - 1, *images.shape)
+    assert not torch.allclose(noise[:, 0], noise[:, 1])  # images do not share noise
+
+
 def test_the_kept_candidate_is_the_one_at_the_lowest_distance(parts):
     images, labels = _batch(4)
     editor = _editor(parts, dataclasses.replace(SETTINGS, candidates=4))

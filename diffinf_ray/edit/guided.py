@@ -29,14 +29,16 @@ the null label with z, scale 1, unclamped for the MSE); iterations (int64, alway
 optimised); stopped (bool, always False: nothing stops early). With `return_latents`: z, z_edit
 (z'), x_t0, candidate_distance (B, N) and chosen (B,) int64.
 
-Deterministic for `settings.seed` (decodes are eta = 0; SDEdit noise is drawn inside a forked
-RNG seeded with it, so the caller's RNG is untouched): bitwise on CPU; on GPU up to cuDNN's
-non-deterministic kernels. Cost per batch: about 2 * (k + 1) UNet passes per candidate (guidance
+Deterministic for `settings.seed` (decodes are eta = 0; each image's SDEdit noise comes from a
+generator seeded by the seed and the image's pixels, `sdedit_noise`): bitwise on CPU; on GPU up
+to cuDNN's non-deterministic kernels. As in LatentEditor, a batch is B independent edits: an
+image's edit does not depend on the other images in its batch (up to float rounding). Cost per batch: about 2 * (k + 1) UNet passes per candidate (guidance
 doubles the batch), plus k inversion and k + 1 reconstruction passes; no backward.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 from dataclasses import dataclass
@@ -237,11 +239,23 @@ class GuidedEditor:
              return_latents: bool = False) -> dict[str, np.ndarray]:
         """Edit a batch; see the module docstring for the procedure and the outputs."""
         x, y = check_edit_inputs(images, labels, self.image_size, self.device)
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(self.settings.seed)
-            out = self._edit(x, y, return_latents)
+        out = self._edit(x, y, return_latents)
         return {k: v.detach().cpu().numpy() for k, v in out.items()}
+
+    def sdedit_noise(self, x: torch.Tensor) -> torch.Tensor:
+        """(N - 1, B, C, H, W) standard normal noise for candidates 1..N-1. Each image's noise
+        comes from its own CPU generator seeded by `seed` and a hash of its pixels, so an
+        image's edit does not depend on the batch it is in (a row retried alone, a different
+        batch size) nor on the device, and the caller's RNG is untouched."""
+        n = self.settings.candidates - 1
+        noise = torch.zeros(n, *x.shape)
+        if n == 0:
+            return noise.to(x.device, x.dtype)
+        for i, image in enumerate(x.detach().cpu()):
+            digest = hashlib.sha256(image.numpy().tobytes()).digest()
+            seed = int.from_bytes(digest[:7], "little") ^ (self.settings.seed & (2**56 - 1))
+            noise[:, i] = torch.randn(n, *image.shape, generator=torch.Generator().manual_seed(seed))
+        return noise.to(x.device, x.dtype)
 
     def _edit(self, x: torch.Tensor, y: torch.Tensor, return_latents: bool) -> dict:
         s, model = self.settings, self.autoencoder.model
@@ -258,12 +272,11 @@ class GuidedEditor:
         total_initial = (self.losses.combine(self.losses.terms(recon, ref))
                          + self.w_si * self._p_high(recon, y))
 
-        abar = self.noise_level()
+        abar, noise = self.noise_level(), self.sdedit_noise(x)
         edited, kept, distances = None, None, []
         chosen = torch.zeros_like(y)
         for c in range(s.candidates):
-            start = x_t0 if c == 0 else (abar ** 0.5 * x
-                                         + (1.0 - abar) ** 0.5 * torch.randn_like(x))
+            start = x_t0 if c == 0 else abar ** 0.5 * x + (1.0 - abar) ** 0.5 * noise[c - 1]
             x_hat = self._decode(z_edit, start, y, s.scale).clamp(-1.0, 1.0)
             terms = self.losses.terms(x_hat, ref)
             distance = self.losses.combine(terms)
