@@ -5,5 +5,7 @@
 - `parsing`: the face-parsing network of L_struct (BiSeNet layout, or a small net trained here);
 - `perceptual`: LPIPS (or the stated fallback distance);
 - `losses`: the edit objective's terms, per sample;
-- `editor`: latent optimisation through the frozen diffusion autoencoder's decode.
+- `editor`: latent optimisation through the frozen diffusion autoencoder's decode (`latent`);
+- `guided`: gradient-free editing, null-label partial inversion + label-guided decode (`guided`);
+- `methods`: the edit methods by name (`edit.method`).
 """
