@@ -27,6 +27,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from diffinf_ray.diffae.timesteps import ddim_timesteps
+from diffinf_ray.edit.methods import edit_method
 
 # The stage table lives in stage_registry; these names are re-exported for the config's users.
 from diffinf_ray.stage_registry import STAGES, fingerprint, upstream_stages  # noqa: F401
@@ -291,12 +292,32 @@ class GateSection(_Section):
     fallback: Literal["remove", "keep"] = "remove"
 
 
+class GuidedEditSection(_Section):
+    """`edit.method: guided` (edit/guided.py): invert each image part-way under the null label,
+    decode it under its assigned label with classifier-free guidance and z shifted toward that
+    label, keep the closest of `candidates` decodes. Uses edit.steps (not encode_steps /
+    decode_steps: the partial inversion and the decode share one grid), edit.seed, the loss
+    weights and w_si (reported loss_total only); needs a label-conditional autoencoder."""
+
+    # inversion depth as a fraction of edit.steps: round(t0 * steps) steps, at least 1
+    t0: Annotated[float, Field(gt=0.0, le=1.0)] = 0.5
+    scale: float = Field(3.0, ge=0.0)  # classifier-free guidance scale (1: no guidance)
+    candidates: int = Field(4, ge=1, le=64)  # decode 0 deterministic, the others SDEdit noise
+    # z' = z + alpha * sqrt(d) * w_y / ||w_y|| in normalised z (DiffAE uses 0.3-0.5); 0: no shift
+    alpha: float = Field(0.3, ge=0.0, le=10.0)
+
+
 class EditSection(_Section):
-    """The generative correction (stage `edit`, METHOD.md stage 6): optimise the latents of each
-    high-influence sample through the frozen autoencoder's differentiable decode to minimise
-    w_id*L_id + w_reg*(l_struct*L_struct + l_perc*L_perc + l_pixel*L_pixel) + w_si*h_w(g(x), y).
+    """The generative correction (stage `edit`, METHOD.md stage 6). `method` (edit/methods.py):
+    `latent` optimises the latents of each high-influence sample through the frozen autoencoder's
+    differentiable decode to minimise
+    w_id*L_id + w_reg*(l_struct*L_struct + l_perc*L_perc + l_pixel*L_pixel) + w_si*h_w(g(x), y);
+    `guided` edits without gradients (`guided` sub-section) and keeps the candidate with the
+    lowest w_id*L_id + w_reg*(...) term.
     """
 
+    method: str = "latent"  # latent | guided
+    guided: GuidedEditSection = GuidedEditSection()
     optimize: Literal["z", "xT", "both"] = "both"
     iterations: int = Field(20, ge=1)  # Adam steps per sample (K)
     # 0.05 moved each x_T element by ~0.05 in Adam's first step: 6x the pixel error of 0.01 for
@@ -324,6 +345,12 @@ class EditSection(_Section):
     max_attempts: int = Field(3, ge=1)  # per row, then quarantined with its reason
     seed: int = 0
     gate: GateSection = GateSection()
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        edit_method(value)  # ValueError naming the registered methods
+        return value
 
     @model_validator(mode="after")
     def _official_step_counts(self) -> EditSection:

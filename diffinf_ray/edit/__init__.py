@@ -7,4 +7,7 @@
 - `losses`: the edit objective's terms, per sample;
 - `editor`: latent optimisation through the frozen diffusion autoencoder's decode.
 - `gate`: the check before an edit replaces its original, by a classifier that never guided it.
+- `editor`: latent optimisation through the frozen diffusion autoencoder's decode (`latent`);
+- `guided`: gradient-free editing, null-label partial inversion + label-guided decode (`guided`);
+- `methods`: the edit methods by name (`edit.method`).
 """

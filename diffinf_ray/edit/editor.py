@@ -110,8 +110,24 @@ def _select(ref: Reference, rows: torch.Tensor) -> Reference:
     )
 
 
-def _freeze(module: nn.Module, device: torch.device) -> nn.Module:
+def freeze(module: nn.Module, device: torch.device) -> nn.Module:
     return module.to(device).eval().requires_grad_(False)
+
+
+def check_edit_inputs(images: torch.Tensor, labels, image_size: int | None,
+                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images float32, labels int64) on `device`, after checking their shapes (and the image
+    size an autoencoder works at, when it has one): what every edit method's `edit` takes."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
+    if image_size is not None and tuple(images.shape[2:]) != (image_size, image_size):
+        raise ValueError(
+            f"images are {images.shape[2]}x{images.shape[3]} px but the autoencoder works at "
+            f"{image_size}x{image_size}: resize them before editing")
+    labels = torch.as_tensor(labels)
+    if labels.shape != (images.shape[0],):
+        raise ValueError(f"labels must be ({images.shape[0]},), got {tuple(labels.shape)}")
+    return images.to(device, torch.float32), labels.to(device, torch.long)
 
 
 class LatentEditor:
@@ -133,14 +149,14 @@ class LatentEditor:
     ):
         self.device = torch.device(device)
         self.autoencoder = autoencoder
-        _freeze(autoencoder.model, self.device)
-        self.classifier = _freeze(classifier, self.device)
-        self.predictor = _freeze(predictor, self.device)
+        freeze(autoencoder.model, self.device)
+        self.classifier = freeze(classifier, self.device)
+        self.predictor = freeze(predictor, self.device)
         self.losses = losses
         for name in ("identity", "parsing", "perceptual"):
             net = getattr(losses, name)
             if isinstance(net, nn.Module):
-                _freeze(net, self.device)
+                freeze(net, self.device)
         self.w_si = float(w_si)
         self.settings = settings
         config = getattr(autoencoder.model, "config", None)
@@ -159,17 +175,7 @@ class LatentEditor:
         return labels if self.conditional else None
 
     def _inputs(self, images: torch.Tensor, labels: torch.Tensor):
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
-        size = self.image_size
-        if size is not None and tuple(images.shape[2:]) != (size, size):
-            raise ValueError(
-                f"images are {images.shape[2]}x{images.shape[3]} px but the autoencoder works at "
-                f"{size}x{size}: resize them before editing")
-        labels = torch.as_tensor(labels)
-        if labels.shape != (images.shape[0],):
-            raise ValueError(f"labels must be ({images.shape[0]},), got {tuple(labels.shape)}")
-        return images.to(self.device, torch.float32), labels.to(self.device, torch.long)
+        return check_edit_inputs(images, labels, self.image_size, self.device)
 
     @torch.no_grad()
     def invert(self, images: torch.Tensor,

@@ -19,6 +19,14 @@ The gate (edit/gate.py, `edit.gate`): after the editor, the removal stage's last
 (removal/checkpoints/; trained without the high-influence rows, it never guided an edit) judges
 each edit as saved (PNG-rounded); refine falls a rejected row back to removal or to its
 original. `edit.gate.enabled: false` accepts every edit and loads no gate classifier.
+     edits/z_directions.npz    `edit.method: guided` with guided.alpha > 0 only: the z mean,
+                               std and unit class directions (edit/guided.ZDirections), fitted
+                               once on the driver on the unflagged train rows of manifest_noisy
+                               with their assigned labels, before the actors start.
+The editor is `edit.method` (edit/methods.py): `latent` (edit/editor.py, latent optimisation
+through the differentiable decode) or `guided` (edit/guided.py, gradient-free: null-label
+partial inversion, label-guided decode, closest of `guided.candidates`; needs a
+label-conditional autoencoder). Both give the same columns; `guided` has iterations 0.
 Each actor loads every frozen model once (from a local or s3:// run root), on a GPU when
 `edit.use_gpu` (`edit.gpus_per_actor` < 1 packs several actors on one GPU). An exception while
 editing a batch is retried up to `edit.max_attempts` times, then each row of the batch is tried
@@ -34,6 +42,8 @@ import numpy as np
 import pyarrow as pa
 
 from diffinf_ray.artifacts import (
+    AUTOENCODER_FOLDER,
+    AUTOENCODER_RECORD,
     EDITS_FOLDER,
     EDITS_QUARANTINE,
     EDITS_TABLE,
@@ -53,17 +63,22 @@ log = logging.getLogger(__name__)
 
 STAGE_FOLDER = EDITS_FOLDER
 MANIFEST_COLUMNS = ("sample_id", "split", "image", "label")
+DIRECTIONS_FILE = "z_directions.npz"
 RESULT_COLUMNS = ("loss_total", "loss_id", "loss_struct", "loss_perc", "loss_pixel", "loss_si",
                   "p_high_before", "p_high_after", "iterations", "reconstruction_mse")
 
 
-def build_editor(cfg: Config, root: RunRoot, device: str):
-    """The editor core (edit/editor.py) over the frozen models of a run root."""
+def build_editor(cfg: Config, root: RunRoot, device: str, directions=None):
+    """The editor core of `edit.method` (edit/methods.py) over the frozen models of a run root.
+
+    A method that needs the class directions in z gets `directions` when given, else the ones
+    run_edit saved under edits/, else (no run_edit before: a benchmark) ones fitted here."""
     from diffinf_ray.diffae.autoencoder import DiffusionAutoencoder
-    from diffinf_ray.edit.editor import EditSettings, LatentEditor
+    from diffinf_ray.edit.methods import EditorParts, edit_method
     from diffinf_ray.models.checkpoint import load_checkpoint
 
     section = cfg.edit
+    method = edit_method(section.method)
     model = load_run_autoencoder(root, map_location=device).to(device)
     autoencoder = DiffusionAutoencoder(model, encode_steps=section.encode_steps,
                                        decode_steps=section.decode_steps,
@@ -71,8 +86,72 @@ def build_editor(cfg: Config, root: RunRoot, device: str):
     classifier = load_checkpoint(classifier_checkpoint(root)).build_model().to(device)
     predictor = load_run_predictor(root).to(device)
     losses, _ = load_edit_losses(cfg, root, device)
-    return LatentEditor(autoencoder, classifier, predictor, losses, w_si=section.w_si,
-                        settings=EditSettings.from_section(section), device=device)
+    if method.needs_directions(section) and directions is None:
+        directions = run_directions(cfg, root, device, model)
+    parts = EditorParts(autoencoder, classifier, predictor, losses, device)
+    return method.build(parts, section, directions)
+
+
+# -- the class directions in z of `guided` -------------------------------------------------------
+# Fitted once, on the driver, by run_edit and saved as edits/z_directions.npz, which every actor
+# reads (as it reads the other frozen models from the run root): one fit per run instead of one
+# per actor, the same directions for every actor and every restart of one, and the file stays
+# with the edits as the record of what moved z.
+
+
+def directions_location(root: RunRoot):
+    return root.child(STAGE_FOLDER, DIRECTIONS_FILE)
+
+
+def encode_training_rows(cfg: Config, root: RunRoot, model, device: str):
+    """(z (N, d), labels (N,)) of the train rows of manifest_noisy that are not flagged
+    high-influence, encoded batch-wise by the autoencoder's semantic encoder E, streamed, in
+    sample_id order (Ray Data's block order varies; the fit should not)."""
+    import torch
+
+    from diffinf_ray.data.images import to_tensor_batch
+
+    rows = split_dataset(root.noisy_manifest, "train", ["sample_id", "image", "label"],
+                         exclude_ids=high_influence_ids(root))
+    ids, zs, labels = [], [], []
+    with torch.no_grad():
+        for batch in rows.iter_batches(batch_size=cfg.edit.batch_size * 4,
+                                       batch_format="numpy"):
+            x = torch.from_numpy(to_tensor_batch(list(batch["image"]))).to(device)
+            zs.append(model.encode(x).float().cpu().numpy())
+            labels.append(batch["label"].astype(np.int64))
+            ids.append(batch["sample_id"].astype(str))
+    if not zs:
+        raise ValueError("edit: no unflagged training rows to fit the class directions on")
+    order = np.argsort(np.concatenate(ids), kind="stable")
+    return np.concatenate(zs)[order], np.concatenate(labels)[order]
+
+
+def fit_run_directions(cfg: Config, root: RunRoot, device: str = "cpu", model=None):
+    """The class directions of `guided` (edit/guided.fit_class_directions) fitted on the run's
+    unflagged training rows with their assigned (noisy) labels."""
+    from diffinf_ray.edit.guided import fit_class_directions
+
+    if model is None:
+        model = load_run_autoencoder(root, map_location=device).to(device).eval()
+    num_classes = int(getattr(getattr(model, "config", None), "num_classes", 0) or 0)
+    if num_classes == 0:
+        raise ValueError("edit.method 'guided' needs a label-conditional autoencoder "
+                         "(num_classes > 0); this one has no label path")
+    z, labels = encode_training_rows(cfg, root, model, device)
+    log.info("edit: fitting class directions on %d training rows", len(labels))
+    return fit_class_directions(z, labels, num_classes, seed=cfg.edit.seed)
+
+
+def run_directions(cfg: Config, root: RunRoot, device: str = "cpu", model=None):
+    """The directions run_edit saved for this run, or (when there are none) fitted now."""
+    from diffinf_ray.edit.guided import ZDirections
+
+    saved = directions_location(root)
+    if saved.exists():
+        return ZDirections.load(saved)
+    log.warning("edit: no %s in the run root; fitting the class directions here", DIRECTIONS_FILE)
+    return fit_run_directions(cfg, root, device, model)
 
 
 def build_gate(cfg: Config, root: RunRoot, device: str):
@@ -114,7 +193,8 @@ def to_png_batch(images: np.ndarray) -> list[bytes]:
 
 
 class LatentEditActor:
-    """Ray Data actor: rows (sample_id, image, label) -> edit rows (module docstring)."""
+    """Ray Data actor: rows (sample_id, image, label) -> edit rows (module docstring), with the
+    editor of `edit.method` (the name predates the registry; it runs every method)."""
 
     def __init__(self, config: dict, root: RunRoot):
         # `root` travels pickled, so a sweep trial's root (sweep.SharedRunRoot) keeps reading
@@ -209,6 +289,26 @@ def gate_summary(cfg: Config, edits) -> dict:
     accepted = int(np.asarray(edits["gate_accepted"], dtype=bool).sum())
     return {"gate_enabled": cfg.edit.gate.enabled, "gate_accepted": accepted,
             "gate_fallen_back": len(edits) - accepted, "gate_fallback": cfg.edit.gate.fallback}
+def _driver_device(cfg: Config) -> str:
+    import torch
+
+    return "cuda" if cfg.edit.use_gpu and torch.cuda.is_available() else "cpu"
+
+
+def prepare_method(cfg: Config, root: RunRoot) -> None:
+    """Driver-side work of `edit.method` before any actor starts: refuse a method the run's
+    autoencoder cannot serve (here, not in every actor's constructor), and fit and save the
+    class directions a method needs."""
+    from diffinf_ray.edit.methods import edit_method
+
+    method = edit_method(cfg.edit.method)
+    record = root.child(AUTOENCODER_FOLDER, AUTOENCODER_RECORD).read_json()
+    if method.needs_labels and record.get("num_classes", 1) == 0:
+        raise ValueError(f"edit.method {method.name!r} needs a label-conditional autoencoder "
+                         "(num_classes > 0, trained with label dropout); this run's has no label "
+                         "path: use edit.method 'latent' or autoencoder.label_conditioning")
+    if method.needs_directions(cfg.edit):
+        fit_run_directions(cfg, root, _driver_device(cfg)).save(directions_location(root))
 
 
 def run_edit(cfg: Config, root: RunRoot) -> dict:
@@ -218,6 +318,7 @@ def run_edit(cfg: Config, root: RunRoot) -> dict:
 
     check_manifest(root.noisy_manifest, "edit", MANIFEST_COLUMNS)
     rows, expected = high_influence_rows(root)
+    prepare_method(cfg, root)
     df = edit_dataset(cfg, root, rows).to_pandas()
     df["sample_id"] = df["sample_id"].astype(str)
     df = df.sort_values("sample_id", kind="stable").reset_index(drop=True)
@@ -239,6 +340,8 @@ def run_edit(cfg: Config, root: RunRoot) -> dict:
                            f"({len(ok)} edited, {int(failed.sum())} quarantined)")
     summary = {"high_influence_rows": expected, "edited": len(ok),
                "quarantined": int(failed.sum()), **gate_summary(cfg, ok)}
+    summary = {"method": cfg.edit.method, "high_influence_rows": expected, "edited": len(ok),
+               "quarantined": int(failed.sum())}
     if len(ok):
         for name in ("lpips", "identity_similarity", "p_high_before", "p_high_after",
                      "loss_total", "iterations", "reconstruction_mse"):
