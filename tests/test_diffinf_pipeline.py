@@ -169,12 +169,12 @@ def test_a_killed_actor_is_retried_and_no_row_is_lost(diffinf_run, tmp_path):
 
     import cloudpickle
 
-    from diffinf_ray.stages.edit import LatentEditActor, edit_dataset, high_influence_rows
+    from diffinf_ray.stages.edit import EditActor, edit_dataset, high_influence_rows
 
     cfg, root, _ = diffinf_run
     marker = tmp_path / "died_once"
 
-    class DiesOnce(LatentEditActor):
+    class DiesOnce(EditActor):
         def __call__(self, batch):
             if not marker.exists():
                 marker.write_text("x")
@@ -195,14 +195,14 @@ def test_a_failing_row_is_retried_then_quarantined(diffinf_run):
 
     import cloudpickle
 
-    from diffinf_ray.stages.edit import LatentEditActor, edit_dataset, high_influence_rows
+    from diffinf_ray.stages.edit import EditActor, edit_dataset, high_influence_rows
 
     cfg, root, _ = diffinf_run
     rows, expected = high_influence_rows(open_run_root(cfg))
     bad = sorted(pq.read_table(root / "edits" / "edits.parquet").column("sample_id")
                  .to_pylist())[0]
 
-    class FailsOnOneRow(LatentEditActor):
+    class FailsOnOneRow(EditActor):
         def _edit(self, images, labels):
             if any(img == self.bad_image for img in images):
                 raise RuntimeError("cannot edit this one")

@@ -152,16 +152,16 @@ def test_the_edit_stage_adds_the_verdict_of_each_edit_as_saved():
 
 
 def test_the_edit_actor_writes_the_gate_columns_after_the_editor():
-    """LatentEditActor.__call__ with a stand-in editor: the verdict lands in its output rows."""
+    """EditActor.__call__ with a stand-in editor: the verdict lands in its output rows."""
     from diffinf_ray.stage_registry import config_for_stage
-    from diffinf_ray.stages.edit import RESULT_COLUMNS, LatentEditActor
+    from diffinf_ray.stages.edit import RESULT_COLUMNS, EditActor
 
     class HalfEditor:
         def edit(self, x, y):
             n = len(y)
             return {"edited": x.numpy() * 0.5, **{k: np.full(n, 0.1) for k in RESULT_COLUMNS}}
 
-    actor = LatentEditActor.__new__(LatentEditActor)  # no frozen models to load
+    actor = EditActor.__new__(EditActor)  # no frozen models to load
     actor.cfg = config_for_stage(load_config(TINY), "edit")
     actor.editor = HalfEditor()
     actor.gate = EditGate(GateSettings(min_identity=0.95), FixedClass(1))

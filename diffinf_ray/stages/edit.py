@@ -169,7 +169,7 @@ def build_gate(cfg: Config, root: RunRoot, device: str):
 
 def add_gate_columns(gate, out: dict[str, np.ndarray], parts) -> None:
     """The gate's verdict on each edited row of an actor's `out` batch, on the edit as saved
-    (PNG-rounded, what refine puts in place); `parts` as in `LatentEditActor.__call__`. Rows
+    (PNG-rounded, what refine puts in place); `parts` as in `EditActor.__call__`. Rows
     whose edit failed stay rejected (-1, NaN, False): they are quarantined anyway."""
     n = len(out["sample_id"])
     columns = {"gate_prediction": np.full(n, -1, np.int32), "gate_confidence": np.full(n, np.nan),
@@ -192,9 +192,9 @@ def to_png_batch(images: np.ndarray) -> list[bytes]:
     return [encode_png(p.transpose(1, 2, 0)) for p in pixels]
 
 
-class LatentEditActor:
+class EditActor:
     """Ray Data actor: rows (sample_id, image, label) -> edit rows (module docstring), with the
-    editor of `edit.method` (the name predates the registry; it runs every method)."""
+    editor of `edit.method` and the gate of `edit.gate`."""
 
     def __init__(self, config: dict, root: RunRoot):
         # `root` travels pickled, so a sweep trial's root (sweep.SharedRunRoot) keeps reading
@@ -268,13 +268,13 @@ def high_influence_rows(root: RunRoot):
 
 
 def edit_dataset(cfg: Config, root: RunRoot, rows, actor_cls=None):
-    """Map the edit actors (`LatentEditActor` unless given) over a Ray Dataset of
+    """Map the edit actors (`EditActor` unless given) over a Ray Dataset of
     (sample_id, image, label) rows."""
     import ray
 
     section = cfg.edit
     return rows.map_batches(
-        actor_cls or LatentEditActor,
+        actor_cls or EditActor,
         fn_constructor_kwargs={"config": cfg.model_dump(mode="json"), "root": root},
         compute=ray.data.ActorPoolStrategy(size=section.actors),
         num_cpus=cfg.ray.data_actor_cpus,
