@@ -53,6 +53,8 @@ def test_every_high_influence_row_is_edited_and_the_refined_set_conserves_rows(d
     quarantined = pq.read_table(root / "edits" / "quarantine.parquet").to_pandas()
     assert set(edits.sample_id) | set(quarantined.sample_id) == flagged
     assert len(edits) + len(quarantined) == len(flagged)
+    assert len(edits) >= len(flagged) / 2  # the editor works: not a stage that quarantines all
+    assert (edits.image != edits.image_original).mean() > 0.9  # and it changes the images
     assert np.isfinite(edits[["loss_total", "lpips", "identity_similarity",
                               "p_high_before", "p_high_after", "gate_confidence"]]
                        .to_numpy()).all()
