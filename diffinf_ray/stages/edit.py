@@ -338,10 +338,8 @@ def run_edit(cfg: Config, root: RunRoot) -> dict:
     if len(df) != expected:
         raise RuntimeError(f"edit: {expected} high-influence rows in, {len(df)} out "
                            f"({len(ok)} edited, {int(failed.sum())} quarantined)")
-    summary = {"high_influence_rows": expected, "edited": len(ok),
-               "quarantined": int(failed.sum()), **gate_summary(cfg, ok)}
     summary = {"method": cfg.edit.method, "high_influence_rows": expected, "edited": len(ok),
-               "quarantined": int(failed.sum())}
+               "quarantined": int(failed.sum()), **gate_summary(cfg, ok)}
     if len(ok):
         for name in ("lpips", "identity_similarity", "p_high_before", "p_high_after",
                      "loss_total", "iterations", "reconstruction_mse"):
