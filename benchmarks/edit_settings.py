@@ -4,7 +4,8 @@ Runs the editor core (no Ray) on the first N high-influence training rows of a r
 influence, autoencoder, predictor, lossnets and judges stages are done, once per setting, and
 prints per setting: seconds per image, Adam steps taken, share stopped early, p_high after,
 pixel MSE to the original (images in [0, 1]), the share the attribute oracle assigns to the
-target label before -> after, the identity oracle's similarity to the original and the share
+target label before -> after (all rows, and split into rows whose assigned label is corrupted
+and rows whose label is clean), the identity oracle's similarity to the original and the share
 above its equal-error-rate threshold. A quick look before a Tune sweep (`diffinf sweep`), which
 scores settings by the retrained classifier instead.
 
@@ -62,6 +63,7 @@ def main(argv=None) -> list[dict]:
     flagged = set(high_influence_ids(root))
     table = root.noisy_manifest.read_table(
         columns=["sample_id", "split", "image", "label", "is_corrupted"]).to_pandas()
+    # rows whose assigned label is wrong should change; the others should keep their label
     rows = (table[table.sample_id.isin(flagged) & (table.split == "train")]
             .sort_values("sample_id").head(args.rows).reset_index(drop=True))
     images = torch.from_numpy(to_tensor_batch(list(rows.image)))
@@ -69,7 +71,9 @@ def main(argv=None) -> list[dict]:
     attribute, embedder, judges = load_judges(root)
     eer = judges["identity_oracle"]["threshold_at_eer"]
     originals = rows.image.to_numpy()
-    target_before = float((_predict(attribute, originals) == labels.numpy()).mean())
+    corrupted = rows.is_corrupted.fillna(False).to_numpy(bool)
+    hits_before = _predict(attribute, originals) == labels.numpy()
+    target_before = float(hits_before.mean())
     reference = _embed(embedder, originals)
 
     results = []
@@ -98,7 +102,13 @@ def main(argv=None) -> list[dict]:
             "p_high_after": float(out["p_high_after"].mean()),
             "pixel_mse": float((((saved - images.numpy()) / 2) ** 2).mean()),
             "oracle_target_before": target_before,
-            "oracle_target_after": float((_predict(attribute, pngs) == labels.numpy()).mean()),
+            "oracle_target_after": float((hits := _predict(attribute, pngs) == labels.numpy())
+                                         .mean()),
+            "corrupted_rows": int(corrupted.sum()),
+            "oracle_target_corrupted": f"{hits_before[corrupted].mean():.3f} -> "
+                                       f"{hits[corrupted].mean():.3f}",
+            "oracle_target_clean": f"{hits_before[~corrupted].mean():.3f} -> "
+                                   f"{hits[~corrupted].mean():.3f}",
             "identity_similarity": float(sim.mean()),
             "identity_retention_at_eer": float((sim > eer).mean()),
         }
