@@ -45,6 +45,7 @@ def bench_ray(ray_overhead, tiny_cfg):
     ray.shutdown()
 
 
+@pytest.mark.slow  # 1-3 minutes of Ray Train for a benchmark's own check: make test-all
 def test_ray_overhead_runs_both_paths_with_equal_steps(bench_ray, ray_overhead, tiny_cfg,
                                                         tmp_path):
     cfg = tiny_cfg
