@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -48,11 +49,12 @@ def stop_processes_of(temp_dir: str) -> None:
 
 
 def start_local_ray(num_cpus: int | None, attempts: int = START_ATTEMPTS,
-                    temp_dir: str | None = None, **init_kwargs) -> int:
+                    temp_dir: str | None = None, pause_s: float = 10.0, **init_kwargs) -> int:
     """`ray.init` of a new local Ray (no dashboard), retried up to `attempts` times when its
     start-up times out. `temp_dir`: Ray's temp dir (retries use `<temp_dir>.2`, `.3`: a new
     one each, as short as the first, since Ray's socket paths below it must stay under 108
-    bytes); None keeps Ray's default. Returns the number of attempts made."""
+    bytes); None keeps Ray's default. Waits `pause_s` times the attempt number before a retry,
+    so that a burst of load can pass. Returns the number of attempts made."""
     import ray
 
     for attempt in range(1, attempts + 1):
@@ -70,6 +72,7 @@ def start_local_ray(num_cpus: int | None, attempts: int = START_ATTEMPTS,
                 raise
             log.warning("Ray's start-up timed out (attempt %d of %d); retrying", attempt,
                         attempts)
+            time.sleep(pause_s * attempt)
     raise AssertionError("unreachable")
 
 

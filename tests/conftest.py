@@ -118,7 +118,10 @@ def ray_local(tmp_path_factory):
     ray = pytest.importorskip("ray")
     from diffinf_ray.ray_session import start_local_ray
 
-    start_local_ray(2, temp_dir=str(tmp_path_factory.mktemp("ray")), configure_logging=False)
+    # 5 attempts, not the default 3 (ray_session.START_ATTEMPTS): the raylet's fixed 15 s wait
+    # for its agent failed 3 times in a row at load average 20-45 on this 2-core box
+    start_local_ray(2, attempts=5, temp_dir=str(tmp_path_factory.mktemp("ray")),
+                    configure_logging=False)
     yield ray
     ray.shutdown()
 

@@ -31,7 +31,7 @@ def test_a_timed_out_start_is_retried_in_a_new_temp_dir(fake_ray, monkeypatch, t
     init = FakeInit([Exception("The current node timed out during startup.")])
     monkeypatch.setattr(ray, "init", init)
     base = str(tmp_path / "r")
-    assert ray_session.start_local_ray(2, temp_dir=base) == 2
+    assert ray_session.start_local_ray(2, temp_dir=base, pause_s=0) == 2
     assert init.temp_dirs == [base, f"{base}.2"]
     assert stopped == [base]  # the failed attempt's daemons, and only those
 
@@ -44,5 +44,5 @@ def test_other_errors_and_the_last_timeout_are_raised(fake_ray, monkeypatch):
     timeouts = [Exception("timed out during startup")] * 3
     monkeypatch.setattr(ray, "init", init := FakeInit(timeouts))
     with pytest.raises(Exception, match="timed out during startup"):
-        ray_session.start_local_ray(2, attempts=3)
+        ray_session.start_local_ray(2, attempts=3, pause_s=0)
     assert init.temp_dirs == [None, None, None]  # Ray's default temp dir when none is given
