@@ -33,8 +33,9 @@ demo: setup
 
 # Quick start 2: the tests (what CI runs): all but the heaviest real-Ray ones, marked `slow`
 # (a Tune sweep with restore, every baseline method on Ray Train, a sweep through `ray job
-# submit`, the Ray-overhead benchmark's smoke run). Without them the suite ran about 70 minutes
-# on this 2-core box at load average 20-45 (other work), 40 when it was quieter; CI stops at 90.
+# submit`, an experiment through `ray job submit`, the Ray-overhead benchmark's smoke run).
+# Before the last two joined them the suite ran 67 minutes on this 2-core box at load average
+# 15-45 (other work); they took 13 of those minutes. CI stops at 90.
 test: setup lint
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" --durations=25
 

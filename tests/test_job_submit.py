@@ -139,6 +139,9 @@ def test_ray_job_submit_tiny(ray_head, tmp_path):
     assert (run_root / "checkpoints" / "epoch_0001" / "checkpoint.pt").exists()
 
 
+# slow (make test-all): 700 s at load 20-45 here, the largest single item of CI's budget; the
+# tiny job above keeps `ray job submit` in CI, test_experiment.py the runner's logic
+@pytest.mark.slow
 @pytest.mark.timeout(1800)  # two jobs (the experiment, then its resume); a loaded box
 def test_ray_job_submit_experiment(ray_head, tmp_path):
     """The Table-1 runner as a job: one task, 2 seeds, noisy + removal; the table comes back
