@@ -102,6 +102,14 @@ def straight_through_clamp(x: torch.Tensor) -> torch.Tensor:
     return x + (x.clamp(-1.0, 1.0) - x).detach()
 
 
+def freeze_loss_networks(losses: EditLosses, device: torch.device) -> None:
+    """The identity, parsing and perceptual networks of `losses`, frozen on `device`."""
+    for name in ("identity", "parsing", "perceptual"):
+        net = getattr(losses, name)
+        if isinstance(net, nn.Module):
+            freeze(net, device)
+
+
 def _select(ref: Reference, rows: torch.Tensor) -> Reference:
     return Reference(
         images=ref.images[rows],
@@ -153,10 +161,7 @@ class LatentEditor:
         self.classifier = freeze(classifier, self.device)
         self.predictor = freeze(predictor, self.device)
         self.losses = losses
-        for name in ("identity", "parsing", "perceptual"):
-            net = getattr(losses, name)
-            if isinstance(net, nn.Module):
-                freeze(net, self.device)
+        freeze_loss_networks(losses, self.device)
         self.w_si = float(w_si)
         self.settings = settings
         config = getattr(autoencoder.model, "config", None)

@@ -46,11 +46,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from diffinf_ray.diffae.autoencoder import DiffusionAutoencoder, decode, invert
 from diffinf_ray.diffae.labels import NULL_LABEL
-from diffinf_ray.edit.editor import check_edit_inputs, freeze
+from diffinf_ray.edit.editor import check_edit_inputs, freeze, freeze_loss_networks
 from diffinf_ray.edit.losses import TERMS, EditLosses
 from diffinf_ray.edit.predictor import InfluencePredictor
 from diffinf_ray.models.classifier import AttributeClassifier
@@ -212,10 +211,7 @@ class GuidedEditor:
         self.classifier = freeze(classifier, self.device)
         self.predictor = freeze(predictor, self.device)
         self.losses = losses
-        for name in ("identity", "parsing", "perceptual"):
-            net = getattr(losses, name)
-            if isinstance(net, nn.Module):
-                freeze(net, self.device)
+        freeze_loss_networks(losses, self.device)
         self.w_si = float(w_si)
         self.settings = settings
         self.directions = directions
