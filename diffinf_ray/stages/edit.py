@@ -177,18 +177,23 @@ def add_gate_columns(gate, out: dict[str, np.ndarray], parts) -> None:
     for rows, r, _, _ in parts:
         if r is None:
             continue
-        saved = np.clip(np.rint((np.asarray(r["edited"]) + 1.0) * 127.5), 0, 255) / 127.5 - 1.0
+        saved = to_uint8(np.asarray(r["edited"])) / 127.5 - 1.0
         verdict = gate(saved, np.asarray(out["label"])[rows], out["identity_similarity"][rows])
         for name, values in verdict.columns().items():
             columns[name][rows] = values
     out.update(columns)
 
 
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """Images in [-1, 1] as the 8-bit values their PNGs hold."""
+    return np.clip(np.rint((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
 def to_png_batch(images: np.ndarray) -> list[bytes]:
     """(B, 3, H, W) float in [-1, 1] -> PNG bytes per image (rounded to uint8)."""
     from diffinf_ray.data.images import encode_png
 
-    pixels = np.clip(np.rint((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    pixels = to_uint8(images)
     return [encode_png(p.transpose(1, 2, 0)) for p in pixels]
 
 
