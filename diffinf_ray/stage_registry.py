@@ -87,7 +87,7 @@ REGISTRY: dict[str, Stage] = {s.name: s for s in (
     # its own synthfaces draw, recipe and embedder: independent of every other stage's outputs
     _stage("judges", "oracle:run_judges", ["data", "train", "lossnets", "oracle"]),
     _stage("oracle", "oracle:run_oracle", [], ["edit", "judges"]),
-    _stage("report", "report:run_report", ["run.name"],
+    _stage("report", "report:run_report", ["run.name", "report"],
            ["evaluate", "removal", "baselines", "retrain", "oracle"], tolerant=True),
 )}
 

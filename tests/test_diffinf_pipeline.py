@@ -5,6 +5,7 @@ refine, retrain, oracle judges and the report."""
 import json
 
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
@@ -134,6 +135,11 @@ def test_retrain_report_and_judges(diffinf_run):
     grids = {p.name for p in (root / "report").glob("gate_grid_*.png")}
     assert grids == ({"gate_grid_accepted.png"} if n_ok else set()) | (
         {"gate_grid_rejected.png"} if n_ok < len(edits) else set())
+    # the subgroup audit: one row per group of the training rows, its edits all counted
+    audit = pd.read_csv(root / "report" / "subgroup_audit.csv")
+    noisy = pq.read_table(root / "manifest_noisy", columns=["split", "group"]).to_pandas()
+    assert sorted(audit["group"]) == sorted(noisy.loc[noisy.split == "train", "group"].unique())
+    assert audit["edits"].sum() == len(edits) and "## Subgroup audit" in report
 
 
 def test_a_weak_identity_oracle_is_flagged():
