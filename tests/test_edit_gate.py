@@ -212,9 +212,12 @@ def test_the_edit_summary_counts_the_verdicts():
     from diffinf_ray.stages.edit import gate_summary
 
     edits = pd.DataFrame({"gate_accepted": [True, False, True, False, False]})
-    summary = gate_summary(load_config(TINY, ["edit.gate.fallback=keep"]), edits)
-    assert summary == {"gate_enabled": True, "gate_accepted": 2, "gate_fallen_back": 3,
-                       "gate_fallback": "keep"}
+    from diffinf_ray.stage_registry import config_for_stage
+
+    # as the edit stage sees the config: edit.gate.fallback is refine's, not the edit's
+    cfg = config_for_stage(load_config(TINY, ["edit.gate.fallback=keep"]), "edit")
+    summary = gate_summary(cfg, edits)
+    assert summary == {"gate_enabled": True, "gate_accepted": 2, "gate_fallen_back": 3}
 
 
 # -- refine: both fallbacks conserve the rows --------------------------------------------------

@@ -290,10 +290,11 @@ def edit_dataset(cfg: Config, root: RunRoot, rows, actor_cls=None):
 
 
 def gate_summary(cfg: Config, edits) -> dict:
-    """Counts of the gate's verdicts on the edits (a pandas frame of edits.parquet rows)."""
+    """Counts of the gate's verdicts on the edits (a pandas frame of edits.parquet rows); what
+    becomes of a rejected row (edit.gate.fallback) is the refine stage's, in its summary."""
     accepted = int(np.asarray(edits["gate_accepted"], dtype=bool).sum())
     return {"gate_enabled": cfg.edit.gate.enabled, "gate_accepted": accepted,
-            "gate_fallen_back": len(edits) - accepted, "gate_fallback": cfg.edit.gate.fallback}
+            "gate_fallen_back": len(edits) - accepted}
 def _driver_device(cfg: Config) -> str:
     import torch
 
