@@ -211,10 +211,10 @@ def test_a_failing_row_is_retried_then_quarantined(diffinf_run):
                  .to_pylist())[0]
 
     class FailsOnOneRow(EditActor):
-        def _edit(self, images, labels):
+        def _edit(self, images, labels, ids):
             if any(img == self.bad_image for img in images):
                 raise RuntimeError("cannot edit this one")
-            return super()._edit(images, labels)
+            return super()._edit(images, labels, ids)
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     noisy = pq.read_table(root / "manifest_noisy").to_pandas().set_index("sample_id")
