@@ -81,7 +81,7 @@ def test_the_core_refuses_bad_inputs_and_settings():
         gate(_images(2), [0, 1], [1.0])
     with pytest.raises(ValueError, match="outside the gate classifier's 3 classes"):
         gate(_images(2), [0, 3], [1.0, 1.0])
-    for bad, match in (({"fallback": "drop"}, "fallback"), ({"classifier": "train"}, "classifier"),
+    for bad, match in (({"classifier": "train"}, "classifier"),
                        ({"min_identity": 1.5}, "min_identity")):
         with pytest.raises(ValueError, match=match):
             GateSettings(**bad)
@@ -89,7 +89,12 @@ def test_the_core_refuses_bad_inputs_and_settings():
 
 def test_gate_settings_mirror_the_config_section():
     section = GateSection(enabled=False, min_identity=0.3, fallback="keep")
-    assert GateSettings.from_section(section) == GateSettings(False, "removal", 0.3, "keep")
+    assert GateSettings.from_section(section) == GateSettings(False, "removal", 0.3)
+    # the edit stage's view of the config hides the fallback (refine's): the gate never reads it
+    from diffinf_ray.stage_registry import config_for_stage
+
+    view = config_for_stage(load_config(TINY, ["edit.gate.min_identity=0.3"]), "edit")
+    assert GateSettings.from_section(view.edit.gate) == GateSettings(True, "removal", 0.3)
     assert GateSettings.from_section(GateSection()) == GateSettings()
     assert set(GateSection.model_fields) == {"enabled", "classifier", "min_identity", "fallback"}
     assert EditSection().gate == GateSection()
