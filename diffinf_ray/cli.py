@@ -328,6 +328,9 @@ def _common_options(suppress: bool) -> argparse.ArgumentParser:
                         help="show full tracebacks")
     common.add_argument("-q", "--quiet", action="store_true", default=default,
                         help="warnings and errors only")
+    common.add_argument("-v", "--verbose", action="store_true", default=default,
+                        help="Ray's own logs on the console too (they always go to a log "
+                        "file under the run root)")
     return common
 
 
@@ -381,8 +384,11 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.N
 
 def execute(args: argparse.Namespace) -> int:
     """Run a parsed command: one clear error line (exit status 2) unless --debug."""
+    from diffinf_ray import console
+
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="[diffinf] %(message)s")
+    console.set_verbose(getattr(args, "verbose", False))
     try:
         return args.func(args)
     except KeyboardInterrupt:
@@ -392,6 +398,8 @@ def execute(args: argparse.Namespace) -> int:
         if args.debug:
             traceback.print_exc()
         print(f"error: {format_error(err)}", file=sys.stderr)
+        if console.last_log_file:
+            print(f"Ray's logs (workers' tracebacks): {console.last_log_file}", file=sys.stderr)
         return 2
 
 
