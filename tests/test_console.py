@@ -159,3 +159,20 @@ def test_the_log_file_lies_under_a_local_run_root(tmp_path):
     path, upload = console.log_file_for(RunRoot(str(tmp_path)))
     assert path.parent == tmp_path / "logs" and path.name.startswith("ray-")
     assert upload is None
+
+
+def test_an_s3_run_roots_log_is_copied_there_at_the_end(s3_endpoint, caplog):
+    pytest.importorskip("ray")  # its `ray` logger, with Ray's console handler
+    from diffinf_ray.run_root import RunRoot
+
+    caplog.set_level(logging.INFO, logger="diffinf_ray.console")
+    root = RunRoot(s3_endpoint.bucket("logs-runs").replace("s3://logs-runs", "s3://logs-runs/r"))
+    with console.routed_ray_logs(root) as r:
+        logging.getLogger("ray").warning("a line of Ray's")
+    [said] = [m.getMessage() for m in caplog.records if "Ray's logs" in m.getMessage()]
+    assert str(r.path) in said and "s3://logs-runs/r/logs/" in said
+    [key] = [o["Key"] for o in s3_endpoint.client.list_objects_v2(
+        Bucket="logs-runs", Prefix="r/logs/")["Contents"]]
+    body = s3_endpoint.client.get_object(Bucket="logs-runs", Key=key)["Body"].read().decode()
+    assert "a line of Ray's" in body
+    assert console.last_log_file == f"s3://logs-runs/{key}"
