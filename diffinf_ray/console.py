@@ -291,9 +291,15 @@ def stage_progress(stage: str, first_s: float = 60.0, max_s: float = 600.0) -> I
 
 
 def tag_worker_logs() -> None:
-    """Ray's worker_process_setup_hook: this package's warnings in a worker print as
-    "[diffinf] WARNING ..." lines, which reach the console (plain, they would only be in the
-    log file: Ray prints a worker's log records as bare messages)."""
+    """In a Ray worker, this package's warnings print as "[diffinf] WARNING ..." lines, which
+    reach the console (plain, Ray prints a worker's log records as bare messages, and they
+    would only be in the log file). Called when the package is imported (__init__.py); a
+    no-op outside Ray workers. (Not Ray's worker_process_setup_hook: a runtime env that is not
+    empty makes every worker start through the runtime-env agent, slower on a small box.)"""
+    ray_worker = sys.modules.get("ray._private.worker")  # imported first in a Ray worker
+    mode = getattr(getattr(ray_worker, "global_worker", None), "mode", None)
+    if mode is None or mode != getattr(ray_worker, "WORKER_MODE", None):
+        return
     logger = logging.getLogger("diffinf_ray")
     if any(getattr(h, "_diffinf_tag", False) for h in logger.handlers):
         return

@@ -100,9 +100,8 @@ def ray_session(cfg: Config) -> Iterator[None]:
             # ours could conflict with it.
             ray.init(address=address, log_to_driver=True)
         else:
-            start_local_ray(cfg.ray.num_cpus, log_to_driver=True, runtime_env={
-                "env_vars": worker_env(),
-                "worker_process_setup_hook": "diffinf_ray.console.tag_worker_logs"})
+            start_local_ray(cfg.ray.num_cpus, log_to_driver=True,
+                            runtime_env={"env_vars": worker_env()})
         if not router.capture_worker_lines():
             log.warning("this Ray version's worker logs cannot be routed: they stay here")
         # Ray Data's bars on a terminal (one per dataset) only with --verbose; elsewhere it logs

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import io
 import logging
+import sys
+import types
 
 import pytest
 
@@ -139,9 +141,13 @@ def test_stage_progress_says_the_stage_is_running_and_stops(caplog):
     assert len([r for r in caplog.records if "running" in r.getMessage()]) == count
 
 
-def test_a_workers_warning_of_this_package_is_a_console_line(capsys):
+def test_a_workers_warning_of_this_package_is_a_console_line(capsys, monkeypatch):
     logger = logging.getLogger("diffinf_ray")
     before = list(logger.handlers)
+    console.tag_worker_logs()  # the driver (this process): nothing changes
+    assert logger.handlers == before
+    worker = types.SimpleNamespace(WORKER_MODE=1, global_worker=types.SimpleNamespace(mode=1))
+    monkeypatch.setitem(sys.modules, "ray._private.worker", worker)
     try:
         console.tag_worker_logs()
         console.tag_worker_logs()  # idempotent: one handler
