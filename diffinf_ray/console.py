@@ -81,7 +81,7 @@ class _ProgressNote(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if message.startswith("Total Progress:"):
+        if message.startswith("Total Progress:") and not message.startswith("Total Progress: 0/"):
             self.last = message.replace("Total Progress:", "Ray Data rows").strip()
         return True
 
