@@ -64,6 +64,17 @@ def for_console(line: str) -> bool:
     return bool(TAGGED.match(line))
 
 
+def _autoscaler_events(lines: list[str]) -> list[str]:
+    """The autoscaler's events among its status lines (Ray's own filter; all lines where it
+    cannot tell, e.g. before the GCS is reachable)."""
+    try:
+        from ray._private.worker import filter_autoscaler_events
+
+        return list(filter_autoscaler_events(lines))
+    except Exception:  # noqa: BLE001 - an unfiltered status dump is better than none
+        return lines
+
+
 def _source(data: dict) -> str:
     """Ray's prefix for a worker's lines: "RayTrainWorker pid=123" (or the task's name)."""
     name = data.get("actor_name") or data.get("task_name") or ""
@@ -111,6 +122,8 @@ class RayLogRouter:
     # -- worker lines (Ray's log-monitor batches: {"lines", "pid", "actor_name", ...}) ------
     def on_worker_lines(self, data: dict) -> None:
         lines = data.get("lines") or []
+        if data.get("pid") == "autoscaler":  # its status dumps: only the events Ray would print
+            lines = list(_autoscaler_events(lines))
         source = _source(data)
         with self._lock:
             for line in lines:

@@ -49,6 +49,22 @@ def test_only_tagged_worker_lines_reach_the_console_each_once(router):
     assert len(logged) == 6
 
 
+def test_of_the_autoscalers_status_dumps_only_its_events_are_logged(router, monkeypatch):
+    pytest.importorskip("ray")
+    import ray._private.worker as ray_worker
+
+    def events(lines):  # Ray's filter needs a live GCS: as it would answer, for the test
+        return (line.split(":event_summary:")[1] for line in lines if ":event_summary:" in line)
+
+    monkeypatch.setattr(ray_worker, "filter_autoscaler_events", events)
+    r, out = router
+    r.on_worker_lines({"pid": "autoscaler", "lines": [
+        "======== Autoscaler status ========", "Pending Demands:",
+        ":event_summary:Adding 1 node(s) of type worker."]})
+    assert r.path.read_text() == "(pid=autoscaler) Adding 1 node(s) of type worker.\n"
+    assert out.getvalue() == ""
+
+
 def test_verbose_hands_every_line_to_rays_printer_and_still_logs_it(tmp_path):
     printed = []
     r = console.RayLogRouter(tmp_path / "ray.log", verbose=True, console=io.StringIO())
