@@ -308,7 +308,7 @@ COMMANDS = {
                _cmd_record),
     "ledger": ("paired differences over the ledger's seeds",
                add_ledger_arguments, _cmd_ledger),
-    "fairness": ("severity x method x seed fairness comparison; table, plot",
+    "fairness": ("fairness methods over bias severities; table, plot",
                  add_fairness_arguments, _cmd_fairness),
     "synthfaces-preview": ("write a PNG grid of synthetic faces per class",
                            add_preview_arguments, _cmd_preview),

@@ -51,6 +51,7 @@ OWN_OPTIONS = {
     "diagnose-labels": ["config", "key=value", "--images", "--scales", "--depths", "--steps"],
     "record": ["config", "key=value", "--ledger"],
     "ledger": ["--ledger", "--a", "--b", "--metric"],
+    "fairness": ["config", "key=value", "--dry-run"],
 }
 
 

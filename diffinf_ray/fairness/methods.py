@@ -14,7 +14,7 @@ that gets the real training rows (sample_id, label, group, image (PNG bytes), ..
 `context` {"seed", "run_dir" (a local folder it may write to), "class_names", "resolution"}
 and returns a pretraining manifest: rows with at least `label`, `group` and `image` (e.g.
 group-balanced synthetic images from per-group fine-tuned diffusion models, `synthetic` true).
-A config method entry {name: X, pretrain: P, finetune: M} (runner.py) then trains the
+A config method entry {name: X, pretrain: P, method: M} (runner.py) then trains the
 classifier with ERM on P's manifest for `pretrain_epochs` and fine-tunes it on the real
 training split with method M. `register_pretrainer(name, fn)` adds one at import time.
 """

@@ -36,7 +36,7 @@ def decode_with_groups(batch: dict[str, np.ndarray], names: list[str]) -> dict[s
 class FairnessCore(MethodCore):
     """MethodCore with a fairness method (methods.py) in place of a noisy-label one."""
 
-    def __init__(self, loop_config: dict, worker):  # noqa: D107 - replaces MethodCore's build
+    def __init__(self, loop_config: dict, worker):  # replaces MethodCore's build
         import torch
 
         from diffinf_ray.config import TrainSection

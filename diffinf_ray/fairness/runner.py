@@ -16,7 +16,7 @@ Config (FairnessConfig; an unknown key is an error naming it; jobs/configs/fairn
     data: {task: age, age_bins: [[18, 35], [50, 80]], num_samples: 1200, resolution: 32, ...}
     train: {epochs: 2, batch_size: 64, lr: 0.001, ...}   # config.TrainSection
 
-A method entry {name: N, pretrain: P, finetune: M, pretrain_epochs: E} pretrains with ERM on
+A method entry {name: N, pretrain: P, method: M, pretrain_epochs: E} pretrains with ERM on
 the manifest the registered pretrainer P returns (methods.py: the plug point for the
 synthetic-pretraining variants) and fine-tunes with method M on the real training split.
 
@@ -74,7 +74,7 @@ class FairnessData(_Strict):
 
 class MethodEntry(_Strict):
     name: str
-    method: str | None = None  # the training method (default: name); finetune method with P
+    method: str | None = None  # the training method (default: name; with `pretrain`: erm), the fine-tune one with P
     options: dict[str, Any] = {}
     pretrain: str | None = None
     pretrain_epochs: int = Field(2, ge=1)
