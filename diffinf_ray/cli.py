@@ -16,6 +16,8 @@
                                                        results ledger (benchmarks/ledger/)
     diffinf ledger [--ledger DIR] [--a diffinf] [--b removal] [--metric accuracy]
                                                        paired differences over the ledger's seeds
+    diffinf fairness CONFIG [key=value ...] [--dry-run]  ERM / reweighting / Group-DRO over
+                                                       bias severities and seeds; table, plot
     diffinf synthfaces-preview --task age --out grid.png
 
 Every command's arguments are defined here (`diffinf COMMAND --help`); the jobs/ recipes reuse
@@ -181,6 +183,12 @@ def _cmd_experiment(args) -> int:
     return run_command(args)
 
 
+def _cmd_fairness(args) -> int:
+    from diffinf_ray.fairness.runner import run_command
+
+    return run_command(args)
+
+
 def _cmd_sweep(args) -> int:
     from diffinf_ray.sweep import run_command
 
@@ -288,6 +296,13 @@ def add_status_arguments(parser, config: str | None = None) -> None:
     _overrides_argument(parser)
 
 
+def add_fairness_arguments(parser, config: str = "config") -> None:
+    _config_argument(parser, config, "fairness YAML (jobs/configs/fairness.yaml; the format is "
+                     "in diffinf_ray/fairness/runner.py)")
+    _overrides_argument(parser, "fairness config keys (severities=[0.95], train.epochs=3)")
+    parser.add_argument("--dry-run", action="store_true", help="print the cells, run nothing")
+
+
 def add_preview_arguments(parser, config: str | None = None) -> None:
     parser.add_argument("--task", choices=["age", "expression"], default="age")
     parser.add_argument("--resolution", type=int, default=64, help="pixels (default 64)")
@@ -314,6 +329,8 @@ COMMANDS = {
                _cmd_record),
     "ledger": ("paired differences over the ledger's seeds",
                add_ledger_arguments, _cmd_ledger),
+    "fairness": ("fairness methods over bias severities; table, plot",
+                 add_fairness_arguments, _cmd_fairness),
     "synthfaces-preview": ("write a PNG grid of synthetic faces per class",
                            add_preview_arguments, _cmd_preview),
 }

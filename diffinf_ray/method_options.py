@@ -42,6 +42,18 @@ METHOD_OPTIONS: dict[str, dict[str, tuple[Any, Any]]] = {
     },
 }
 
+# the fairness methods (diffinf_ray/fairness/: batches carry a group index); Group-DRO's strong
+# L2 is its own default (Sagawa et al. 2020), the others keep the common 0.0
+GROUP_METHOD_OPTIONS: dict[str, dict[str, tuple[Any, Any]]] = {
+    "erm": {},
+    "reweight": {},
+    "upsample": {},
+    "group_dro": {
+        "step_size": (float, 0.01), "adjustment": (float, 0.0), "normalize_loss": (bool, False),
+        "weight_decay": (float, 1e-2),
+    },
+}
+
 
 def option_defaults(options: dict[str, tuple[Any, Any]]) -> dict[str, Any]:
     """key -> default of an options table (COMMON_OPTIONS or one of METHOD_OPTIONS)."""
@@ -63,12 +75,16 @@ def fits(kind, value) -> bool:
     return isinstance(value, kind)
 
 
-def check_options(method: str, given: dict[str, Any]) -> tuple[str, str, str] | None:
+def check_options(method: str, given: dict[str, Any],
+                  methods: dict[str, dict[str, tuple[Any, Any]]] | None = None
+                  ) -> tuple[str, str, str] | None:
     """The first problem with method `method`'s options as (kind, key, message), kind
-    "unknown_key" (the key is the method for an unknown method) or "bad_value"; None if fine."""
-    if method not in METHOD_OPTIONS:
-        return "unknown_key", method, f"known methods: {sorted(METHOD_OPTIONS)}"
-    table = {**COMMON_OPTIONS, **METHOD_OPTIONS[method]}
+    "unknown_key" (the key is the method for an unknown method) or "bad_value"; None if fine.
+    `methods`: the options tables to check against (default METHOD_OPTIONS)."""
+    methods = METHOD_OPTIONS if methods is None else methods
+    if method not in methods:
+        return "unknown_key", method, f"known methods: {sorted(methods)}"
+    table = {**COMMON_OPTIONS, **methods[method]}
     for key, value in given.items():
         if key not in table:
             return "unknown_key", f"{method}.{key}", f"{method} takes {sorted(table)}"

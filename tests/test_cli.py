@@ -52,6 +52,7 @@ OWN_OPTIONS = {
     "record": ["config", "key=value", "--ledger"],
     "status": ["RUN_ROOT", "CONFIG", "key=value"],
     "ledger": ["--ledger", "--a", "--b", "--metric"],
+    "fairness": ["config", "key=value", "--dry-run"],
 }
 
 

@@ -19,6 +19,16 @@ Expressions (0 happy, 1 neutral, 2 surprised, 3 sad) move the mouth curve and op
 and eye opening by a continuous intensity; every person also has a resting mouth curve and
 per-sample micro-variation, so intensities below ~0.25 are genuinely ambiguous with neutral.
 
+Biased draws (`severity` set; issue "fairness", METHOD.md "A second seed"): the skin tone,
+binned into `spurious_levels` values (SPURIOUS_VALUES), is made a spurious attribute. Each sample
+draws its split from (seed, index), its class as usual, a spurious value, and then its person
+uniformly among the people of that split and that value (splits stay identity-disjoint). In the
+training split class k takes its majority value k mod levels with probability `severity` and
+each other value with (1 - severity) / (levels - 1); val and test draw the value uniformly and
+independently of the class, so their (class, value) cells are balanced in expectation.
+`severity` = 1 / levels is no correlation (0.5 for two values). The `group` column then holds
+the cell, "<class name>|<value>", and `spurious` the value alone.
+
 Compute core: no Ray import. The manifest columns are built by `generate_batch`.
 """
 
@@ -44,12 +54,14 @@ MIN_RESOLUTION, MAX_RESOLUTION = 32, 128
 SUPERSAMPLE = 4
 HAIR_STYLES = ("short", "long", "bob", "curly", "cropped")
 SKIN_GROUPS = ("tone_light", "tone_medium", "tone_dark")
+# the spurious attribute's values per number of levels (skin tone binned evenly)
+SPURIOUS_VALUES = {2: ("tone_light", "tone_dark"), 3: SKIN_GROUPS}
 WEAK_FRACTION = 0.15  # expression task: share of samples with a weak (ambiguous) intensity
 WEAK_INTENSITY = (0.05, 0.25)
 CLEAR_INTENSITY = (0.45, 1.0)
 
 # RNG stream tags: every stream is keyed by (seed, key, tag) so streams never collide.
-_TAG_PICK, _TAG_IDENTITY, _TAG_SPLIT, _TAG_SAMPLE = 11, 12, 13, 14
+_TAG_PICK, _TAG_IDENTITY, _TAG_SPLIT, _TAG_SAMPLE, _TAG_BIAS = 11, 12, 13, 14, 15
 
 _SKIN_ANCHORS = np.array(
     [
@@ -119,6 +131,10 @@ class SynthFacesSpec:
     age_bins: tuple[tuple[float, float], ...] = ((0.0, 18.0), (25.0, 40.0), (50.0, 80.0))
     with_masks: bool = True
     split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)  # train / val / test
+    # biased draw (module docstring): None = the plain draw; else the share of each training
+    # class in its majority spurious value
+    severity: float | None = None
+    spurious_levels: int = 2
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -171,6 +187,13 @@ class SynthFacesSpec:
                 f"SynthFacesSpec.split_fractions: {fractions} sums to {sum(fractions):g}, not 1"
             )
         object.__setattr__(self, "split_fractions", fractions)
+        if self.spurious_levels not in SPURIOUS_VALUES:
+            raise ValueError(f"SynthFacesSpec.spurious_levels: {self.spurious_levels!r} is not "
+                             f"one of {sorted(SPURIOUS_VALUES)}")
+        if self.severity is not None:
+            if isinstance(self.severity, bool) or not 0.0 <= float(self.severity) <= 1.0:
+                raise ValueError(f"SynthFacesSpec.severity: {self.severity!r} is not in [0, 1]")
+            object.__setattr__(self, "severity", float(self.severity))
         object.__setattr__(self, "resolution", int(self.resolution))
         object.__setattr__(self, "seed", int(self.seed))
         object.__setattr__(self, "num_identities", int(self.num_identities))
@@ -313,8 +336,58 @@ def identity_factors(seed: int, identity: int) -> IdentityFactors:
 
 
 def identity_of(spec: SynthFacesSpec, index: int) -> int:
-    """The person (0..num_identities-1) of sample `index`."""
+    """The person (0..num_identities-1) of sample `index` (biased draws: module docstring)."""
+    if spec.severity is not None:
+        split, value = biased_cell(spec, index)
+        pool = _spurious_pools(spec.seed, spec.num_identities, spec.split_fractions,
+                               spec.spurious_levels)[(split, value)]
+        if not len(pool):
+            raise ValueError(f"SynthFacesSpec: no person of split {split!r} has spurious value "
+                             f"{SPURIOUS_VALUES[spec.spurious_levels][value]!r}; raise "
+                             f"num_identities ({spec.num_identities})")
+        return int(pool[int(_rng(spec.seed, index, _TAG_PICK).integers(len(pool)))])
     return int(_rng(spec.seed, index, _TAG_PICK).integers(spec.num_identities))
+
+
+def spurious_index(levels: int, skin_tone: float) -> int:
+    """The spurious value (index into SPURIOUS_VALUES[levels]) of a person's skin tone."""
+    return min(int(skin_tone * levels), levels - 1)
+
+
+@lru_cache(maxsize=16)
+def _spurious_pools(seed: int, num_identities: int, fractions: tuple[float, float, float],
+                    levels: int) -> dict[tuple[str, int], np.ndarray]:
+    """{(split, spurious value): the people of that split and value}."""
+    pools: dict[tuple[str, int], list[int]] = {
+        (split, v): [] for split in ("train", "val", "test") for v in range(levels)}
+    for person in range(num_identities):
+        tone = identity_factors(seed, person).skin_tone
+        pools[(_split_of(seed, person, fractions), spurious_index(levels, tone))].append(person)
+    return {key: np.asarray(people, dtype=np.int64) for key, people in pools.items()}
+
+
+def drawn_class(spec: SynthFacesSpec, index: int) -> int:
+    """The class of sample `index`: the first draw of its sample stream (the age bin or the
+    expression), known before its person is picked."""
+    n = len(spec.age_bins) if spec.task == "age" else len(EXPRESSION_CLASSES)
+    return int(_rng(spec.seed, index, _TAG_SAMPLE).integers(n))
+
+
+def biased_cell(spec: SynthFacesSpec, index: int) -> tuple[str, int]:
+    """(split, spurious value index) of sample `index` of a biased draw (module docstring)."""
+    if spec.severity is None:
+        raise ValueError("biased_cell: the spec has no severity")
+    r = _rng(spec.seed, index, _TAG_BIAS)
+    u, train_frac, val_frac = float(r.random()), *spec.split_fractions[:2]
+    split = "train" if u < train_frac else "val" if u < train_frac + val_frac else "test"
+    levels = spec.spurious_levels
+    if split != "train":
+        return split, int(r.integers(levels))
+    majority = drawn_class(spec, index) % levels
+    if r.random() < spec.severity:
+        return split, majority
+    others = [v for v in range(levels) if v != majority]
+    return split, others[int(r.integers(len(others)))]
 
 
 @lru_cache(maxsize=65536)
@@ -989,7 +1062,8 @@ def _background(f: FaceFactors, res: int) -> np.ndarray:
 
 
 def generate_batch(spec: SynthFacesSpec, indices: np.ndarray) -> dict[str, np.ndarray]:
-    """Manifest rows (manifest.py columns plus the synthfaces ones) for sample `indices`."""
+    """Manifest rows (manifest.py columns plus the synthfaces ones) for sample `indices`; a
+    biased draw's `group` is the (class, spurious value) cell and it adds `spurious`."""
     idx = np.asarray(indices).reshape(-1)
     n = len(idx)
     cols: dict[str, list] = {
@@ -1014,7 +1088,7 @@ def generate_batch(spec: SynthFacesSpec, indices: np.ndarray) -> dict[str, np.nd
         cols["split"].append(split_of(spec, f.identity.index))
         cols["label"].append(label_of(spec, f))
         cols["image"].append(encode_png(image))
-        cols["group"].append(f.identity.group)
+        cols["group"].append(_group_of(spec, f))
         cols["identity"].append(f.identity.identity)
         cols["age"].append(f.age)
         cols["expression"].append(f.expression_name)
@@ -1027,6 +1101,9 @@ def generate_batch(spec: SynthFacesSpec, indices: np.ndarray) -> dict[str, np.nd
         return out
 
     label = np.asarray(cols["label"], dtype=np.int32).reshape(n)
+    extra = {}
+    if spec.severity is not None:  # the spurious value alone (the group column is the cell)
+        extra["spurious"] = obj([g.split("|", 1)[1] for g in cols["group"]])
     return {
         "sample_id": obj(cols["sample_id"]),
         "split": obj(cols["split"]),
@@ -1041,7 +1118,17 @@ def generate_batch(spec: SynthFacesSpec, indices: np.ndarray) -> dict[str, np.nd
         "expression": obj(cols["expression"]),
         "expression_intensity": np.asarray(cols["expression_intensity"], np.float64).reshape(n),
         "mask": obj(cols["mask"]),
+        **extra,
     }
+
+
+def _group_of(spec: SynthFacesSpec, f: FaceFactors) -> str:
+    """The plain draw's skin-tone group, or a biased draw's cell "<class name>|<value>"."""
+    if spec.severity is None:
+        return f.identity.group
+    values = SPURIOUS_VALUES[spec.spurious_levels]
+    value = values[spurious_index(spec.spurious_levels, f.identity.skin_tone)]
+    return f"{class_names(spec)[label_of(spec, f)]}|{value}"
 
 
 def preview_grid(spec: SynthFacesSpec, per_class: int = 8) -> bytes:

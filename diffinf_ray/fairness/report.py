@@ -1,0 +1,131 @@
+"""The fairness table and plot from the cell results (runner.py).
+
+Rows: one per (severity, method) with n seeds; average and worst-group test accuracy as
+mean ± std (ddof 1) over seeds; the paired difference to the reference method (`erm`, same
+seed = same draw and initial weights) as mean ± std of the per-seed differences.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+METRICS = (("accuracy", "average"), ("worst_group_accuracy", "worst-group"))
+
+
+def _mean_std(values: list[float]) -> tuple[float, float | None]:
+    mean = float(np.mean(values))
+    return mean, (float(np.std(values, ddof=1)) if len(values) > 1 else None)
+
+
+def _fmt(mean: float, std: float | None) -> str:
+    return f"{mean:.1f}" if std is None else f"{mean:.1f} ± {std:.1f}"
+
+
+def summary_rows(results: list[dict], reference: str = "erm") -> list[dict]:
+    """One dict per (severity, method): n, <metric>_mean/_std, <metric>_diff_mean/_std."""
+    by_key: dict[tuple[float, str], dict[int, dict]] = {}
+    methods: list[str] = []
+    for r in results:
+        by_key.setdefault((r["severity"], r["method"]), {})[r["seed"]] = r["test"]
+        if r["method"] not in methods:
+            methods.append(r["method"])
+    rows = []
+    for severity in sorted({s for s, _ in by_key}):
+        for method in methods:
+            cells = by_key.get((severity, method))
+            if not cells:
+                continue
+            row = {"severity": severity, "method": method, "n": len(cells)}
+            ref = by_key.get((severity, reference), {})
+            for key, _ in METRICS:
+                row[f"{key}_mean"], row[f"{key}_std"] = _mean_std([c[key] for c in
+                                                                  cells.values()])
+                paired = [cells[s][key] - ref[s][key] for s in sorted(cells) if s in ref]
+                if method != reference and paired:
+                    row[f"{key}_diff_mean"], row[f"{key}_diff_std"] = _mean_std(paired)
+            rows.append(row)
+    return rows
+
+
+def table_markdown(rows: list[dict], reference: str = "erm") -> str:
+    lines = ["| severity | method | seeds | average acc. (%) | worst-group acc. (%) | "
+             f"Δ average vs {reference} | Δ worst-group vs {reference} |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        cells = [_fmt(r[f"{k}_mean"], r[f"{k}_std"]) for k, _ in METRICS]
+        diffs = [("+" if r[f"{k}_diff_mean"] >= 0 else "") + _fmt(r[f"{k}_diff_mean"],
+                                                                   r[f"{k}_diff_std"])
+                 if f"{k}_diff_mean" in r else "-" for k, _ in METRICS]
+        lines.append(f"| {r['severity']:g} | {r['method']} | {r['n']} | " +
+                     " | ".join(cells + diffs) + " |")
+    return "\n".join(lines)
+
+
+def per_group_markdown(results: list[dict]) -> str:
+    """Per severity: per-group test accuracy of each method, mean over seeds."""
+    from diffinf_ray.fairness.metrics import per_group_table
+
+    out = []
+    for severity in sorted({r["severity"] for r in results}):
+        merged: dict[str, dict] = {}
+        for r in results:
+            if r["severity"] != severity:
+                continue
+            m = merged.setdefault(r["method"], {"per_group": {}})
+            for g, v in r["test"]["per_group"].items():
+                m["per_group"].setdefault(g, {"n": v["n"], "acc": []})["acc"].append(
+                    v["accuracy"])
+        for m in merged.values():
+            m["per_group"] = {g: {"n": v["n"], "accuracy": float(np.mean(v["acc"]))}
+                              for g, v in m["per_group"].items()}
+        out += [f"### severity {severity:g} (test accuracy %, mean over seeds; n of the "
+                "first seed)", "", per_group_table(merged), ""]
+    return "\n".join(out)
+
+
+def plot_worst_group(rows: list[dict], path: Path) -> None:
+    """Worst-group accuracy vs severity, one line per method, ± std as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        pts = sorted((r["severity"], r["worst_group_accuracy_mean"],
+                      r["worst_group_accuracy_std"] or 0.0) for r in rows if r["method"] == method)
+        xs, ys, es = zip(*pts, strict=True)
+        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=method)
+    ax.set_xlabel("severity (share of each training class in its majority group)")
+    ax.set_ylabel("worst-group test accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_summary(root: str | Path, results: list[dict], reference: str = "erm") -> list[dict]:
+    """table.md, table.csv, per_group.md and worst_group_vs_severity.png under `root`."""
+    import csv
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    rows = summary_rows(results, reference)
+    (root / "table.md").write_text(table_markdown(rows, reference) + "\n")
+    (root / "per_group.md").write_text(per_group_markdown(results))
+    keys = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("severity", "method",
+                                                                          "n"), k))
+    with open(root / "table.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: ("" if r.get(k) is None or (isinstance(r.get(k), float) and
+                                                            math.isnan(r[k])) else r.get(k))
+                             for k in keys})
+    if rows:
+        plot_worst_group(rows, root / "worst_group_vs_severity.png")
+    return rows
