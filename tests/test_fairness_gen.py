@@ -154,6 +154,17 @@ def test_plan_rows_balances_cells_and_splits_clusters_by_size():
     assert [r["seed"] for r in again] == [r["seed"] for r in rows]
 
 
+def test_variants_by_name():
+    from diffinf_ray.fairness_gen.variants import VARIANTS, variant_by_name
+
+    assert {v.name: (v.method, v.clusters > 0) for v in VARIANTS.values()} == {
+        "vanilla": ("vanilla", False), "lora": ("lora", False),
+        "dreambooth": ("dreambooth", False), "lora_cluster": ("lora", True),
+        "dreambooth_cluster": ("dreambooth", True)}
+    with pytest.raises(KeyError, match="choose from"):
+        variant_by_name("nope")
+
+
 def test_cells_group_rows_by_label_and_group():
     cells = cells_of(["s1", "s2", "s3"], [b"1", b"2", b"3"], [1, 0, 1], ["x", "y", "x"])
     assert list(cells) == [Cell(0, "y"), Cell(1, "x")]
