@@ -200,3 +200,28 @@ def test_generator_folders_load_back_to_the_same_images(tmp_path, kind):
     assert torch.allclose(gen.sample([5, 6, 7], steps=2), direct, atol=1e-5)
     assert torch.allclose(one_by_one, direct, atol=1e-5)
     assert not torch.allclose(direct[0], direct[1])
+
+
+def test_plan_jobs_one_per_cell_or_per_cluster(tmp_path):
+    from diffinf_ray.fairness_gen.fit import plan_jobs
+
+    rng = np.random.default_rng(0)
+    cells = cells_of([f"s{i}" for i in range(14)], [bytes([i]) for i in range(14)],
+                     [0] * 10 + [1] * 4, ["a"] * 10 + ["b"] * 4)
+    codes = {Cell(0, "a"): np.concatenate([rng.normal(0, .1, (6, 3)), rng.normal(4, .1, (4, 3))]),
+             Cell(1, "b"): np.array([[0.0, 0, 0], [5, 5, 5], [0.1, 0, 0], [5, 5, 5.1]])}
+    out = Location(str(tmp_path))
+    plain = plan_jobs(cells, codes, "lora", out)
+    assert [(j.name, len(j.images), j.cluster) for j in plain] == [("lora/y0-a", 10, None),
+                                                                    ("lora/y1-b", 4, None)]
+    assert plain[0].label_prior.count == 10 and plain[0].prior.count == 10
+    clustered = plan_jobs(cells, codes, "lora_cluster", out, clusters=2)
+    assert [(j.name, len(j.images)) for j in clustered] == [
+        ("lora_cluster/y0-a/c0", 6), ("lora_cluster/y0-a/c1", 4),
+        ("lora_cluster/y1-b/c0", 2), ("lora_cluster/y1-b/c1", 2)]
+    assert clustered[1].images == [bytes([i]) for i in range(6, 10)]
+    assert clustered[1].folder.endswith("lora_cluster/y0-a/c1")
+    assert clustered[1].label_prior.count == 10  # DreamBooth's prior: every image of the label
+    assert clustered[2].images == [bytes([10]), bytes([12])]
+    skewed = {**codes, Cell(1, "b"): np.array([[0.0, 0, 0], [5, 5, 5], [0.1, 0, 0], [0, 0.1, 0]])}
+    assert len(plan_jobs(cells, skewed, "v", out, clusters=2)) == 3  # 3 + 1 is below min_size
