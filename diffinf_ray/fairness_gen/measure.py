@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -86,6 +87,10 @@ def priors(base, cells, cell: Cell) -> tuple[ZPrior, ZPrior]:
     return ZPrior.fit(np.concatenate(list(codes.values()))), ZPrior.fit(codes[cell])
 
 
+def note(message: str, t0: float) -> None:
+    print(f"[{time.perf_counter() - t0:7.1f} s] {message}", file=sys.stderr, flush=True)
+
+
 def run(args) -> dict:
     from diffinf_ray.fairness_gen.finetune import finetune_lora
     from diffinf_ray.fairness_gen.generator import load_base, resolve_base
@@ -97,6 +102,7 @@ def run(args) -> dict:
     t0 = time.perf_counter()
     data, judge_data = draw(0, args.faces, args.faces // 3), draw(1, args.faces, args.faces // 3)
     judges, judge_accuracy = fit_judges(judge_data)
+    note(f"draws and judges ready (judge test accuracy {judge_accuracy})", t0)
     train = data["split"] == "train"
     cells = cells_of(data["sample_id"][train], list(data["image"][train]), data["label"][train],
                      data["group"][train])
@@ -113,6 +119,7 @@ def run(args) -> dict:
     tuned, fit = finetune_lora(load_base(resolve_base("synthfaces32_diffae")),
                                to_tensor(cells[cell].images), cell.label, settings)
     models["lora"] = tuned
+    note(f"LoRA fine-tune: {fit['steps']} steps in {fit['seconds']:.0f} s", t0)
     trainable, total = count_parameters(tuned)
     result["lora_fit"] = {k: v for k, v in fit.items() if k != "lora_targets"}
     result["lora_fit"].update(trainable=trainable, base_parameters=total - trainable,
@@ -126,6 +133,8 @@ def run(args) -> dict:
                                           "seconds_per_image":
                                           (time.perf_counter() - start) / len(seeds)}
             save_grid(images, out / f"{kind}_{prior_name}.png")
+            note(f"{name}: {result['generators'][name]}", t0)
+            (out / "measure.json").write_text(json.dumps(result, indent=2) + "\n")
     result["seconds_total"] = time.perf_counter() - t0
     (out / "measure.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
