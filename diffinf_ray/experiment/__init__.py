@@ -35,7 +35,8 @@ run starts. Progress: <root>/experiment.json {"runs": {run_id: {status, stages_r
 
 Out (`write_table`), under <root>/table/:
     table.md, table.csv, table.html  rows: noisy, Small-loss, ELR+, removal, DiffInf,
-        ProSelfLC, ProMix, clean ceiling; per task: accuracy (%), AUROC (x100), linear kappa,
+        ProSelfLC, ProMix (the paper's), any other condition measured (a registered method,
+        labelled as in baselines/registry.py), clean ceiling; per task: accuracy (%), AUROC (x100), linear kappa,
         ECE as "mean ± std (n=seeds)" (sample std, ddof=1); "-" where nothing was measured.
         A second table: per-class LPIPS of the edits (mean ± std over seeds of the per-seed
         class means). The HTML embeds its images (base64): one self-contained file.

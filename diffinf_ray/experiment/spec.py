@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
+from diffinf_ray.baselines.registry import METHODS
 from diffinf_ray.config import STAGES, as_override_mapping
 
 DEFAULT_STAGES = ["ingest", "noise", "train", "evaluate", "influence", "removal", "baselines",
@@ -17,17 +18,17 @@ BASELINE_STAGES = ["ingest", "noise", "train", "evaluate"]  # clean ceiling, noi
 # Keys the runner sets itself per run; overriding them would make runs collide.
 MANAGED_KEYS = ("run.root", "run.name", "run.seed", "stages")
 
-# Table 1's rows in the paper's order (condition key -> label); the clean ceiling is ours.
+# condition key -> its row label: the run's own conditions, the ceiling (ours) and every
+# registered noisy-label method (baselines/registry.py)
 CONDITIONS = {
     "noisy": "trained on noisy labels",
-    "small_loss": "Small-loss",
-    "elr_plus": "ELR+",
     "removal": "self-influence removal",
     "diffinf": "DiffInf (self-influence generation)",
-    "proselflc": "ProSelfLC",
-    "promix": "ProMix",
     "clean": "clean labels (ceiling)",
+    **{m.name: m.label for m in METHODS.values()},
 }
+# Table 1's rows in the paper's order, always shown; other conditions follow when measured
+PAPER_ROWS = ("noisy", "small_loss", "elr_plus", "removal", "diffinf", "proselflc", "promix")
 # metric column -> (label, digits)
 METRICS = {"accuracy": ("acc (%)", 2), "auroc": ("AUROC", 2), "kappa": ("kappa", 3),
            "ece": ("ECE", 4)}

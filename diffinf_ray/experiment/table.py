@@ -16,7 +16,7 @@ from diffinf_ray.experiment.aggregate import (
 )
 from diffinf_ray.experiment.plan import Run, experiment_location, plan
 from diffinf_ray.experiment.plots import accuracy_vs_noise_png, detection_curves_png
-from diffinf_ray.experiment.spec import CONDITIONS, METRICS, ExperimentConfig
+from diffinf_ray.experiment.spec import CONDITIONS, METRICS, PAPER_ROWS, ExperimentConfig
 from diffinf_ray.render import (
     html_heading,
     html_inline_png,
@@ -44,9 +44,8 @@ def mean_std_cell(values, digits: int) -> str:
 
 def condition_order(present: Iterable[str]) -> list[str]:
     """Table 1's rows, then conditions it does not name (e.g. `standard`), then the ceiling."""
-    known = [c for c in CONDITIONS if c != "clean"]
-    extra = sorted(set(present) - set(CONDITIONS))
-    return [*known, *extra, "clean"]
+    extra = sorted(set(present) - {*PAPER_ROWS, "clean"})
+    return [*PAPER_ROWS, *extra, "clean"]
 
 
 def format_table(long: pd.DataFrame, tasks: list[str] | None = None) -> pd.DataFrame:
