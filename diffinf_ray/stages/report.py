@@ -221,12 +221,12 @@ def run_report(cfg: Config, root: RunRoot) -> dict:
         md += ["\n## Independent judges (oracle; never used by the edit)\n",
                f"Attribute oracle (clean labels, separate draw): test accuracy "
                f"{oracle['attribute_oracle']['test_accuracy']:.1f}%.\n\n",
-               "| edits | oracle says target label: before | after |\n|---|---|---|\n"]
-        for key in ("all", "corrupted_label", "clean_label"):
-            s = oracle[key]
-            if s.get("edits"):
-                md.append(f"| {key} ({s['edits']}) | {s['oracle_target_before']:.3f} | "
-                          f"{s['oracle_target_after']:.3f} |\n")
+               _table_md(pd.DataFrame(
+                   [(f"{key} ({oracle[key]['edits']})", oracle[key]["oracle_target_before"],
+                     oracle[key]["oracle_target_after"])
+                    for key in ("all", "corrupted_label", "clean_label")
+                    if oracle[key].get("edits")],
+                   columns=["edits", "oracle says target label: before", "after"]))]
         io = oracle["identity_oracle"]
         md.append(_identity_oracle_quality(io))
         md.append(f"\nIdentity oracle on its own test split: mean similarity of same-person pairs "
