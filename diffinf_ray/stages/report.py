@@ -167,6 +167,32 @@ def detection_section(root: RunRoot, tau: float, summary: dict) -> list[str]:
     return md
 
 
+def oracle_section(oracle: dict) -> list[str]:
+    """The report's markdown on the independent judges (oracle/report.json)."""
+    rows = [(f"{key} ({oracle[key]['edits']})", oracle[key]["oracle_target_before"],
+             oracle[key]["oracle_target_after"])
+            for key in ("all", "corrupted_label", "clean_label") if oracle[key].get("edits")]
+    md = ["\n## Independent judges (oracle; never used by the edit)\n",
+          f"Attribute oracle (clean labels, separate draw): test accuracy "
+          f"{oracle['attribute_oracle']['test_accuracy']:.1f}%.\n\n",
+          _table_md(pd.DataFrame(rows, columns=["edits", "oracle says target label: before",
+                                                "after"]))]
+    io = oracle["identity_oracle"]
+    md.append(_identity_oracle_quality(io))
+    md.append(f"\nIdentity oracle on its own test split: mean similarity of same-person pairs "
+              f"{io['mean_same_person_similarity']:.4f}, different-person pairs "
+              f"{io['mean_different_person_similarity']:.4f}; edit vs original: "
+              f"{oracle['mean_identity_similarity_oracle']:.4f}.\n\n"
+              f"Identity retention (share of edits above the threshold): "
+              f"{oracle['identity_retention_at_eer']:.3f} at the equal-error-rate threshold "
+              f"{io['threshold_at_eer']:.3f} (same-person pairs pass at "
+              f"{io['same_person_accept_rate_at_eer']:.3f}); "
+              f"{oracle['identity_retention']:.3f} at the 1%-false-accept threshold "
+              f"{io['threshold_at_far_1pct']:.3f} (same-person pairs pass at "
+              f"{io['same_person_accept_rate']:.3f}).\n")
+    return md
+
+
 def run_report(cfg: Config, root: RunRoot) -> dict:
     out = root.child(STAGE_FOLDER)
     names = cfg.class_names
@@ -217,29 +243,8 @@ def run_report(cfg: Config, root: RunRoot) -> dict:
 
     oracle = _read_json(root.child("oracle", "report.json"))
     if oracle:
+        md += oracle_section(oracle)
         a = oracle["all"]
-        md += ["\n## Independent judges (oracle; never used by the edit)\n",
-               f"Attribute oracle (clean labels, separate draw): test accuracy "
-               f"{oracle['attribute_oracle']['test_accuracy']:.1f}%.\n\n",
-               _table_md(pd.DataFrame(
-                   [(f"{key} ({oracle[key]['edits']})", oracle[key]["oracle_target_before"],
-                     oracle[key]["oracle_target_after"])
-                    for key in ("all", "corrupted_label", "clean_label")
-                    if oracle[key].get("edits")],
-                   columns=["edits", "oracle says target label: before", "after"]))]
-        io = oracle["identity_oracle"]
-        md.append(_identity_oracle_quality(io))
-        md.append(f"\nIdentity oracle on its own test split: mean similarity of same-person pairs "
-                  f"{io['mean_same_person_similarity']:.4f}, different-person pairs "
-                  f"{io['mean_different_person_similarity']:.4f}; edit vs original: "
-                  f"{oracle['mean_identity_similarity_oracle']:.4f}.\n\n"
-                  f"Identity retention (share of edits above the threshold): "
-                  f"{oracle['identity_retention_at_eer']:.3f} at the equal-error-rate threshold "
-                  f"{io['threshold_at_eer']:.3f} (same-person pairs pass at "
-                  f"{io['same_person_accept_rate_at_eer']:.3f}); "
-                  f"{oracle['identity_retention']:.3f} at the 1%-false-accept threshold "
-                  f"{io['threshold_at_far_1pct']:.3f} (same-person pairs pass at "
-                  f"{io['same_person_accept_rate']:.3f}).\n")
         summary["oracle"] = {"target_before": a.get("oracle_target_before"),
                              "target_after": a.get("oracle_target_after"),
                              "identity_retention": oracle["identity_retention"],
