@@ -171,10 +171,11 @@ def resolve_config(name: str, cfg: Mapping[str, Any] | None) -> dict:
 class MethodBase:
     """Shared plumbing: config, optimisers, learning rate, device moves, state dicts.
 
-    Subclasses set `name` (their registry.py entry, which holds their options and defaults),
-    may adjust the options a run builds them with (`run_options`), build their networks into `self._nets` (ordered),
-    optimisers into `self._optimizers`, list extra modules (EMA copies) in `self._extra_modules`
-    and per-sample / scalar state through `_extra_state` / `_load_extra_state`.
+    Subclasses set `name` (their registry.py entry holds their options and defaults), may
+    adjust the options a run builds them with (`run_options`), build their networks into
+    `self._nets` (ordered), optimisers into `self._optimizers`, list extra modules (EMA copies)
+    in `self._extra_modules` and per-sample / scalar state through `_extra_state` /
+    `_load_extra_state`.
     """
 
     name = "base"
