@@ -153,7 +153,8 @@ def test_coteaching_forget_rate_defaults_to_the_injected_noise_rate(caplog):
 
     cfg = load_config(TINY, ["noise.rate=0.3"])
     assert method_options(cfg, "small_loss")["noise_rate"] == 0.3
-    given = load_config(TINY, ["noise.rate=0.3", "baselines.options={small_loss: {forget_rate: 0.1}}"])
+    given = load_config(TINY, ["noise.rate=0.3",
+                               "baselines.options={small_loss: {forget_rate: 0.1}}"])
     assert "noise_rate" not in method_options(given, "small_loss")
     clean = load_config(TINY, ["noise.rate=0.0"])
     with caplog.at_level("WARNING", logger="diffinf_ray.stages.baselines"):

@@ -51,7 +51,8 @@ REGISTERED = (
     Method("standard", "standard", "diffinf_ray.baselines.standard:Standard", {}),
     Method("small_loss", "Small-loss", "diffinf_ray.baselines.coteaching:CoTeaching", {
         "forget_rate": (float, None), "noise_rate": (float, None), "num_gradual": (int, 10),
-        "exponent": (float, 1.0), "co_teaching": (bool, True), "eval_net": (("net1", "mean"), "net1"),
+        "exponent": (float, 1.0), "co_teaching": (bool, True),
+        "eval_net": (("net1", "mean"), "net1"),
     }),
     Method("elr_plus", "ELR+", "diffinf_ray.baselines.elr:ELRPlus", {
         "beta": (float, 0.7), "lam": (float, 3.0), "mixup_alpha": (float, 1.0),
