@@ -234,7 +234,7 @@ def add_config_arguments(parser, config: str = "config") -> None:
 
 def add_experiment_arguments(parser, config: str = "config") -> None:
     _config_argument(parser, config, "experiment YAML (jobs/configs/experiment.yaml; the "
-                     "format is in diffinf_ray/experiment.py)")
+                     "format is in diffinf_ray/experiment/__init__.py)")
     parser.add_argument("--task", action="append", dest="tasks", metavar="T",
                         help="run only this task (repeatable)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
@@ -244,7 +244,7 @@ def add_experiment_arguments(parser, config: str = "config") -> None:
 
 def add_sweep_arguments(parser, config: str = "config") -> None:
     _config_argument(parser, config, "sweep YAML (jobs/configs/sweep.yaml; the format is in "
-                     "diffinf_ray/sweep.py)")
+                     "diffinf_ray/sweep/__init__.py)")
     _overrides_argument(parser, "sweep keys (num_samples=4, scheduler.kind=fifo, "
                         "params.edit.w_id={choice: [1, 2]}) or base config keys (run.root=...)")
     parser.add_argument("--restore", action=argparse.BooleanOptionalAction, default=True,

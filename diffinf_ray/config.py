@@ -26,6 +26,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from diffinf_ray.baselines.registry import METHODS as NOISY_LABEL_METHODS
+from diffinf_ray.baselines.registry import check_options, fits
 from diffinf_ray.diffae.timesteps import ddim_timesteps
 from diffinf_ray.edit.methods import edit_method
 
@@ -189,7 +191,6 @@ class AutoencoderSection(_Section):
     def _diffae_fields(cls, overrides: dict) -> dict:
         """Keys are DiffAEConfig fields (diffae/config.py, torch-free) of the right kind."""
         from diffinf_ray.diffae.config import field_types
-        from diffinf_ray.method_options import fits
 
         kinds = field_types()
         for key, value in overrides.items():
@@ -380,20 +381,20 @@ class BaselinesSection(_Section):
     Ray Train on the noisy training split like the baseline classifier (train section: epochs,
     batch size, lr, workers) and evaluated on the clean test split like it.
 
-    `options` holds each method's own keys (diffinf_ray/method_options.py), e.g.
+    `methods` are names in the registry (diffinf_ray/baselines/registry.py); `options` holds
+    each method's own keys (listed there), e.g.
     {small_loss: {noise_rate: 0.3}}; an unknown key or a value of the wrong kind is an error
     when the config is loaded.
     """
 
-    methods: list[Literal["standard", "small_loss", "elr_plus", "proselflc", "promix"]] = [
+    methods: list[Literal[tuple(NOISY_LABEL_METHODS)]] = [
         "small_loss", "elr_plus", "proselflc", "promix"]
     options: dict[str, dict[str, int | float | bool | str]] = {}
 
     @field_validator("options")
     @classmethod
     def _method_options(cls, options: dict) -> dict:
-        """Per method, its own keys of the right kind (method_options.py, torch-free)."""
-        from diffinf_ray.method_options import check_options
+        """Per method, its own keys of the right kind (baselines/registry.py, torch-free)."""
 
         for method, given in options.items():
             problem = check_options(method, given)

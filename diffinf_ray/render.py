@@ -1,5 +1,6 @@
 """Markdown and HTML for the run report (stages/report.py) and the experiment table
-(experiment.py): tables from DataFrames, images, and self-contained HTML pages.
+(experiment/table.py): tables from DataFrames, images, self-contained HTML pages, and
+matplotlib figures as PNG bytes.
 
 No project imports and nothing heavy (pandas only for type hints): both callers build their
 documents from these pieces, so a table or page looks the same wherever it is written.
@@ -109,3 +110,24 @@ def markdown_to_html(markdown_text: str, title: str) -> str:
             body.append(html_paragraph(line.replace("**", "")))
     flush()
     return html_page(title, body)
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (imported on first use: it is heavy)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def figure_png(fig, dpi: int = 110) -> bytes:
+    """A matplotlib figure as PNG bytes (tight layout); the figure is closed."""
+    import io
+
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=dpi)
+    pyplot().close(fig)
+    return buf.getvalue()

@@ -6,7 +6,7 @@ Runs unchanged locally and under `ray job submit`:
     ray job submit --working-dir . -- python -m jobs.experiment --config jobs/configs/experiment_tiny.yaml
 
 Under `ray job submit` it joins the job's cluster; otherwise it starts a local Ray. Repeating
-the command resumes: finished stages of every run are skipped (diffinf_ray/experiment.py).
+the command resumes: finished stages of every run are skipped (diffinf_ray/experiment/).
 Writes <root>/experiment.json (progress) and <root>/table/ (table.md, .csv, .html, plots).
 The arguments are `diffinf experiment`'s (diffinf_ray/cli.py), the config as --config.
 """

@@ -9,7 +9,7 @@ Runs unchanged locally and under `ray job submit`:
 
 Under `ray job submit` it joins the job's cluster; otherwise it starts a local Ray. Running it
 again resumes an interrupted sweep (`--no-restore` starts over). Results: results.csv,
-best.json and objective_vs_<param>.png under the sweep root (diffinf_ray/sweep.py).
+best.json and objective_vs_<param>.png under the sweep root (diffinf_ray/sweep/).
 The arguments are `diffinf sweep`'s (diffinf_ray/cli.py), the config as --config.
 """
 

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffinf_ray.baselines import METHODS, MethodError, build_method, method_defaults, run_epoch
-from diffinf_ray.baselines.base import NoisyLabelMethod, sigmoid_rampup
+from diffinf_ray.baselines import METHODS, MethodError, build_method, method_defaults
+from diffinf_ray.baselines.base import NoisyLabelMethod, run_epoch, sigmoid_rampup
 from diffinf_ray.baselines.coteaching import forget_rate, keep_count, small_loss_indices
 from diffinf_ray.baselines.elr import elr_regularizer
 from diffinf_ray.baselines.promix import (

@@ -145,3 +145,38 @@ def test_promix_that_would_only_warm_up_is_warned(caplog):
     with caplog.at_level("WARNING", logger="diffinf_ray.stages.baselines"):
         assert method_options(fixed, "promix")["pretrain_epochs"] == 3
     assert "only warms up" not in caplog.text
+
+
+def test_coteaching_forget_rate_defaults_to_the_injected_noise_rate(caplog):
+    """Co-teaching's run options (its `run_options`): noise.rate unless a rate is given."""
+    from diffinf_ray.stages.baselines import method_options
+
+    cfg = load_config(TINY, ["noise.rate=0.3"])
+    assert method_options(cfg, "small_loss")["noise_rate"] == 0.3
+    given = load_config(TINY, ["noise.rate=0.3",
+                               "baselines.options={small_loss: {forget_rate: 0.1}}"])
+    assert "noise_rate" not in method_options(given, "small_loss")
+    clean = load_config(TINY, ["noise.rate=0.0"])
+    with caplog.at_level("WARNING", logger="diffinf_ray.stages.baselines"):
+        assert method_options(clean, "small_loss")["noise_rate"] == 0.0
+    assert "forgets nothing" in caplog.text
+
+
+@pytest.mark.parametrize("name", ["standard", "small_loss", "elr_plus", "proselflc", "promix"])
+def test_checkpoint_members_predict_like_the_method(name):
+    """The classifiers stored in a method's checkpoint average to its test-time logits."""
+    from diffinf_ray.baselines import build_method
+    from diffinf_ray.models.classifier import AttributeClassifier, build_classifier
+    from diffinf_ray.stages.baselines import checkpoint_members, method_options
+
+    cfg = load_config(TINY, ["noise.rate=0.3", "train.epochs=20"])
+    torch.manual_seed(0)
+    method = build_method(name, 3, 10, method_options(cfg, name),
+                          lambda: build_classifier(3, 16), 1e-3)
+    model = method.eval_model().eval()
+    members = checkpoint_members(model)
+    assert members and all(isinstance(m, AttributeClassifier) for m in members)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        mean = torch.stack([m.eval()(x) for m in members]).mean(dim=0)
+        assert torch.allclose(model(x), mean, atol=1e-5)

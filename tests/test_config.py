@@ -198,17 +198,35 @@ def test_good_free_form_values_load(tmp_path):
 def test_option_tables_are_the_methods_defaults():
     """The torch-free tables the config checks against are what the methods are built with."""
     from diffinf_ray.baselines import METHODS, method_defaults
+    from diffinf_ray.baselines.base import MethodBase
+    from diffinf_ray.baselines.registry import COMMON_OPTIONS, fits
     from diffinf_ray.diffae.config import field_types
     from diffinf_ray.diffae.model import DiffAEConfig
-    from diffinf_ray.method_options import COMMON_OPTIONS, METHOD_OPTIONS, fits
 
-    assert set(METHOD_OPTIONS) == set(METHODS)
+    METHOD_OPTIONS = {name: entry.options for name, entry in METHODS.items()}
+    for name, entry in METHODS.items():  # each entry's class is the method of that name
+        cls = entry.load()
+        assert issubclass(cls, MethodBase) and cls.name == name
     for name, table in METHOD_OPTIONS.items():
         defaults = method_defaults(name)
         assert set(defaults) == set(table) | set(COMMON_OPTIONS)
         for key, (kind, default) in {**COMMON_OPTIONS, **table}.items():
             assert default is None or fits(kind, default), (name, key)
     assert set(field_types()) == set(DiffAEConfig.__dataclass_fields__)
+
+
+def test_baselines_methods_are_the_registered_ones():
+    """`baselines.methods` takes every registered method and nothing else; the experiment
+    table has a row label for each."""
+    from diffinf_ray.baselines import METHODS
+    from diffinf_ray.experiment import CONDITIONS
+
+    cfg = load_config("jobs/configs/tiny.yaml", [f"baselines.methods=[{','.join(METHODS)}]"])
+    assert cfg.baselines.methods == list(METHODS)
+    with pytest.raises(ConfigError, match="baselines.methods"):
+        load_config("jobs/configs/tiny.yaml", ["baselines.methods=[mentornet]"])
+    assert {name: CONDITIONS[name] for name in METHODS} == {
+        name: entry.label for name, entry in METHODS.items()}
 
 
 def test_config_module_does_not_import_torch():

@@ -17,12 +17,12 @@ from diffinf_ray.run_root import RunRoot
 from diffinf_ray.stage_registry import REGISTRY
 from diffinf_ray.sweep import (
     SharedRunRoot,
-    _check_same_sweep,
     load_sweep,
     main,
     plot_objective,
     run_sweep,
 )
+from diffinf_ray.sweep.run import _check_same_sweep
 
 CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
 

@@ -48,12 +48,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffinf_ray.method_options import COMMON_OPTIONS, option_defaults
+from diffinf_ray.baselines.registry import MethodError, method_defaults
 
 Batch = Mapping[str, torch.Tensor]
 ModelFactory = Callable[[], nn.Module]
-
-COMMON_DEFAULTS: dict[str, Any] = option_defaults(COMMON_OPTIONS)  # diffinf_ray/method_options.py
 
 
 @runtime_checkable
@@ -92,10 +90,6 @@ class NoisyLabelMethod(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
-
-
-class MethodError(ValueError):
-    """A method was configured or fed wrongly."""
 
 
 # ----------------------------------------------------------------------------- shared maths
@@ -149,6 +143,10 @@ class LogitAverage(nn.Module):
         super().__init__()
         self.members = nn.ModuleList(members)
 
+    def checkpoint_members(self) -> list[nn.Module]:
+        """The networks whose logits it averages (stored as one classifier checkpoint)."""
+        return list(self.members)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return torch.stack([m(images) for m in self.members]).mean(dim=0)
 
@@ -156,9 +154,10 @@ class LogitAverage(nn.Module):
 # ----------------------------------------------------------------------------- base class
 
 
-def resolve_config(name: str, defaults: Mapping[str, Any], cfg: Mapping[str, Any] | None) -> dict:
-    """defaults (method + common) updated by cfg; unknown keys are an error (typos fail loudly)."""
-    merged = {**COMMON_DEFAULTS, **defaults}
+def resolve_config(name: str, cfg: Mapping[str, Any] | None) -> dict:
+    """The registered defaults (method + common, registry.py) updated by cfg; unknown keys are
+    an error (typos fail loudly)."""
+    merged = method_defaults(name)
     cfg = dict(cfg or {})
     unknown = sorted(set(cfg) - set(merged))
     if unknown:
@@ -172,13 +171,22 @@ def resolve_config(name: str, defaults: Mapping[str, Any], cfg: Mapping[str, Any
 class MethodBase:
     """Shared plumbing: config, optimisers, learning rate, device moves, state dicts.
 
-    Subclasses set `name`, `DEFAULTS`, build their networks into `self._nets` (ordered),
-    optimisers into `self._optimizers`, list extra modules (EMA copies) in `self._extra_modules`
-    and per-sample / scalar state through `_extra_state` / `_load_extra_state`.
+    Subclasses set `name` (their registry.py entry holds their options and defaults), may
+    adjust the options a run builds them with (`run_options`), build their networks into
+    `self._nets` (ordered), optimisers into `self._optimizers`, list extra modules (EMA copies)
+    in `self._extra_modules` and per-sample / scalar state through `_extra_state` /
+    `_load_extra_state`.
     """
 
     name = "base"
-    DEFAULTS: dict[str, Any] = {}
+
+    @classmethod
+    def run_options(cls, given: dict[str, Any], epochs: int,
+                    noise_rate: float) -> tuple[dict[str, Any], list[str]]:
+        """The options a pipeline run builds the method with: `given` (baselines.options) plus
+        what the run knows for it (`epochs` = train.epochs, `noise_rate` = noise.rate), and
+        warnings for the user. By default `given` as it is."""
+        return given, []
 
     def __init__(self, num_classes: int, num_samples: int, cfg: Mapping[str, Any] | None,
                  model_factory: ModelFactory, lr: float):
@@ -191,7 +199,7 @@ class MethodBase:
         self.num_classes = int(num_classes)
         self.num_samples = int(num_samples)
         self.lr = float(lr)
-        self.config = resolve_config(self.name, self.DEFAULTS, cfg)
+        self.config = resolve_config(self.name, cfg)
         self.model_factory = model_factory
         self._nets: list[nn.Module] = []
         self._extra_modules: list[nn.Module] = []

@@ -37,7 +37,6 @@ import torch
 import torch.nn.functional as F
 
 from diffinf_ray.baselines.base import Batch, LogitAverage, MethodBase, MethodError, ceil_count
-from diffinf_ray.method_options import METHOD_OPTIONS, option_defaults
 
 
 def forget_rate(epoch: int, tau: float, num_gradual: int, exponent: float = 1.0) -> float:
@@ -64,7 +63,16 @@ def small_loss_indices(losses: torch.Tensor, k: int) -> torch.Tensor:
 
 class CoTeaching(MethodBase):
     name = "small_loss"
-    DEFAULTS = option_defaults(METHOD_OPTIONS["small_loss"])  # diffinf_ray/method_options.py
+
+    @classmethod
+    def run_options(cls, given, epochs, noise_rate):
+        if given.get("forget_rate") is not None or given.get("noise_rate") is not None:
+            return given, []
+        # the Co-teaching repo's default forget rate is the noise rate; here it is known
+        warnings = [] if noise_rate != 0 else [
+            "small_loss: noise.rate is 0, so Co-teaching forgets nothing; set "
+            "baselines.options.small_loss.forget_rate for data with real noise"]
+        return {**given, "noise_rate": noise_rate}, warnings
 
     def __init__(self, num_classes, num_samples, cfg, model_factory, lr):
         super().__init__(num_classes, num_samples, cfg, model_factory, lr)

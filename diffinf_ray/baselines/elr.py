@@ -59,7 +59,6 @@ from diffinf_ray.baselines.base import (
     sigmoid_rampup,
     soft_cross_entropy,
 )
-from diffinf_ray.method_options import METHOD_OPTIONS, option_defaults
 
 
 def elr_regularizer(logits: torch.Tensor, targets: torch.Tensor, clamp: float = 1e-4) -> torch.Tensor:
@@ -70,7 +69,6 @@ def elr_regularizer(logits: torch.Tensor, targets: torch.Tensor, clamp: float = 
 
 class ELRPlus(MethodBase):
     name = "elr_plus"
-    DEFAULTS = option_defaults(METHOD_OPTIONS["elr_plus"])  # diffinf_ray/method_options.py
 
     def __init__(self, num_classes, num_samples, cfg, model_factory, lr):
         super().__init__(num_classes, num_samples, cfg, model_factory, lr)

@@ -78,7 +78,7 @@ from diffinf_ray.baselines.base import (
     mixup_coefficient,
     soft_cross_entropy,
 )
-from diffinf_ray.method_options import METHOD_OPTIONS, option_defaults
+from diffinf_ray.baselines.registry import method_defaults
 
 
 class DualHeadNet(nn.Module):
@@ -101,6 +101,10 @@ class DualHeadNet(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.base(images)
+
+    def checkpoint_members(self) -> list[nn.Module]:
+        """Predicts with its primary head, forward == base(x): the base is its checkpoint."""
+        return [self.base]
 
     def both(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(primary logits, pseudo-head logits or None) from one backbone pass."""
@@ -159,7 +163,15 @@ def _mean(values: torch.Tensor) -> torch.Tensor:
 
 class ProMix(MethodBase):
     name = "promix"
-    DEFAULTS = option_defaults(METHOD_OPTIONS["promix"])  # diffinf_ray/method_options.py
+
+    @classmethod
+    def run_options(cls, given, epochs, noise_rate):
+        warmup = given.get("pretrain_epochs", method_defaults(cls.name)["pretrain_epochs"])
+        if warmup is None or warmup < epochs:
+            return given, []
+        return given, [f"promix: pretrain_epochs {warmup} >= train.epochs {epochs}, so ProMix "
+                       "only warms up (two networks, plain cross-entropy) and never selects "
+                       "clean samples; set baselines.options.promix.pretrain_epochs lower"]
 
     def __init__(self, num_classes, num_samples, cfg, model_factory, lr):
         super().__init__(num_classes, num_samples, cfg, model_factory, lr)

@@ -34,7 +34,6 @@ import torch
 import torch.nn.functional as F
 
 from diffinf_ray.baselines.base import Batch, MethodBase, MethodError
-from diffinf_ray.method_options import METHOD_OPTIONS, option_defaults
 
 
 def global_trust(progress: float, exp_base: float, transit: float) -> float:
@@ -50,7 +49,6 @@ def local_trust(probs: torch.Tensor) -> torch.Tensor:
 
 class ProSelfLC(MethodBase):
     name = "proselflc"
-    DEFAULTS = option_defaults(METHOD_OPTIONS["proselflc"])  # diffinf_ray/method_options.py
 
     def __init__(self, num_classes, num_samples, cfg, model_factory, lr):
         super().__init__(num_classes, num_samples, cfg, model_factory, lr)

@@ -9,12 +9,10 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from diffinf_ray.baselines.base import Batch, MethodBase
-from diffinf_ray.method_options import METHOD_OPTIONS, option_defaults
 
 
 class Standard(MethodBase):
     name = "standard"
-    DEFAULTS = option_defaults(METHOD_OPTIONS["standard"])  # diffinf_ray/method_options.py
 
     def __init__(self, num_classes, num_samples, cfg, model_factory, lr):
         super().__init__(num_classes, num_samples, cfg, model_factory, lr)

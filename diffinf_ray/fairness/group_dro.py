@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from diffinf_ray.baselines.base import Batch, MethodBase, MethodError
-from diffinf_ray.method_options import GROUP_METHOD_OPTIONS, option_defaults
+from diffinf_ray.baselines.registry import option_defaults
+from diffinf_ray.fairness.options import GROUP_METHOD_OPTIONS
 
 
 def group_mean_losses(per_sample: torch.Tensor, groups: torch.Tensor, num_groups: int
@@ -110,7 +111,7 @@ class GroupMethodBase(MethodBase):
 
 class GroupDRO(GroupMethodBase):
     name = "group_dro"
-    DEFAULTS = option_defaults(GROUP_METHOD_OPTIONS["group_dro"])  # method_options.py
+    DEFAULTS = option_defaults(GROUP_METHOD_OPTIONS["group_dro"])  # fairness/options.py
 
     def __init__(self, num_classes, group_counts, cfg, model_factory, lr):
         super().__init__(num_classes, group_counts, cfg, model_factory, lr)

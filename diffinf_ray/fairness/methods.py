@@ -1,7 +1,7 @@
 """The fairness methods by name, and the plug point for synthetic-pretraining variants.
 
 Training methods (`METHODS`): name -> a GroupMethodBase class (group_dro.py, reweighting.py),
-options in method_options.GROUP_METHOD_OPTIONS:
+options in fairness/options.GROUP_METHOD_OPTIONS:
 
     method = build_method("group_dro", num_classes, group_counts, {"step_size": 0.01},
                           lambda: build_classifier(num_classes), lr=1e-3)

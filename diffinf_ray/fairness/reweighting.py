@@ -15,8 +15,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from diffinf_ray.baselines.registry import option_defaults
 from diffinf_ray.fairness.group_dro import GroupMethodBase
-from diffinf_ray.method_options import GROUP_METHOD_OPTIONS, option_defaults
+from diffinf_ray.fairness.options import GROUP_METHOD_OPTIONS
 
 
 def inverse_frequency_weights(group_counts: Sequence[int]) -> np.ndarray:

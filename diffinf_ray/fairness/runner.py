@@ -108,8 +108,9 @@ class FairnessConfig(_Strict):
     @field_validator("methods")
     @classmethod
     def _known_methods(cls, value: list[MethodEntry]):
+        from diffinf_ray.baselines.registry import check_options
         from diffinf_ray.fairness.methods import METHODS, PRETRAINERS
-        from diffinf_ray.method_options import GROUP_METHOD_OPTIONS, check_options
+        from diffinf_ray.fairness.options import GROUP_METHOD_OPTIONS
 
         names = [m.name for m in value]
         if len(set(names)) != len(names):

@@ -19,8 +19,9 @@ Out, per method m of `baselines.methods`:
 
 Options: `baselines.options[m]` is checked against the method's keys (method_defaults); an
 unknown key is a ConfigError naming the method and the key. The run fills in `epochs` (the
-total, = train.epochs) for ProSelfLC and ProMix, and Co-teaching's forget-rate estimate
-(`noise_rate` = noise.rate, the injected rate) unless forget_rate or noise_rate is given.
+total, = train.epochs) for ProSelfLC and ProMix; the rest is each method's `run_options`
+(baselines/base.py), e.g. Co-teaching's forget-rate estimate (`noise_rate` = noise.rate, the
+injected rate) unless forget_rate or noise_rate is given.
 
 Per-sample index: methods with per-sample state (ELR+ targets, ProMix selection) need a stable
 `index` in 0..N-1: the rank of the row's sample_id among the sorted sample_ids of the training
@@ -77,7 +78,7 @@ MANIFEST_COLUMNS = ("sample_id", "split", "image", "label", "label_clean", "grou
 def method_options(cfg: Config, name: str) -> dict[str, Any]:
     """What method `name` is built with: baselines.options[name] (checked against its keys) plus
     the values the run decides (total epochs; Co-teaching's forget-rate estimate)."""
-    from diffinf_ray.baselines import method_defaults
+    from diffinf_ray.baselines import method, method_defaults
 
     known = method_defaults(name)
     given: dict[str, Any] = dict(cfg.baselines.options.get(name, {}))
@@ -90,20 +91,10 @@ def method_options(cfg: Config, name: str) -> dict[str, Any]:
             raise ConfigError(f"baselines.options.{name}.epochs: the methods train for "
                               f"train.epochs ({cfg.train.epochs}); leave it out")
         given["epochs"] = cfg.train.epochs
-    if name == "promix":
-        warmup = given.get("pretrain_epochs", known.get("pretrain_epochs"))
-        if warmup is not None and warmup >= cfg.train.epochs:
-            log.warning("promix: pretrain_epochs %s >= train.epochs %s, so ProMix only warms up "
-                        "(two networks, plain cross-entropy) and never selects clean samples; "
-                        "set baselines.options.promix.pretrain_epochs lower", warmup,
-                        cfg.train.epochs)
-    if name == "small_loss" and given.get("forget_rate") is None \
-            and given.get("noise_rate") is None:
-        # the Co-teaching repo's default forget rate is the noise rate; here it is known
-        given["noise_rate"] = cfg.noise.rate
-        if cfg.noise.rate == 0:
-            log.warning("small_loss: noise.rate is 0, so Co-teaching forgets nothing; "
-                        "set baselines.options.small_loss.forget_rate for data with real noise")
+    # what else the run decides is the method's own (e.g. Co-teaching's forget-rate estimate)
+    given, warnings = method(name).load().run_options(given, cfg.train.epochs, cfg.noise.rate)
+    for warning in warnings:
+        log.warning("%s", warning)
     return given
 
 
@@ -163,17 +154,15 @@ def decode_with_index(batch: dict[str, np.ndarray], train_ids: np.ndarray,
 def checkpoint_members(model) -> list:
     """The classifiers a method's `eval_model()` predicts with (one, or the members whose
     logits it averages), for the classifier checkpoint format."""
-    from diffinf_ray.baselines.base import LogitAverage
-    from diffinf_ray.baselines.promix import DualHeadNet
     from diffinf_ray.models.classifier import AttributeClassifier
 
     if isinstance(model, AttributeClassifier):
         return [model]
-    if isinstance(model, DualHeadNet):  # predicts with its primary head: forward == base(x)
-        return [model.base]
-    if isinstance(model, LogitAverage):
-        return [c for member in model.members for c in checkpoint_members(member)]
-    raise TypeError(f"cannot store a {type(model).__name__} as a classifier checkpoint")
+    # a wrapper (a logit average, ProMix's dual-head net) names the networks it predicts with
+    members = getattr(model, "checkpoint_members", None)
+    if members is None:
+        raise TypeError(f"cannot store a {type(model).__name__} as a classifier checkpoint")
+    return [c for member in members() for c in checkpoint_members(member)]
 
 
 def method_payload(method, epoch: int, lr: float) -> dict:
@@ -257,7 +246,7 @@ class MethodCore:
     def train_epoch(self, shard, epoch: int, lr: float) -> dict[str, float]:
         import torch
 
-        from diffinf_ray.baselines import run_epoch
+        from diffinf_ray.baselines.base import run_epoch
 
         torch.manual_seed(self.seed + 1000 * epoch + self.worker.rank)  # per epoch and worker
         self.method.set_lr(lr)

@@ -173,21 +173,20 @@ def detection_section(root: RunRoot, tau: float, summary: dict) -> list[str]:
 
 
 def oracle_section(root: RunRoot, summary: dict) -> list[str]:
-    """Markdown lines of the independent judges' verdicts on the edits (into `summary` too)."""
+    """Markdown lines of the independent judges' verdicts on the edits (oracle/report.json;
+    into `summary` too)."""
     oracle = _read_json(root.child("oracle", "report.json"))
     if not oracle:
         return []
-    md: list[str] = []
     a = oracle["all"]
-    md += ["\n## Independent judges (oracle; never used by the edit)\n",
-           f"Attribute oracle (clean labels, separate draw): test accuracy "
-           f"{oracle['attribute_oracle']['test_accuracy']:.1f}%.\n\n",
-           "| edits | oracle says target label: before | after |\n|---|---|---|\n"]
-    for key in ("all", "corrupted_label", "clean_label"):
-        s = oracle[key]
-        if s.get("edits"):
-            md.append(f"| {key} ({s['edits']}) | {s['oracle_target_before']:.3f} | "
-                      f"{s['oracle_target_after']:.3f} |\n")
+    rows = [(f"{key} ({oracle[key]['edits']})", oracle[key]["oracle_target_before"],
+             oracle[key]["oracle_target_after"])
+            for key in ("all", "corrupted_label", "clean_label") if oracle[key].get("edits")]
+    md = ["\n## Independent judges (oracle; never used by the edit)\n",
+          f"Attribute oracle (clean labels, separate draw): test accuracy "
+          f"{oracle['attribute_oracle']['test_accuracy']:.1f}%.\n\n",
+          _table_md(pd.DataFrame(rows, columns=["edits", "oracle says target label: before",
+                                                "after"]))]
     io = oracle["identity_oracle"]
     md.append(_identity_oracle_quality(io))
     md.append(f"\nIdentity oracle on its own test split: mean similarity of same-person pairs "

@@ -1,0 +1,169 @@
+"""Table 1 and its companions under <root>/table/ (package docstring, "Out"): cells, the
+formatted tables, and the files (markdown, CSV, self-contained HTML) through diffinf_ray.render."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import pandas as pd
+
+from diffinf_ray.experiment.aggregate import (
+    aggregate,
+    aggregate_detection,
+    aggregate_lpips,
+    run_root,
+)
+from diffinf_ray.experiment.plan import Run, experiment_location, plan
+from diffinf_ray.experiment.plots import accuracy_vs_noise_png, detection_curves_png
+from diffinf_ray.experiment.spec import CONDITIONS, METRICS, PAPER_ROWS, ExperimentConfig
+from diffinf_ray.render import (
+    html_heading,
+    html_inline_png,
+    html_page,
+    html_paragraph,
+    html_table,
+    markdown_image,
+    markdown_table,
+)
+from diffinf_ray.storage import Location
+
+NOTHING_MEASURED = "(nothing measured yet)"  # an empty table
+LPIPS_TITLE = "LPIPS between originals and edits, per class (label)"
+
+def mean_std_cell(values, digits: int) -> str:
+    """"mean ± std (n=N)" over the finite values (sample std, ddof=1); "-" when there are none."""
+    v = np.asarray([x for x in values if x is not None], dtype=float)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return "-"
+    if v.size == 1:
+        return f"{v[0]:.{digits}f} (n=1)"
+    return f"{v.mean():.{digits}f} ± {v.std(ddof=1):.{digits}f} (n={v.size})"
+
+
+def condition_order(present: Iterable[str]) -> list[str]:
+    """Table 1's rows, then conditions it does not name (e.g. `standard`), then the ceiling."""
+    extra = sorted(set(present) - {*PAPER_ROWS, "clean"})
+    return [*PAPER_ROWS, *extra, "clean"]
+
+
+def format_table(long: pd.DataFrame, tasks: list[str] | None = None) -> pd.DataFrame:
+    """Table 1 from the long form of `aggregate`: one row per condition (label in `method`),
+    per task the columns "<task> acc (%)", "<task> AUROC", "<task> kappa", "<task> ECE"."""
+    # Only the runs at each task's own rate (and the ceiling) belong in Table 1.
+    table_rows = long[long["run"].isin(["methods", "clean"])] if "run" in long else long
+    tasks = tasks or list(dict.fromkeys(long["task"]))
+    out = []
+    for cond in condition_order(table_rows["condition"]):
+        row = {"method": CONDITIONS.get(cond, cond)}
+        for task in tasks:
+            part = table_rows[(table_rows["task"] == task) & (table_rows["condition"] == cond)]
+            for metric, (label, digits) in METRICS.items():
+                row[f"{task} {label}"] = mean_std_cell(part[metric].tolist(), digits)
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def format_lpips_table(lpips: pd.DataFrame, tasks: list[str] | None = None) -> pd.DataFrame:
+    """Per task and class: LPIPS "mean ± std (n=seeds)" and the mean number of edits per seed."""
+    tasks = tasks or list(dict.fromkeys(lpips["task"]))
+    out = []
+    for task in tasks:
+        part = lpips[lpips["task"] == task]
+        for cls in dict.fromkeys(part["class"]):
+            c = part[part["class"] == cls]
+            out.append({"task": task, "class": cls, "edits per seed": f"{c['edits'].mean():.1f}",
+                        "LPIPS": mean_std_cell(c["lpips"].tolist(), 3)})
+    return pd.DataFrame(out, columns=["task", "class", "edits per seed", "LPIPS"])
+
+
+def _markdown(df: pd.DataFrame) -> str:
+    return markdown_table(df, empty=NOTHING_MEASURED)
+
+def _copy_grids(runs: list[Run], out: Location) -> list[tuple[str, str]]:
+    """Per task, the before/after grids of the first seed whose report has them ->
+    out/grids/<task>_grid_<class>.png; returns (title, relative file)."""
+    copied = []
+    done_tasks: set[str] = set()
+    for run in runs:  # seed-major: the first seed comes first
+        if run.kind != "methods" or run.task in done_tasks:
+            continue
+        report = run_root(run).child("report")
+        names = [p.rsplit("/", 1)[-1] for p in report.list_files(suffix=".png")]
+        for name in (n for n in names if n.startswith("grid_")):
+            dest = f"grids/{run.task}_{name}"
+            out.child(*dest.split("/")).write_bytes(report.child(name).read_bytes())
+            copied.append((f"{run.task}, label {name[5:-4]} (seed {run.seed})", dest))
+            done_tasks.add(run.task)
+    return copied
+
+
+def _run_status(location: Location) -> pd.DataFrame:
+    loc = location.child("experiment.json")
+    runs = loc.read_json().get("runs", {}) if loc.exists() else {}
+    rows = [{"run": rid, "status": r.get("status", "?"),
+             "errors": "; ".join(f"{k}: {v}" for k, v in (r.get("errors") or {}).items()) or "-"}
+            for rid, r in sorted(runs.items())]
+    return pd.DataFrame(rows, columns=["run", "status", "errors"])
+
+
+def write_table(exp: ExperimentConfig, runs: list[Run] | None = None) -> dict[str, str]:
+    """Aggregate every run and write <root>/table/ (see the module docstring). Returns the
+    written files' locations by name."""
+    runs = runs or plan(exp)
+    location = experiment_location(exp, runs)
+    out = location.child("table")
+    tasks = list(exp.tasks)
+    long = aggregate(exp, runs)
+    lpips = aggregate_lpips(exp, runs)
+    table = format_table(long, tasks)
+    lp_table = format_lpips_table(lpips, tasks)
+    status = _run_status(location)
+
+    images: list[tuple[str, str, bytes]] = []  # (title, relative file, PNG)
+    plots = (("Detection: precision@k per detector", "plots/detection_curves.png",
+              detection_curves_png(aggregate_detection(exp, runs), tasks)),
+             ("Accuracy vs noise rate", "plots/accuracy_vs_noise.png",
+              accuracy_vs_noise_png(long, tasks)))
+    for title, rel, png in plots:
+        if png is not None:
+            out.child(*rel.split("/")).write_bytes(png)
+            images.append((title, rel, png))
+    for title, rel in _copy_grids(runs, out):
+        images.append((f"Before/after edits, {title}", rel,
+                       out.child(*rel.split("/")).read_bytes()))
+
+    task_rate = {r.task: r.noise_rate for r in runs if r.kind == "methods"}
+    rates = ", ".join(f"{t} {task_rate[t]:.0%}" for t in tasks)
+    intro = (f"Clean test split; {len(exp.seeds)} seeds ({', '.join(map(str, exp.seeds))}); "
+             f"noise rate per task: {rates}. Cells: mean ± sample std over seeds (n = seeds "
+             f"measured); accuracy in %, AUROC x100, linear kappa, ECE; - = not measured.")
+    md = [f"# Experiment {exp.name}: Table 1\n\n", intro, "\n\n", _markdown(table),
+          f"\n## {LPIPS_TITLE}\n\n", _markdown(lp_table)]
+    md += [f"\n## {title}\n\n{markdown_image(title, rel)}\n" for title, rel, _ in images]
+    md += ["\n## Runs\n\n", _markdown(status)]
+    files = {
+        "table.md": "".join(md).encode(),
+        "table.csv": table.to_csv(index=False).encode(),
+        "metrics_long.csv": long.to_csv(index=False).encode(),
+        "lpips_long.csv": lpips.to_csv(index=False).encode(),
+        "table.html": _html(exp.name, intro, table, lp_table, images, status).encode(),
+    }
+    for name, data in files.items():
+        out.child(name).write_bytes(data)
+    return {name: out.child(name).display for name in [*files, *(rel for _, rel, _ in images)]}
+
+
+def _html(name: str, intro: str, table: pd.DataFrame, lp_table: pd.DataFrame,
+          images: list[tuple[str, str, bytes]], status: pd.DataFrame) -> str:
+    """One self-contained page: the tables and every image inlined as base64."""
+    def tbl(df: pd.DataFrame) -> str:
+        return html_table(df, empty=NOTHING_MEASURED)
+
+    parts = [html_heading(1, f"Experiment {name}: Table 1"), html_paragraph(intro), tbl(table),
+             html_heading(2, LPIPS_TITLE), tbl(lp_table)]
+    parts += [html_heading(2, title) + html_inline_png(title, png) for title, _, png in images]
+    parts += [html_heading(2, "Runs"), tbl(status)]
+    return html_page(name, parts, style="td,th{padding:4px 8px}")
+
