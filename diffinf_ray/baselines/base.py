@@ -154,10 +154,11 @@ class LogitAverage(nn.Module):
 # ----------------------------------------------------------------------------- base class
 
 
-def resolve_config(name: str, cfg: Mapping[str, Any] | None) -> dict:
-    """The registered defaults (method + common, registry.py) updated by cfg; unknown keys are
-    an error (typos fail loudly)."""
-    merged = method_defaults(name)
+def resolve_config(name: str, cfg: Mapping[str, Any] | None,
+                   defaults: Mapping[str, Any] | None = None) -> dict:
+    """`defaults` (default: the registered ones of method `name`, method + common, registry.py)
+    updated by cfg; unknown keys are an error (typos fail loudly)."""
+    merged = dict(method_defaults(name) if defaults is None else defaults)
     cfg = dict(cfg or {})
     unknown = sorted(set(cfg) - set(merged))
     if unknown:
@@ -181,6 +182,12 @@ class MethodBase:
     name = "base"
 
     @classmethod
+    def option_defaults(cls) -> dict[str, Any]:
+        """Every option key the method takes, with its default: its registry.py entry's and
+        the common optimiser keys (the fairness methods have their own table)."""
+        return method_defaults(cls.name)
+
+    @classmethod
     def run_options(cls, given: dict[str, Any], epochs: int,
                     noise_rate: float) -> tuple[dict[str, Any], list[str]]:
         """The options a pipeline run builds the method with: `given` (baselines.options) plus
@@ -199,7 +206,7 @@ class MethodBase:
         self.num_classes = int(num_classes)
         self.num_samples = int(num_samples)
         self.lr = float(lr)
-        self.config = resolve_config(self.name, cfg)
+        self.config = resolve_config(self.name, cfg, self.option_defaults())
         self.model_factory = model_factory
         self._nets: list[nn.Module] = []
         self._extra_modules: list[nn.Module] = []

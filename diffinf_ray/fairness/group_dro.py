@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from diffinf_ray.baselines.base import Batch, MethodBase, MethodError
-from diffinf_ray.baselines.registry import option_defaults
+from diffinf_ray.baselines.registry import COMMON_OPTIONS, option_defaults
 from diffinf_ray.fairness.options import GROUP_METHOD_OPTIONS
 
 
@@ -76,6 +76,11 @@ class GroupMethodBase(MethodBase):
     """A MethodBase (baselines/base.py) whose batches also carry "group": int64 (B,), the
     sample's group index in 0..G-1; `group_counts` are the training-set counts n_g."""
 
+    @classmethod
+    def option_defaults(cls) -> dict[str, Any]:
+        """Its keys in fairness/options.py with their defaults, after the common ones."""
+        return {**option_defaults(COMMON_OPTIONS), **option_defaults(GROUP_METHOD_OPTIONS[cls.name])}
+
     def __init__(self, num_classes: int, group_counts: Sequence[int],
                  cfg: Mapping[str, Any] | None, model_factory, lr: float):
         super().__init__(num_classes, int(sum(group_counts)), cfg, model_factory, lr)
@@ -111,7 +116,6 @@ class GroupMethodBase(MethodBase):
 
 class GroupDRO(GroupMethodBase):
     name = "group_dro"
-    DEFAULTS = option_defaults(GROUP_METHOD_OPTIONS["group_dro"])  # fairness/options.py
 
     def __init__(self, num_classes, group_counts, cfg, model_factory, lr):
         super().__init__(num_classes, group_counts, cfg, model_factory, lr)

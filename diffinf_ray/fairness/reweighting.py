@@ -15,9 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from diffinf_ray.baselines.registry import option_defaults
 from diffinf_ray.fairness.group_dro import GroupMethodBase
-from diffinf_ray.fairness.options import GROUP_METHOD_OPTIONS
 
 
 def inverse_frequency_weights(group_counts: Sequence[int]) -> np.ndarray:
@@ -47,20 +45,17 @@ def balanced_epoch(groups: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 class GroupERM(GroupMethodBase):
     name = "erm"
-    DEFAULTS = option_defaults(GROUP_METHOD_OPTIONS["erm"])
 
 
 class GroupUpsampled(GroupMethodBase):
     """ERM's loss; the runner draws its epochs with `balanced_epoch` (`upsample = True`)."""
 
     name = "upsample"
-    DEFAULTS = option_defaults(GROUP_METHOD_OPTIONS["upsample"])
     upsample = True
 
 
 class GroupReweighted(GroupMethodBase):
     name = "reweight"
-    DEFAULTS = option_defaults(GROUP_METHOD_OPTIONS["reweight"])
 
     def __init__(self, num_classes, group_counts, cfg, model_factory, lr):
         super().__init__(num_classes, group_counts, cfg, model_factory, lr)
