@@ -79,7 +79,8 @@ def stage_function(stage: str) -> StageBody:
 
 
 def open_run_root(cfg: Config) -> RunRoot:
-    return RunRoot(cfg.run.root, StorageOptions(cfg.storage.endpoint_override, cfg.storage.region))
+    return RunRoot(cfg.run.root, StorageOptions(cfg.storage.endpoint_override, cfg.storage.region,
+                                                cfg.storage.max_attempts))
 
 
 def is_done(root: RunRoot, cfg: Config, stage: str) -> bool:
