@@ -26,6 +26,7 @@ import logging
 import os
 import posixpath
 import random
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -52,6 +53,33 @@ TRANSIENT_ERRORS = ("Failed to flush response stream",)
 
 class StorageError(RuntimeError):
     """A storage location that cannot be reached or read; the message names the URI."""
+
+
+# pyarrow's S3 errors name the object as "... for key 'K' in bucket 'B': ..." (or "under key")
+_S3_OBJECT = re.compile(r"(?:for|under) key '([^']*)' in bucket '([^']*)'")
+
+
+def storage_failure(err: BaseException) -> str | None:
+    """The one-line storage failure behind `err` (found through Ray's task and worker wrappers
+    and exception chains), naming the URI; None when `err` is not a storage failure."""
+    seen: set[int] = set()
+    pending = [err]
+    while pending:
+        e = pending.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, StorageError):
+            return str(e).strip().splitlines()[0]
+        pending += [getattr(e, "cause", None), e.__cause__, e.__context__,
+                    *(getattr(e, "worker_failures", None) or {}).values()]
+    lines = [ln.strip() for ln in str(err).splitlines() if "AWS Error" in ln]
+    if not lines:
+        return None
+    line = lines[-1]  # Ray prints the remote traceback before the message
+    found = _S3_OBJECT.search(line)
+    where = f"s3://{found.group(2)}/{found.group(1)}: " if found else ""
+    return f"storage failed at {where}{line[:500]}"
 
 
 @dataclass(frozen=True)

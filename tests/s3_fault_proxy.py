@@ -153,6 +153,7 @@ class _Server(ThreadingHTTPServer):
         self.upstream_host, self.upstream_port = parsed.hostname, parsed.port
         self.plan = plan
         self.counts: Counter[str] = Counter()
+        self.requests: list[tuple[str, str]] = []  # (method, path) in arrival order
         self._rng = random.Random(plan.seed)
         self._lock = threading.Lock()
 
@@ -170,6 +171,7 @@ class _Server(ThreadingHTTPServer):
                     and (plan.path_contains is None or plan.path_contains in path))
         with self._lock:
             self.counts["requests"] += 1
+            self.requests.append((method, path))
             faults = self.counts["requests"] - 1 - self.counts["passed"]
             if (not eligible or (plan.limit is not None and faults >= plan.limit)
                     or self._rng.random() >= plan.rate):
@@ -198,17 +200,24 @@ class FaultProxy:
 
     @plan.setter
     def plan(self, plan: FaultPlan) -> None:
-        """Change the faults from now on (the random stream restarts with the plan's seed, and
-        the counts from zero)."""
+        """Change the faults from now on (the random stream restarts with the plan's seed, the
+        counts and the request log from empty)."""
         with self._server._lock:
             self._server.plan = plan
             self._server.counts = Counter()
+            self._server.requests = []
             self._server._rng = random.Random(plan.seed)
 
     @property
     def counts(self) -> dict[str, int]:
         with self._server._lock:
             return dict(self._server.counts)
+
+    @property
+    def requests(self) -> list[tuple[str, str]]:
+        """(method, path with query) of each request since the plan was set, in order."""
+        with self._server._lock:
+            return list(self._server.requests)
 
     def start(self) -> FaultProxy:
         self._thread.start()

@@ -19,6 +19,7 @@ from diffinf_ray.storage import (
     RetryingS3FileSystem,
     StorageError,
     StorageOptions,
+    storage_failure,
     with_retries,
 )
 
@@ -134,3 +135,84 @@ def test_with_retries_retries_only_what_the_sdk_does_not():
     with pytest.raises(OSError, match="ACCESS_DENIED"):
         with_retries(refused, "read s3://b/k", pause_s=0.01)
     assert len(calls) == 1
+
+
+# -- stages through the proxy -----------------------------------------------------------------
+
+
+def _tiny(root: str, endpoint: str, stages: str, *extra: str):
+    from diffinf_ray.config import load_config
+
+    return load_config("jobs/configs/tiny.yaml", [
+        f"run.root={root}", f"storage.endpoint_override={endpoint}", "storage.region=us-east-1",
+        "ray.num_cpus=2", "train.epochs=1", f"stages=[{stages}]", *extra])
+
+
+def _write_manifest(cfg, root) -> dict:
+    """A stage body that writes two output files (what ingest writes, in small)."""
+    for i in range(2):
+        root.manifest.child(f"part-{i}.parquet").write_table(pa.table({"sample_id": [f"s{i}"]}))
+    return {"rows": 2}
+
+
+def test_persistent_write_fault_fails_the_stage_clearly(proxy):
+    """Every write below the manifest fails: the stage fails with one error naming the stage
+    and the URI, and its record says failed, not done."""
+    from diffinf_ray.pipeline import is_done, open_run_root, run_stage
+
+    cfg = _tiny(f"s3://{BUCKET}/stuck", proxy.endpoint, "ingest", "storage.max_attempts=2")
+    root = open_run_root(cfg)
+    proxy.plan = FaultPlan(rate=1.0, kinds=("500",), methods=("PUT", "POST"),
+                           path_contains=f"/{BUCKET}/stuck/manifest/")
+    with pytest.raises(StorageError) as err:
+        run_stage(cfg, root, "ingest", body=_write_manifest)
+    assert str(err.value).startswith(
+        f"stage ingest: cannot write s3://{BUCKET}/stuck/manifest/part-0.parquet: ")
+    assert "\n" not in str(err.value)
+    assert root.stage_record("ingest")["status"] == "failed"
+    assert not is_done(root, cfg, "ingest")
+
+    # the store recovers: a rerun finishes the stage, and the marker is the last write
+    proxy.plan = FaultPlan()
+    run_stage(cfg, root, "ingest", body=_write_manifest)
+    assert is_done(root, cfg, "ingest")
+    writes = [path for method, path in proxy.requests if method in ("PUT", "POST")]
+    assert "/stages/ingest.json" in writes[-1]
+    assert any("/manifest/part-1.parquet" in w for w in writes[:-1])
+
+
+def test_a_failing_marker_write_names_the_stage(proxy):
+    """The store fails the stage's record itself: one error naming the stage and the marker's
+    URI, and no stage output written."""
+    from diffinf_ray.pipeline import open_run_root, run_stage
+
+    cfg = _tiny(f"s3://{BUCKET}/nomark", proxy.endpoint, "ingest", "storage.max_attempts=2")
+    root = open_run_root(cfg)
+    proxy.plan = FaultPlan(rate=1.0, kinds=("503",), methods=("PUT", "POST"),
+                           path_contains="/stages/")
+    with pytest.raises(StorageError, match=f"^stage ingest: cannot write s3://{BUCKET}/nomark/"
+                                           "stages/ingest.json: "):
+        run_stage(cfg, root, "ingest", body=_write_manifest)
+    proxy.plan = FaultPlan()
+    assert root.stage_record("ingest") is None
+    assert not root.manifest.exists()
+
+
+def test_storage_failure_is_found_behind_wrappers():
+    """Ray hands a worker's storage error to the driver wrapped, its traceback in the text."""
+    inner = OSError("When uploading part for key 'run/manifest/p.parquet' in bucket 'b': "
+                    "AWS Error SLOW_DOWN during UploadPart operation: Please reduce your "
+                    "request rate.")
+
+    class TaskError(Exception):  # Ray's task errors carry the worker's exception as .cause
+        cause = inner
+
+    wrapped = TaskError("Traceback (most recent call last):\n  ...\n" + str(inner))
+    assert storage_failure(wrapped) == (
+        "storage failed at s3://b/run/manifest/p.parquet: " + str(inner))
+    assert storage_failure(ValueError("bad label")) is None
+    named = StorageError("cannot read s3://b/x: gone")
+    try:
+        raise RuntimeError("while ingesting") from named
+    except RuntimeError as err:
+        assert storage_failure(err) == "cannot read s3://b/x: gone"
