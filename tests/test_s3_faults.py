@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
+import tempfile
 import time
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -216,3 +219,131 @@ def test_storage_failure_is_found_behind_wrappers():
         raise RuntimeError("while ingesting") from named
     except RuntimeError as err:
         assert storage_failure(err) == "cannot read s3://b/x: gone"
+
+
+# -- secrets ---------------------------------------------------------------------------------
+
+FAKE_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "AKIAFAKESECRET1234567",
+    "AWS_SECRET_ACCESS_KEY": "fakeSecretLeakCheck/0123456789abcdefABCDEF",
+    "AWS_SESSION_TOKEN": "FakeSessionTokenLeakCheck0123456789",
+}
+
+
+def _bucket_objects(s3_endpoint, bucket: str) -> dict[str, bytes]:
+    client = s3_endpoint.client
+    keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+            for o in page.get("Contents", [])]
+    return {k: client.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys}
+
+
+def _leaks(texts: dict[str, bytes | str]) -> list[str]:
+    """'where: VARIABLE' for each fake credential found in `texts`."""
+    found = []
+    for where, text in texts.items():
+        data = text.encode() if isinstance(text, str) else text
+        found += [f"{where}: {var}" for var, value in FAKE_CREDENTIALS.items()
+                  if value.encode() in data]
+    return found
+
+
+def test_credentials_appear_in_no_output_or_record(s3_endpoint, monkeypatch, caplog, capfd):
+    """Storage operations, `diffinf config`, a stage's record and a failing stage's error,
+    with distinctive credentials: none of them in the logs, the console or the run root."""
+    import logging
+
+    from diffinf_ray.cli import main
+    from diffinf_ray.pipeline import open_run_root, run_stage
+
+    for var, value in FAKE_CREDENTIALS.items():
+        monkeypatch.setenv(var, value)
+    caplog.set_level(logging.DEBUG)
+    s3_endpoint.bucket("secrets")
+    with FaultProxy(s3_endpoint.endpoint) as proxy:
+        cfg = _tiny("s3://secrets/run", proxy.endpoint, "ingest", "storage.max_attempts=2")
+        root = open_run_root(cfg)
+        run_stage(cfg, root, "ingest", body=_write_manifest)
+        assert root.manifest.read_table().num_rows == 2 and root.manifest.list_files()
+        # a failing stage: its error (console, log, record) names the URI, not the keys
+        proxy.plan = FaultPlan(rate=1.0, kinds=("500",), methods=("PUT", "POST"),
+                               path_contains="/manifest/")
+        with pytest.raises(StorageError) as err:
+            run_stage(cfg, root, "ingest", force=True, body=_write_manifest)
+        print(err.value)
+    assert main(["config", "jobs/configs/tiny.yaml", "run.root=s3://secrets/run",
+                 f"storage.endpoint_override={s3_endpoint.endpoint}"]) == 0
+    out, errtext = capfd.readouterr()
+    assert "endpoint_override" in out and "stage ingest: cannot write" in out
+    texts = {"stdout": out, "stderr": errtext, "log": caplog.text}
+    texts.update({f"s3://secrets/{k}": v for k, v in _bucket_objects(s3_endpoint, "secrets").items()})
+    assert "s3://secrets/run/stages/ingest.json" in texts
+    assert _leaks(texts) == []
+    assert _leaks({"x": FAKE_CREDENTIALS["AWS_SECRET_ACCESS_KEY"]}) == ["x: AWS_SECRET_ACCESS_KEY"]
+
+
+def _files_below(folder) -> dict[str, bytes]:
+    return {str(p): p.read_bytes() for p in Path(folder).rglob("*")
+            if p.is_file() and not p.is_symlink()}
+
+
+def _run_outputs(root) -> dict:
+    """What ingest, noise and one epoch of training produced: rows, labels, checkpoints."""
+    manifest = root.manifest.read_table(columns=["sample_id", "label", "split"]).to_pylist()
+    noisy = root.noisy_manifest.read_table(
+        columns=["sample_id", "label", "label_clean", "is_corrupted"]).to_pylist()
+    return {
+        "manifest": sorted(manifest, key=lambda r: r["sample_id"]),
+        "noisy": sorted(noisy, key=lambda r: r["sample_id"]),
+        "checkpoints": [p.rsplit("/", 2)[-2] for p in root.checkpoints.list_files("checkpoint.pt",
+                                                                                  recursive=True)],
+        "done": {s: (root.stage_record(s) or {}).get("status") for s in ("ingest", "noise", "train")},
+    }
+
+
+def test_pipeline_through_faults_equals_fault_free(s3_endpoint, monkeypatch):
+    """ingest, noise and one epoch of training, once straight to the store and once through
+    10 % faults of every kind, with distinctive credentials: the same rows, labels and
+    checkpoints, and the credentials in no record under either run root nor in Ray's logs."""
+    pytest.importorskip("ray")
+    from diffinf_ray.pipeline import open_run_root, run_pipeline
+    from diffinf_ray.ray_session import ray_session, start_local_ray, worker_env
+
+    for var, value in FAKE_CREDENTIALS.items():
+        monkeypatch.setenv(var, value)
+    ray_tmp = tempfile.mkdtemp(prefix="rs", dir="/tmp")  # Ray's socket paths stay short
+    s3_endpoint.bucket(BUCKET)
+    try:
+        with FaultProxy(s3_endpoint.endpoint) as proxy:
+            clean_cfg = _tiny(f"s3://{BUCKET}/clean", s3_endpoint.endpoint, "ingest,noise,train")
+            faulty_cfg = _tiny(f"s3://{BUCKET}/faulty", proxy.endpoint, "ingest,noise,train")
+            # one Ray for both runs, with the runtime env `diffinf run` gives it (credentials
+            # included), its start tried 5 times as the ray_local fixture does on a loaded box
+            start_local_ray(2, attempts=5, temp_dir=f"{ray_tmp}/r", log_to_driver=True,
+                            runtime_env={"env_vars": worker_env()})
+            with ray_session(clean_cfg):
+                started = time.perf_counter()
+                run_pipeline(clean_cfg)
+                clean_s = time.perf_counter() - started
+                proxy.plan = FaultPlan(rate=0.1, seed=0, slow_s=0.2)
+                started = time.perf_counter()
+                run_pipeline(faulty_cfg)
+                faulty_s = time.perf_counter() - started
+            counts = proxy.counts
+        print(f"\nfault-free {clean_s:.1f} s, through 10 % faults {faulty_s:.1f} s: {counts}")
+        clean = _run_outputs(open_run_root(clean_cfg))
+        faulty = _run_outputs(open_run_root(_tiny(f"s3://{BUCKET}/faulty", s3_endpoint.endpoint,
+                                                  "ingest")))
+        assert faulty == clean
+        assert len(clean["manifest"]) == clean_cfg.data.synthfaces.num_samples
+        assert clean["checkpoints"] == ["epoch_0001"]
+        assert set(clean["done"].values()) == {"done"}
+        assert sum(counts.get(kind, 0) for kind in FAULT_KINDS) > 0, counts
+        texts = {f"s3://{BUCKET}/{k}": v for k, v in _bucket_objects(s3_endpoint, BUCKET).items()}
+        texts.update(_files_below(ray_tmp))
+        assert any("/session_" in path for path in texts), "Ray's logs were not searched"
+        assert _leaks(texts) == []
+    finally:
+        import ray
+
+        ray.shutdown()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
