@@ -233,3 +233,87 @@ class FaultProxy:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _round_ops(loc, i: int, big: bytes | None, table) -> list:
+    """One round of the measurement's storage operations (the big object in the first ones)."""
+    ops = [lambda: loc.child(f"f{i}.bin").write_bytes(b"abc" * i),
+           lambda: loc.child("t", f"p{i}.parquet").write_table(table),
+           lambda: loc.child(f"f{i}.bin").read_bytes(),
+           lambda: loc.child("t").read_table(),
+           lambda: loc.list_files(".bin"),
+           lambda: loc.child(f"f{i}.bin").exists()]
+    if big is not None:
+        ops += [lambda: loc.child(f"big{i}.bin").write_bytes(big),
+                lambda: loc.child(f"big{i}.bin").read_bytes()]
+    return ops
+
+
+def _measure(rate: float, rounds: int, strategy: str, attempts: int, seed: int) -> None:
+    """`rounds` rounds of write / read / list / parquet operations, straight to a fresh moto
+    server and then through the proxy at `rate`: wall times, faults, failed operations."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    import boto3
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+
+    from diffinf_ray.storage import Location, RetryingS3FileSystem
+
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                      AWS_EC2_METADATA_DISABLED="true")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    moto = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "moto_server"),
+                             "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    upstream = f"http://127.0.0.1:{port}"
+    client = boto3.client("s3", endpoint_url=upstream, region_name="us-east-1")
+    for _ in range(300):
+        try:
+            client.create_bucket(Bucket="measure")
+            break
+        except Exception:  # noqa: BLE001 - not up yet
+            time.sleep(0.2)
+    big, table = os.urandom(12 * 1024 * 1024), pa.table({"x": list(range(100_000))})
+    with FaultProxy(upstream) as proxy:
+        for label, endpoint, plan in (("fault-free", upstream, FaultPlan()),
+                                      (f"{rate:.0%} faults", proxy.endpoint,
+                                       FaultPlan(rate=rate, seed=seed, slow_s=0.2))):
+            proxy.plan = plan
+            host = endpoint.split("://")[1]
+            fs = (RetryingS3FileSystem(max_attempts=attempts, endpoint_override=host,
+                                       scheme="http", region="us-east-1")
+                  if strategy == "default" else pafs.S3FileSystem(
+                      endpoint_override=host, scheme="http", region="us-east-1",
+                      retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=attempts)))
+            prefix = f"measure/{label.replace(' ', '_').replace('%', 'pct')}"
+            loc = Location(f"s3://{prefix}", _resolved=(fs, prefix))
+            failed, started = 0, time.perf_counter()
+            for i in range(rounds):
+                for op in _round_ops(loc, i, big if i < 3 else None, table):
+                    try:
+                        op()
+                    except Exception:  # noqa: BLE001 - counted, the measurement goes on
+                        failed += 1
+            print(f"{label}: {time.perf_counter() - started:.1f} s, {failed} failed "
+                  f"operations, proxy {proxy.counts}", flush=True)
+    moto.terminate()
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="time storage operations through faults")
+    parser.add_argument("--rate", type=float, default=0.2)
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--strategy", choices=("default", "standard"), default="default",
+                        help="default: storage.RetryingS3FileSystem; standard: pyarrow's own")
+    parser.add_argument("--attempts", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args()
+    _measure(args.rate, args.rounds, args.strategy, args.attempts, args.seed)

@@ -71,6 +71,25 @@ def test_retry_settings_travel_to_workers():
     assert _location("http://127.0.0.1:9", "x", max_attempts=4).fs._init_kwargs["max_attempts"] == 4
 
 
+def test_local_writes_are_atomic(tmp_path, monkeypatch):
+    """A local write cut short leaves the old file whole and no leftover: a reader never sees
+    half a marker."""
+    marker = Location(str(tmp_path)).child("stages", "ingest.json")
+    marker.write_json({"status": "running"})
+    original = Location._write_stream
+
+    def cut_short(self, path, data):
+        original(self, path, data[: len(data) // 2])
+        raise OSError("disk went away")
+
+    monkeypatch.setattr(Location, "_write_stream", cut_short)
+    with pytest.raises(StorageError, match="^cannot write .*stages/ingest.json: disk went away"):
+        marker.write_json({"status": "done", "summary": {"rows": 160}})
+    monkeypatch.undo()
+    assert marker.read_json() == {"status": "running"}
+    assert sorted(p.name for p in (tmp_path / "stages").iterdir()) == ["ingest.json"]
+
+
 def test_transient_faults_give_the_fault_free_results(proxy, s3_endpoint):
     big = os.urandom(11 * 1024 * 1024)
     started = time.perf_counter()
