@@ -319,6 +319,9 @@ def _run_outputs(root) -> dict:
     }
 
 
+# two pipeline runs of three stages: 13+ min at load average 40-90 on the 2-core box (CI leaves
+# out slow tests); the storage-level tests above cover the same faults in seconds
+@pytest.mark.slow
 def test_pipeline_through_faults_equals_fault_free(s3_endpoint, monkeypatch):
     """ingest, noise and one epoch of training, once straight to the store and once through
     10 % faults of every kind, with distinctive credentials: the same rows, labels and
