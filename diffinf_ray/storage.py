@@ -11,7 +11,7 @@ never printed. The endpoint comes from, in order: the URI's query, the config's
 `storage.endpoint_override`, `AWS_ENDPOINT_URL_S3`, `AWS_ENDPOINT_URL`.
 
 Faults: object stores answer 500/503/SlowDown and drop connections as a matter of course.
-Every S3 request is retried by the AWS SDK under pyarrow (standard mode, exponential backoff,
+Every S3 request is retried by the AWS SDK under pyarrow (exponential backoff, no retry budget:
 `storage.max_attempts` attempts, also in Ray workers: the setting survives pickling). A
 whole-object read or write that the SDK does not retry (a connection cut while the body
 streams) is retried here, `WHOLE_OBJECT_ATTEMPTS` times. A local write is atomic (a hidden
