@@ -55,6 +55,8 @@ class RunSection(_Section):
 class StorageSection(_Section):
     endpoint_override: str | None = None  # e.g. http://127.0.0.1:9000 for MinIO
     region: str | None = None
+    # attempts per S3 request (500/503/SlowDown, dropped connections), with backoff
+    max_attempts: int = Field(10, ge=1)
 
 
 class RaySection(_Section):

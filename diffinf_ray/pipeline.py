@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -26,7 +27,7 @@ from diffinf_ray.stage_registry import (
     fingerprint,
     upstream_stages,
 )
-from diffinf_ray.storage import StorageOptions
+from diffinf_ray.storage import StorageError, StorageOptions, storage_failure
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,8 @@ def stage_function(stage: str) -> StageBody:
 
 
 def open_run_root(cfg: Config) -> RunRoot:
-    return RunRoot(cfg.run.root, StorageOptions(cfg.storage.endpoint_override, cfg.storage.region))
+    return RunRoot(cfg.run.root, StorageOptions(cfg.storage.endpoint_override, cfg.storage.region,
+                                                cfg.storage.max_attempts))
 
 
 def is_done(root: RunRoot, cfg: Config, stage: str) -> bool:
@@ -109,6 +111,19 @@ def _check_upstream_done(root: RunRoot, stage: str) -> None:
             "configured stages in order)")
 
 
+@contextmanager
+def _storage_errors_named(stage: str) -> Iterator[None]:
+    """A storage failure inside (from Ray's workers too) as one StorageError naming the stage
+    and the URI; the original stays the exception's context."""
+    try:
+        yield
+    except Exception as err:
+        failure = storage_failure(err)
+        if failure is None or str(failure).startswith("stage "):
+            raise
+        raise StorageError(f"stage {stage}: {failure}") from None
+
+
 def run_stage(cfg: Config, root: RunRoot, stage: str, force: bool = False,
               body: StageBody | None = None) -> StageOutcome:
     """Run one stage unless it is done with the same fingerprint on the same upstream outputs
@@ -135,17 +150,23 @@ def run_stage(cfg: Config, root: RunRoot, stage: str, force: bool = False,
     elif same:
         log.info("stage %s: resuming an unfinished run (fingerprint %s)", stage, fp)
     _check_upstream_done(root, stage)
-    root.mark_started(stage, fp)
+    with _storage_errors_named(stage):
+        root.mark_started(stage, fp)
     started = time.perf_counter()
     log.info("stage %s: running (fingerprint %s)", stage, fp)
     try:
-        with stage_progress(stage):
+        with stage_progress(stage), _storage_errors_named(stage):
             summary = (body or stage_function(stage))(config_for_stage(cfg, stage), root)
     except Exception as err:
-        root.mark_failed(stage, fp, f"{type(err).__name__}: {err}"[:2000])
+        try:
+            root.mark_failed(stage, fp, f"{type(err).__name__}: {err}"[:2000])
+        except StorageError as marker_err:  # the store is failing: the stage's error matters
+            log.error("stage %s: could not record its failure: %s", stage, marker_err)
         raise
     seconds = time.perf_counter() - started
-    root.mark_done(stage, fp, summary, seconds, inputs)
+    # last, one object: a reader sees the stage done only once every output is written
+    with _storage_errors_named(stage):
+        root.mark_done(stage, fp, summary, seconds, inputs)
     log.info("stage %s: finished in %.1f s", stage, seconds)
     return StageOutcome(stage, "ran", fp, summary, seconds)
 

@@ -14,9 +14,10 @@ from diffinf_ray.config import Config
 
 log = logging.getLogger(__name__)
 
-# Forwarded to Ray workers so they reach the same S3 endpoint as the driver.
+# Forwarded to Ray workers so they reach the same S3 endpoint as the driver. Not the
+# credentials: Ray's runtime-env agent logs the runtime env in full (runtime_env_agent.log),
+# and the workers of a local Ray inherit them from this process's environment anyway.
 _FORWARDED_ENV = (
-    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
     "AWS_PROFILE", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
 )
 
