@@ -241,7 +241,16 @@ class _S3Store:
     refresh = swap
 
     def delete(self, version: str) -> bool:
-        return self._call("delete_object", IfMatch=version) is not None
+        try:
+            return self._call("delete_object", IfMatch=version) is not None
+        except StorageError:
+            # a store without conditional deletes: check, then delete (a takeover landing in
+            # between would be deleted; the lease is being released anyway)
+            current = self.read()
+            if current is None or current[1] != version:
+                return False
+            self._call("delete_object")
+            return True
 
 
 def _boto3_client(location: Location):

@@ -79,7 +79,7 @@ def test_second_writer_gets_an_error_naming_the_holder(root):
         assert f"host {socket.gethostname()}" in message
         assert f"pid {os.getpid()}" in message
         assert "'diffinf run first.yaml'" in message
-        assert "last heartbeat 0 s ago" in message
+        assert re.search(r"last heartbeat \d+ s ago", message)
         assert _lease_json(root)["command"] == "diffinf run first.yaml"  # untouched
     RunLease(root).acquire().release()  # free again once released
 
