@@ -353,8 +353,9 @@ class RunLease:
             current = self._store.read()
             self.lost_to = Holder.loads(current[0]) if current else None
             self.holder = None
-        log.error("the lease on %s was taken over by %s: this run is no longer its only writer",
-                  self.root.display, self.lost_to.describe() if self.lost_to else "nobody")
+        log.error("the lease on %s was %s: this run is no longer its only writer",
+                  self.root.display, f"taken over by {self.lost_to.describe()}"
+                  if self.lost_to else "deleted")
         return False
 
     def _heartbeat(self) -> None:

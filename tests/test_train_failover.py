@@ -48,15 +48,27 @@ def test_max_failures_is_not_in_any_fingerprint():
             assert "max_failures" not in (section if isinstance(section, dict) else {}), stage
 
 
-def _killing_loop(marker: str, trained: str, kill_epoch: int):
+def _killing_loop(marker: str, trained: str, kill_epoch: int, checkpoints: str):
     """The classifier's train loop, unchanged but for a worker that records each epoch it
     trains (pid, epoch, learning rate) and kills its own process with SIGKILL at the start of
-    `kill_epoch`, the first time only. Self-contained: Ray pickles it by value."""
+    `kill_epoch`, the first time only, once Ray Train's controller has committed the previous
+    epoch's checkpoint (its snapshot in `checkpoints` names it: a worker lost within the
+    controller's poll interval after a report takes that checkpoint with it, and the restart
+    resumes from the one before). Self-contained: Ray pickles it by value."""
 
     def loop(config: dict) -> None:
         import os
         import signal
+        import time
         from pathlib import Path
+
+        def wait_for_commit(epoch: int) -> None:
+            snapshot = Path(checkpoints) / "checkpoint_manager_snapshot.json"
+            deadline = time.monotonic() + 300
+            while f'"epoch_{epoch:04d}"' not in (snapshot.read_text() if snapshot.exists()
+                                                 else ""):
+                assert time.monotonic() < deadline, f"epoch {epoch} was never committed"
+                time.sleep(0.2)
 
         from diffinf_ray.models.harness import TrainWorker, run_epochs
         from diffinf_ray.models.training import ClassifierCore
@@ -69,6 +81,7 @@ def _killing_loop(marker: str, trained: str, kill_epoch: int):
             with open(trained, "a") as f:
                 f.write(f"{os.getpid()} {epoch} {lr!r}\n")
             if epoch == kill_epoch and not Path(marker).exists():
+                wait_for_commit(epoch - 1)
                 Path(marker).write_text(str(os.getpid()))
                 os.kill(os.getpid(), signal.SIGKILL)
             return train_epoch(shard, epoch, lr)
@@ -109,9 +122,9 @@ def test_a_killed_train_worker_resumes_from_the_latest_checkpoint(tiny_manifest,
     training.train_classifier(cfg, root.noisy_manifest, clean, 4)
 
     marker, trained = tmp_path / "killed", tmp_path / "trained.txt"
-    monkeypatch.setattr(training, "_train_loop",
-                        _killing_loop(str(marker), str(trained), KILL_EPOCH))
     failed_over = root.child("failover_checkpoints")
+    monkeypatch.setattr(training, "_train_loop", _killing_loop(
+        str(marker), str(trained), KILL_EPOCH, failed_over.path))
     metrics = training.train_classifier(cfg, root.noisy_manifest, failed_over, 4)
 
     assert marker.exists(), "the worker was not killed"
