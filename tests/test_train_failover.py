@@ -113,6 +113,8 @@ def _epochs_and_rates(checkpoints: Location) -> list[tuple[int, float]]:
                                                     list_checkpoints(checkpoints))]
 
 
+# slow: two Ray Train fits and a restart; 8 to 25 minutes on this 2-core box at load 40-70
+@pytest.mark.slow
 def test_a_killed_train_worker_resumes_from_the_latest_checkpoint(tiny_manifest, tmp_path,
                                                                    monkeypatch):
     from diffinf_ray.models import training
