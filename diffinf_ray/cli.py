@@ -9,6 +9,9 @@
     diffinf diagnose-labels CONFIG [key=value ...] [--images N] [--scales 1 3 5] [--depths full 5]
                                                        does the autoencoder's label path carry
                                                        the attribute? (the judges' oracle decides)
+    diffinf status RUN_ROOT [CONFIG [key=value ...]]   each stage's status, fingerprint, finish
+                                                       and wall time; with a config, which
+                                                       stages would re-run and why
     diffinf record CONFIG [key=value ...] [--ledger DIR]  add the finished run's results to the
                                                        results ledger (benchmarks/ledger/)
     diffinf ledger [--ledger DIR] [--a diffinf] [--b removal] [--metric accuracy]
@@ -172,6 +175,13 @@ def _cmd_ledger(args) -> int:
     return 0
 
 
+def _cmd_status(args) -> int:
+    from diffinf_ray.run_status import status_command
+
+    print(status_command(args.root, args.config, args.overrides))
+    return 0
+
+
 def _cmd_experiment(args) -> int:
     from diffinf_ray.experiment import experiment_location, load_experiment, run_command
     from diffinf_ray.run_lease import run_leases
@@ -293,6 +303,15 @@ def add_ledger_arguments(parser, config: str | None = None) -> None:
                         help="the clean-test metric (default accuracy)")
 
 
+def add_status_arguments(parser, config: str | None = None) -> None:
+    parser.add_argument("root", metavar="RUN_ROOT",
+                        help="the run root: a local folder or s3://bucket/prefix")
+    parser.add_argument("config", nargs="?", default=None, metavar="CONFIG",
+                        help="a pipeline config YAML: then also say which stages `diffinf run "
+                        "CONFIG` would run and why")
+    _overrides_argument(parser)
+
+
 def add_preview_arguments(parser, config: str | None = None) -> None:
     parser.add_argument("--task", choices=["age", "expression"], default="age")
     parser.add_argument("--resolution", type=int, default=64, help="pixels (default 64)")
@@ -313,6 +332,8 @@ COMMANDS = {
               _cmd_sweep),
     "diagnose-labels": ("does the label path carry the attribute? (oracle)",
                         add_diagnose_labels_arguments, _cmd_diagnose_labels),
+    "status": ("each stage's status; with a config, what re-runs",
+               add_status_arguments, _cmd_status),
     "record": ("add a finished run's results to the results ledger", add_record_arguments,
                _cmd_record),
     "ledger": ("paired differences over the ledger's seeds",
@@ -331,6 +352,9 @@ def _common_options(suppress: bool) -> argparse.ArgumentParser:
                         help="show full tracebacks")
     common.add_argument("-q", "--quiet", action="store_true", default=default,
                         help="warnings and errors only")
+    common.add_argument("-v", "--verbose", action="store_true", default=default,
+                        help="Ray's own logs on the console too (they always go to a log "
+                        "file under the run root)")
     return common
 
 
@@ -384,8 +408,11 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.N
 
 def execute(args: argparse.Namespace) -> int:
     """Run a parsed command: one clear error line (exit status 2) unless --debug."""
+    from diffinf_ray import console
+
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="[diffinf] %(message)s")
+    console.set_verbose(getattr(args, "verbose", False))
     try:
         return args.func(args)
     except KeyboardInterrupt:
@@ -395,6 +422,8 @@ def execute(args: argparse.Namespace) -> int:
         if args.debug:
             traceback.print_exc()
         print(f"error: {format_error(err)}", file=sys.stderr)
+        if console.last_log_file:
+            print(f"Ray's logs (workers' tracebacks): {console.last_log_file}", file=sys.stderr)
         return 2
 
 

@@ -411,6 +411,16 @@ class BaselinesSection(_Section):
         return options
 
 
+class ReportSection(_Section):
+    """The run report. Its subgroup audit (per `group` of the manifest) warns when a group's
+    share of the flagged rows exceeds its share of the training rows by more than
+    `audit_flag_ratio` times, or when its test accuracy after DiffInf is more than
+    `audit_accuracy_drop` points below the noisy classifier's."""
+
+    audit_flag_ratio: float = Field(2.0, gt=0)
+    audit_accuracy_drop: float = Field(0.0, ge=0)
+
+
 class Config(_Section):
     run: RunSection = RunSection()
     storage: StorageSection = StorageSection()
@@ -427,6 +437,7 @@ class Config(_Section):
     lossnets: LossNetsSection = LossNetsSection()
     edit: EditSection = EditSection()
     oracle: OracleSection = OracleSection()
+    report: ReportSection = ReportSection()
     stages: list[Literal[STAGES]] = ["ingest", "noise", "train", "evaluate"]
 
     @property

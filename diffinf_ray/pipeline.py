@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from diffinf_ray.config import Config, dump_config
+from diffinf_ray.console import stage_progress
 from diffinf_ray.run_root import RunRoot
 from diffinf_ray.stage_registry import (
     REGISTRY,
@@ -138,7 +139,8 @@ def run_stage(cfg: Config, root: RunRoot, stage: str, force: bool = False,
     started = time.perf_counter()
     log.info("stage %s: running (fingerprint %s)", stage, fp)
     try:
-        summary = (body or stage_function(stage))(config_for_stage(cfg, stage), root)
+        with stage_progress(stage):
+            summary = (body or stage_function(stage))(config_for_stage(cfg, stage), root)
     except Exception as err:
         root.mark_failed(stage, fp, f"{type(err).__name__}: {err}"[:2000])
         raise

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -78,25 +79,39 @@ def start_local_ray(num_cpus: int | None, attempts: int = START_ATTEMPTS,
 
 @contextmanager
 def ray_session(cfg: Config) -> Iterator[None]:
+    """Ray for the `with` block (joined or started here, shut down after), its logs in a file
+    under the config's run root and off the console (diffinf_ray/console.py). A Ray already
+    initialised (a test's, an experiment's) is used as it is."""
     import ray
+    import ray.data  # configures its loggers, which the routing below takes over
+
+    from diffinf_ray.console import is_verbose, routed_ray_logs
+    from diffinf_ray.run_root import RunRoot
+    from diffinf_ray.storage import StorageOptions
 
     if ray.is_initialized():
         yield
         return
+    root = RunRoot(cfg.run.root, StorageOptions(cfg.storage.endpoint_override, cfg.storage.region))
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        # Under `ray job submit` the job's runtime env already reaches the workers; adding
-        # ours could conflict with it.
-        ray.init(address=address, log_to_driver=True)
-    else:
-        start_local_ray(cfg.ray.num_cpus, log_to_driver=True,
-                        runtime_env={"env_vars": worker_env()})
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = True
-    try:
-        yield
-    finally:
-        ray.shutdown()
+    with routed_ray_logs(root) as router:
+        if address:
+            # Under `ray job submit` the job's runtime env already reaches the workers; adding
+            # ours could conflict with it.
+            ray.init(address=address, log_to_driver=True)
+        else:
+            start_local_ray(cfg.ray.num_cpus, log_to_driver=True,
+                            runtime_env={"env_vars": worker_env()})
+        if not router.capture_worker_lines():
+            log.warning("this Ray version's worker logs cannot be routed: they stay here")
+        # Ray Data's bars on a terminal (one per dataset) only with --verbose; elsewhere it logs
+        # progress, which goes to the log file (and the stage progress line)
+        ray.data.DataContext.get_current().enable_progress_bars = (
+            is_verbose() or not sys.stdout.isatty())
+        try:
+            yield
+        finally:
+            ray.shutdown()
 
 
 def without_progress_bars(datasets: dict) -> dict:

@@ -41,7 +41,9 @@ UNHASHED_FIELDS = {"train": ("max_failures",), "autoencoder": ("max_failures",)}
 
 @dataclass(frozen=True)
 class Stage:
-    """One stage. `reads` names config sections (`train`) or single settings (`influence.tau`);
+    """One stage. `reads` names config sections (`train`) or settings (`influence.tau`,
+    `edit.gate.fallback`), and "-key" takes a setting out of a section read whole (the edit
+    stage reads `edit` but not `-edit.gate.fallback`, which only refine acts on);
     `upstream` the stages whose outputs it reads; `outputs` the run-root folders it owns (cleared
     before it runs with a new fingerprint). `tolerant`: it runs on whatever its upstream stages
     left, even when one of them failed (the report)."""
@@ -84,15 +86,17 @@ REGISTRY: dict[str, Stage] = {s.name: s for s in (
     # images, identities and region masks; no labels
     _stage("lossnets", "lossnets:run_lossnets", ["lossnets"], ["ingest"]),
     # the removal stage's classifier, which never guided an edit, gates each one (edit.gate)
-    _stage("edit", "edit:run_edit", ["edit"],
+    # edit.gate.fallback only decides what refine does with a rejected edit: changing it
+    # re-runs refine and what follows, not the edits
+    _stage("edit", "edit:run_edit", ["edit", "-edit.gate.fallback"],
            ["removal", "predictor", "lossnets", "autoencoder"], outputs=["edits"]),
-    _stage("refine", "refine:run_refine", [], ["edit"], outputs=["refined"]),
+    _stage("refine", "refine:run_refine", ["edit.gate.fallback"], ["edit"], outputs=["refined"]),
     # the baseline recipe on the refined training split
     _stage("retrain", "refine:run_retrain", ["train", "evaluate"], ["refine"]),
     # its own synthfaces draw, recipe and embedder: independent of every other stage's outputs
     _stage("judges", "oracle:run_judges", ["data", "train", "lossnets", "oracle"]),
     _stage("oracle", "oracle:run_oracle", [], ["edit", "judges"]),
-    _stage("report", "report:run_report", ["run.name"],
+    _stage("report", "report:run_report", ["run.name", "report"],
            ["evaluate", "removal", "baselines", "retrain", "oracle"], tolerant=True),
 )}
 
@@ -111,18 +115,57 @@ def upstream_stages(stage: str) -> set[str]:
     return found
 
 
-def covered_settings(stage: str) -> dict[str, tuple[str, ...] | None]:
-    """{section: fields, or None for the whole section} that `stage`'s fingerprint covers: what
-    it and its upstream stages declare."""
-    covered: dict[str, set[str] | None] = {}
+# A permission tree: {field: None (all of it) | a tree of its sub-fields}, from the config's top.
+Tree = dict[str, Any]
+
+
+def _merge(a: Tree | None, b: Tree | None) -> Tree | None:
+    """The settings of either tree (None: everything)."""
+    if a is None or b is None:
+        return None
+    return {k: _merge(a[k], b[k]) if k in a and k in b else a.get(k, b.get(k))
+            for k in {*a, *b}}
+
+
+def _without(tree: Tree | None, path: list[str], model) -> Tree:
+    """`tree` less the setting at `path` (a whole node is first opened into its fields)."""
+    if tree is None:
+        tree = dict.fromkeys(type(model).model_fields)
+    head, rest = path[0], path[1:]
+    if not rest:
+        return {k: v for k, v in tree.items() if k != head}
+    if head not in tree:
+        return tree
+    return {**tree, head: _without(tree[head], rest, getattr(model, head))}
+
+
+def _tree_of(keys, model) -> Tree:
+    """The tree of dotted keys, e.g. ["train", "influence.tau"]; a key starting with "-"
+    takes that setting out of what the others name ("-edit.gate.fallback")."""
+    tree: Tree = {}
+    for key in (k for k in keys if not k.startswith("-")):
+        node = {}
+        for part in reversed(key.split(".")):
+            node = {part: node or None}
+        tree = _merge(tree, node)
+    for key in (k[1:] for k in keys if k.startswith("-")):
+        tree = _without(tree, key.split("."), model)
+    return tree
+
+
+def covered_settings(stage: str) -> Tree:
+    """{section: None for the whole section, or a tree of its fields} that `stage`'s
+    fingerprint covers: what it and its upstream stages declare."""
+    from diffinf_ray.config import Config
+
+    covered: Tree = {}
     for s in (stage, *upstream_stages(stage)):
-        for key in REGISTRY[s].reads:
-            section, _, field = key.partition(".")
-            if not field:
-                covered[section] = None
-            elif covered.get(section, set()) is not None:
-                covered.setdefault(section, set()).add(field)
-    return {k: (None if v is None else tuple(sorted(v))) for k, v in covered.items()}
+        covered = _merge(covered, _tree_of(REGISTRY[s].reads, Config()))
+    return covered
+
+
+def _select(dumped: dict, tree: Tree | None):
+    return dumped if tree is None else {k: _select(dumped[k], t) for k, t in sorted(tree.items())}
 
 
 def fingerprint_parts(cfg, stage: str) -> dict:
@@ -136,9 +179,9 @@ def fingerprint_parts(cfg, stage: str) -> dict:
             defaults = type(values)().model_dump(mode="json")
             for name in SCHEDULING_FIELDS[section]:
                 dumped[name] = defaults[name]
+        parts[section] = _select(dumped, fields)
         for name in UNHASHED_FIELDS.get(section, ()):
-            dumped.pop(name, None)
-        parts[section] = dumped if fields is None else {f: dumped[f] for f in fields}
+            parts[section].pop(name, None)
     return parts
 
 
@@ -155,14 +198,13 @@ class UndeclaredSettingError(AttributeError):
     """A stage read a setting its fingerprint does not cover."""
 
 
-def readable_settings(stage: str) -> dict[str, tuple[str, ...] | None]:
-    """{section: fields or None (all)} that `stage` may read: what its fingerprint covers plus
+def readable_settings(stage: str) -> Tree:
+    """{section: None (all) or a tree of its fields} that `stage` may read: what its fingerprint covers plus
     the ambient settings."""
-    readable = dict(covered_settings(stage))
+    readable = covered_settings(stage)
     for section, fields in AMBIENT.items():
-        have = readable.get(section, ())
-        readable[section] = (None if fields is None or have is None
-                             else tuple(sorted({*have, *fields})))
+        ambient = None if fields is None else dict.fromkeys(fields)
+        readable[section] = _merge(readable.get(section, {}), ambient)
     return readable
 
 
@@ -190,7 +232,7 @@ class _Restricted:
         value = getattr(model, name)
         if fields is None:
             return value
-        return _Restricted(value, dict.fromkeys(fields), self._stage, f"{self._where}{name}.")
+        return _Restricted(value, fields, self._stage, f"{self._where}{name}.")
 
     def __setattr__(self, name: str, value) -> None:
         getattr(self, name)  # only a readable setting may be changed (sweep epoch chunks)

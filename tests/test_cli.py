@@ -50,6 +50,7 @@ OWN_OPTIONS = {
     "synthfaces-preview": ["--task", "--resolution", "--per-class", "--seed", "--out"],
     "diagnose-labels": ["config", "key=value", "--images", "--scales", "--depths", "--steps"],
     "record": ["config", "key=value", "--ledger"],
+    "status": ["RUN_ROOT", "CONFIG", "key=value"],
     "ledger": ["--ledger", "--a", "--b", "--metric"],
 }
 

@@ -5,6 +5,7 @@ refine, retrain, oracle judges and the report."""
 import json
 
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
@@ -134,6 +135,11 @@ def test_retrain_report_and_judges(diffinf_run):
     grids = {p.name for p in (root / "report").glob("gate_grid_*.png")}
     assert grids == ({"gate_grid_accepted.png"} if n_ok else set()) | (
         {"gate_grid_rejected.png"} if n_ok < len(edits) else set())
+    # the subgroup audit: one row per group of the training rows, its edits all counted
+    audit = pd.read_csv(root / "report" / "subgroup_audit.csv")
+    noisy = pq.read_table(root / "manifest_noisy", columns=["split", "group"]).to_pandas()
+    assert sorted(audit["group"]) == sorted(noisy.loc[noisy.split == "train", "group"].unique())
+    assert audit["edits"].sum() == len(edits) and "## Subgroup audit" in report
 
 
 def test_a_weak_identity_oracle_is_flagged():
@@ -205,10 +211,10 @@ def test_a_failing_row_is_retried_then_quarantined(diffinf_run):
                  .to_pylist())[0]
 
     class FailsOnOneRow(EditActor):
-        def _edit(self, images, labels):
+        def _edit(self, images, labels, ids):
             if any(img == self.bad_image for img in images):
                 raise RuntimeError("cannot edit this one")
-            return super()._edit(images, labels)
+            return super()._edit(images, labels, ids)
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     noisy = pq.read_table(root / "manifest_noisy").to_pandas().set_index("sample_id")
@@ -238,3 +244,17 @@ def test_the_label_diagnostic_reads_the_runs_autoencoder_and_judges(diffinf_run)
         for s in run["scales"]:
             assert len(s["confusion"]) == len(cfg.class_names)
             assert all(abs(sum(row) - 1) < 1e-3 for row in s["confusion"])
+
+
+def test_changing_the_fallback_reuses_the_edits(diffinf_run):
+    """Last in the module (it replaces refined/ and retrain/): the finished run with
+    `edit.gate.fallback=keep` re-runs refine, retrain and the report on the same edits; the
+    edit and the oracle (which judges the edits, not the refined set) are skipped."""
+    cfg, root, _ = diffinf_run
+    keep = tiny_diffinf(root, "edit.gate.fallback=keep")
+    run = run_pipeline(keep, stages=["edit", "refine", "retrain", "oracle", "report"])
+    assert run.with_status("skipped") == ["edit", "oracle"]
+    assert run.with_status("ran") == ["refine", "retrain", "report"]
+    assert run["refine"]["gate_fallback"] == "keep"
+    refined = pq.read_table(root / "refined", columns=["sample_id"]).num_rows
+    assert refined == pq.read_table(root / "manifest_noisy", columns=["sample_id"]).num_rows

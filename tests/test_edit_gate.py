@@ -81,7 +81,7 @@ def test_the_core_refuses_bad_inputs_and_settings():
         gate(_images(2), [0, 1], [1.0])
     with pytest.raises(ValueError, match="outside the gate classifier's 3 classes"):
         gate(_images(2), [0, 3], [1.0, 1.0])
-    for bad, match in (({"fallback": "drop"}, "fallback"), ({"classifier": "train"}, "classifier"),
+    for bad, match in (({"classifier": "train"}, "classifier"),
                        ({"min_identity": 1.5}, "min_identity")):
         with pytest.raises(ValueError, match=match):
             GateSettings(**bad)
@@ -89,7 +89,12 @@ def test_the_core_refuses_bad_inputs_and_settings():
 
 def test_gate_settings_mirror_the_config_section():
     section = GateSection(enabled=False, min_identity=0.3, fallback="keep")
-    assert GateSettings.from_section(section) == GateSettings(False, "removal", 0.3, "keep")
+    assert GateSettings.from_section(section) == GateSettings(False, "removal", 0.3)
+    # the edit stage's view of the config hides the fallback (refine's): the gate never reads it
+    from diffinf_ray.stage_registry import config_for_stage
+
+    view = config_for_stage(load_config(TINY, ["edit.gate.min_identity=0.3"]), "edit")
+    assert GateSettings.from_section(view.edit.gate) == GateSettings(True, "removal", 0.3)
     assert GateSettings.from_section(GateSection()) == GateSettings()
     assert set(GateSection.model_fields) == {"enabled", "classifier", "min_identity", "fallback"}
     assert EditSection().gate == GateSection()
@@ -212,9 +217,12 @@ def test_the_edit_summary_counts_the_verdicts():
     from diffinf_ray.stages.edit import gate_summary
 
     edits = pd.DataFrame({"gate_accepted": [True, False, True, False, False]})
-    summary = gate_summary(load_config(TINY, ["edit.gate.fallback=keep"]), edits)
-    assert summary == {"gate_enabled": True, "gate_accepted": 2, "gate_fallen_back": 3,
-                       "gate_fallback": "keep"}
+    from diffinf_ray.stage_registry import config_for_stage
+
+    # as the edit stage sees the config: edit.gate.fallback is refine's, not the edit's
+    cfg = config_for_stage(load_config(TINY, ["edit.gate.fallback=keep"]), "edit")
+    summary = gate_summary(cfg, edits)
+    assert summary == {"gate_enabled": True, "gate_accepted": 2, "gate_fallen_back": 3}
 
 
 # -- refine: both fallbacks conserve the rows --------------------------------------------------

@@ -259,8 +259,8 @@ def test_unconditional_autoencoders_and_missing_directions_are_refused(parts):
 
 
 def test_registry_builds_each_method_from_the_config_section(parts, tmp_path):
-    assert set(EDIT_METHODS) == {"latent", "guided"}
-    with pytest.raises(ValueError, match="choose one of latent, guided"):
+    assert set(EDIT_METHODS) == {"latent", "guided", "oracle_repair"}
+    with pytest.raises(ValueError, match="choose one of latent, guided, oracle_repair"):
         edit_method("gradient")
     section = EditSection(method="guided", steps=STEPS, seed=3,
                           guided={"t0": 0.25, "scale": 2.0, "candidates": 2, "alpha": 0.5})

@@ -132,11 +132,21 @@ SMALL = ["data.synthfaces.num_samples=120", "data.synthfaces.num_identities=30",
 
 def test_ray_job_submit_tiny(ray_head, tmp_path):
     run_root = tmp_path / "job_run"
-    submit(ray_head, "jobs.pipeline", "--config", "jobs/configs/tiny.yaml",
-           f"run.root={run_root}", "train.epochs=1")
+    out = submit(ray_head, "jobs.pipeline", "--config", "jobs/configs/tiny.yaml",
+                 f"run.root={run_root}", "train.epochs=1")
     metrics = json.loads((run_root / "evaluation" / "metrics.json").read_text())
     assert metrics["epoch"] == 1 and metrics["n"] > 0
     assert (run_root / "checkpoints" / "epoch_0001" / "checkpoint.pt").exists()
+    # the console (the job's output): the epoch line once, none of Ray's own chatter; Ray's
+    # lines are in the log file under the run root that the first line names
+    epoch = "[train] epoch 1/1 "
+    assert sum(line.startswith(epoch) for line in out.splitlines()) == 1, out[-4000:]
+    assert "Failed to query" not in out and "TrainingReport(" not in out
+    [log_file] = (run_root / "logs").glob("ray-*.log")
+    assert f"Ray's logs: {log_file}" in out
+    logged = log_file.read_text()
+    assert "(RayTrainWorker pid=" in logged and "TrainingReport(" in logged
+    assert epoch in logged
 
 
 # slow (make test-all): 700 s at load 20-45 here, the largest single item of CI's budget; the

@@ -48,11 +48,13 @@ def test_registry_is_consistent():
         assert stage.name == name
         assert all(STAGES.index(u) < STAGES.index(name) for u in stage.upstream), name
         section_names = Config.model_fields
-        for key in stage.reads:
-            section, _, field = key.partition(".")
+        for key in stage.reads:  # every dotted part names a setting ("-": taken out)
+            section, *fields = key.removeprefix("-").split(".")
             assert section in section_names, (name, key)
-            if field:
-                assert field in type(getattr(Config(), section)).model_fields, (name, key)
+            model = getattr(Config(), section)
+            for field in fields:
+                assert field in type(model).model_fields, (name, key)
+                model = getattr(model, field)
         assert stage.function().__name__ == stage.entry.rpartition(":")[2]
     owned = [folder for stage in REGISTRY.values() for folder in stage.outputs]
     assert len(owned) == len(set(owned)), "two stages own one folder"
@@ -112,7 +114,7 @@ def test_a_stage_cannot_read_an_undeclared_setting():
 def test_single_settings_are_readable_alone():
     cfg = load_config(TINY, ["influence.tau=0.25"])
     view = config_for_stage(cfg, "cleanlab")
-    assert covered_settings("cleanlab")["influence"] == ("per_class", "tau")
+    assert sorted(covered_settings("cleanlab")["influence"]) == ["per_class", "tau"]
     assert view.influence.tau == 0.25
     with pytest.raises(UndeclaredSettingError, match="'influence.batch_size'"):
         _ = view.influence.batch_size
@@ -137,18 +139,37 @@ def test_judges_read_no_other_stage():
 
 def test_the_edit_gate_is_covered_by_the_fingerprints():
     """The edit reads the removal stage's classifier (edit.gate), so the removal recipe is in
-    its fingerprint; every gate setting reaches the edit and everything after it (refine reads
-    edit.gate.fallback through its upstream edit stage)."""
+    its fingerprint; every gate setting but the fallback reaches the edit and everything after
+    it. The fallback (what refine does with a rejected edit) reaches refine and what follows,
+    not the edit or the oracle (which judges the edits), so changing it re-uses the edits."""
     assert "removal" in REGISTRY["edit"].upstream
     assert "removal" in upstream_stages("refine") and "removal" in upstream_stages("report")
     base = load_config(TINY)
     # evaluate.ece_bins: read by removal's evaluation, not by the predictor the edit also reads
-    assert covered_settings("predictor")["evaluate"] == ("batch_size",)
-    for override in ("edit.gate.fallback=keep", "edit.gate.min_identity=0.5",
-                     "edit.gate.enabled=false", "evaluate.ece_bins=20"):
+    assert list(covered_settings("predictor")["evaluate"]) == ["batch_size"]
+    for override in ("edit.gate.min_identity=0.5", "edit.gate.enabled=false",
+                     "evaluate.ece_bins=20"):
         changed = load_config(TINY, [override])
         for stage in ("edit", "refine", "retrain", "oracle", "report"):
             assert fingerprint(base, stage) != fingerprint(changed, stage), (override, stage)
         assert fingerprint(base, "predictor") == fingerprint(changed, "predictor"), override
-    view = config_for_stage(load_config(TINY, ["edit.gate.fallback=keep"]), "refine")
-    assert view.edit.gate.fallback == "keep"
+    keep = load_config(TINY, ["edit.gate.fallback=keep"])
+    for stage in ("refine", "retrain", "report"):
+        assert fingerprint(base, stage) != fingerprint(keep, stage), stage
+    for stage in ("edit", "oracle", "predictor"):
+        assert fingerprint(base, stage) == fingerprint(keep, stage), stage
+    assert config_for_stage(keep, "refine").edit.gate.fallback == "keep"
+    edit_view = config_for_stage(keep, "edit")
+    assert edit_view.edit.gate.min_identity is None and edit_view.edit.lr == keep.edit.lr
+    with pytest.raises(UndeclaredSettingError, match="'edit.gate.fallback'"):
+        _ = edit_view.edit.gate.fallback
+
+
+def test_fingerprints_of_whole_sections_are_unchanged_by_the_settings_tree():
+    """A stage whose upstream reads a whole section, less one setting, and whose own reads put
+    it back hashes exactly what reading the whole section hashed (run roots made before the
+    tree keep their fingerprints there)."""
+    from diffinf_ray.stage_registry import fingerprint_parts
+
+    cfg = load_config(TINY)
+    assert fingerprint_parts(cfg, "refine")["edit"] == cfg.edit.model_dump(mode="json")

@@ -30,7 +30,6 @@ import torch
 from torch import nn
 
 GATE_CLASSIFIERS = ("removal",)  # classifiers that never guided an edit
-GATE_FALLBACKS = ("remove", "keep")
 GATE_COLUMNS = ("gate_prediction", "gate_confidence", "gate_accepted")
 
 
@@ -41,15 +40,12 @@ class GateSettings:
     enabled: bool = True
     classifier: str = "removal"  # whose classifier judges: the removal stage's last checkpoint
     min_identity: float | None = None  # also reject rows below this F_id cosine (module doc)
-    fallback: str = "remove"  # what a rejected row becomes in refined/: "remove" | "keep"
+    # what a rejected row becomes (edit.gate.fallback) is the refine stage's, not the gate's
 
     def __post_init__(self):
         if self.classifier not in GATE_CLASSIFIERS:
             raise ValueError(f"gate classifier must be one of {GATE_CLASSIFIERS}, got "
                              f"{self.classifier!r}")
-        if self.fallback not in GATE_FALLBACKS:
-            raise ValueError(f"gate fallback must be one of {GATE_FALLBACKS}, got "
-                             f"{self.fallback!r}")
         if self.min_identity is not None and not -1.0 <= self.min_identity <= 1.0:
             raise ValueError(f"gate min_identity is a cosine similarity in [-1, 1], got "
                              f"{self.min_identity}")

@@ -8,6 +8,9 @@
 - `guided`: gradient-free, null-label partial inversion + label-guided decode + a class shift
   of z, the closest of a few candidates kept (guided.GuidedEditor). Needs the class directions
   in z (`needs_directions`), which the stage fits once per run.
+- `oracle_repair` (synthfaces only): each flagged face drawn again with its label's attribute
+  and everything else kept (oracle_repair.OracleRepairEditor): the ceiling for any editor.
+  Edits by sample id (`needs_sample_ids`: `edit(images, labels, sample_ids)`).
 
 Torch-free at import: config.py checks `edit.method` against `EDIT_METHODS`; a builder imports
 its editor only when called.
@@ -29,6 +32,7 @@ class EditorParts:
     predictor: Any  # h_w
     losses: Any  # edit.losses.EditLosses
     device: str
+    synthfaces: Any = None  # the run's data.synthfaces.SynthFacesSpec (synthetic data only)
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,7 @@ class EditMethod:
     build: Callable[[EditorParts, Any, Any], Any]  # (parts, config.EditSection, directions)
     needs_directions: Callable[[Any], bool] = lambda section: False
     needs_labels: bool = False  # only for a label-conditional autoencoder
+    needs_sample_ids: bool = False  # edit(images, labels, sample_ids)
 
 
 def _build_latent(parts: EditorParts, section, directions=None):
@@ -57,10 +62,18 @@ def _build_guided(parts: EditorParts, section, directions=None):
                         device=parts.device)
 
 
+def _build_oracle_repair(parts: EditorParts, section, directions=None):
+    from diffinf_ray.edit.oracle_repair import OracleRepairEditor
+
+    return OracleRepairEditor(parts.synthfaces, parts.classifier, parts.predictor, parts.losses,
+                              w_si=section.w_si, seed=section.seed, device=parts.device)
+
+
 EDIT_METHODS: dict[str, EditMethod] = {m.name: m for m in (
     EditMethod("latent", _build_latent),
     EditMethod("guided", _build_guided, needs_directions=lambda s: s.guided.alpha > 0,
                needs_labels=True),
+    EditMethod("oracle_repair", _build_oracle_repair, needs_sample_ids=True),
 )}
 
 

@@ -26,7 +26,9 @@ original. `edit.gate.enabled: false` accepts every edit and loads no gate classi
 The editor is `edit.method` (edit/methods.py): `latent` (edit/editor.py, latent optimisation
 through the differentiable decode) or `guided` (edit/guided.py, gradient-free: null-label
 partial inversion, label-guided decode, closest of `guided.candidates`; needs a
-label-conditional autoencoder). Both give the same columns; `guided` has iterations 0.
+label-conditional autoencoder) or, on synthfaces, `oracle_repair` (edit/oracle_repair.py: the
+face drawn again showing its label, everything else kept; the ceiling for any editor). All give
+the same columns; `guided` and `oracle_repair` have iterations 0.
 Each actor loads every frozen model once (from a local or s3:// run root), on a GPU when
 `edit.use_gpu` (`edit.gpus_per_actor` < 1 packs several actors on one GPU). An exception while
 editing a batch is retried up to `edit.max_attempts` times, then each row of the batch is tried
@@ -55,7 +57,8 @@ from diffinf_ray.artifacts import (
     removal_checkpoint,
 )
 from diffinf_ray.config import Config
-from diffinf_ray.datasets import check_manifest, split_dataset
+from diffinf_ray.datasets import check_manifest, split_dataset, synthfaces_spec
+from diffinf_ray.edit.methods import edit_method
 from diffinf_ray.run_root import RunRoot
 from diffinf_ray.stage_registry import config_for_stage
 
@@ -74,7 +77,7 @@ def build_editor(cfg: Config, root: RunRoot, device: str, directions=None):
     A method that needs the class directions in z gets `directions` when given, else the ones
     run_edit saved under edits/, else (no run_edit before: a benchmark) ones fitted here."""
     from diffinf_ray.diffae.autoencoder import DiffusionAutoencoder
-    from diffinf_ray.edit.methods import EditorParts, edit_method
+    from diffinf_ray.edit.methods import EditorParts
     from diffinf_ray.models.checkpoint import load_checkpoint
 
     section = cfg.edit
@@ -88,7 +91,8 @@ def build_editor(cfg: Config, root: RunRoot, device: str, directions=None):
     losses, _ = load_edit_losses(cfg, root, device)
     if method.needs_directions(section) and directions is None:
         directions = run_directions(cfg, root, device, model)
-    parts = EditorParts(autoencoder, classifier, predictor, losses, device)
+    synthfaces = synthfaces_spec(cfg) if cfg.data.source == "synthfaces" else None
+    parts = EditorParts(autoencoder, classifier, predictor, losses, device, synthfaces)
     return method.build(parts, section, directions)
 
 
@@ -210,35 +214,37 @@ class EditActor:
         self.device = "cuda" if self.cfg.edit.use_gpu and torch.cuda.is_available() else "cpu"
         self.editor = build_editor(self.cfg, root, self.device)
         self.gate = build_gate(self.cfg, root, self.device)
+        self.by_id = edit_method(self.cfg.edit.method).needs_sample_ids
 
-    def _edit(self, images: list[bytes], labels: np.ndarray) -> dict[str, np.ndarray]:
+    def _edit(self, images: list[bytes], labels: np.ndarray, ids) -> dict[str, np.ndarray]:
         import torch
 
         from diffinf_ray.data.images import to_tensor_batch
 
         x = torch.from_numpy(to_tensor_batch(images))
-        return self.editor.edit(x, torch.from_numpy(labels.astype(np.int64)))
+        y = torch.from_numpy(labels.astype(np.int64))
+        return self.editor.edit(x, y, list(ids)) if self.by_id else self.editor.edit(x, y)
 
-    def _attempt(self, images, labels) -> tuple[dict | None, int, str | None]:
+    def _attempt(self, images, labels, ids) -> tuple[dict | None, int, str | None]:
         error = None
         for attempt in range(1, self.cfg.edit.max_attempts + 1):
             try:
-                return self._edit(images, labels), attempt, None
+                return self._edit(images, labels, ids), attempt, None
             except Exception as err:  # noqa: BLE001 - any failure is retried, then recorded
                 error = f"{type(err).__name__}: {err}"
                 log.warning("edit attempt %d of %d rows failed: %s", attempt, len(images), error)
         return None, self.cfg.edit.max_attempts, error
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images, labels = list(batch["image"]), batch["label"]
+        images, labels, ids = list(batch["image"]), batch["label"], batch["sample_id"]
         n = len(images)
-        result, attempts, error = self._attempt(images, labels)
+        result, attempts, error = self._attempt(images, labels, ids)
         if result is not None:
             parts = [(np.arange(n), result, attempts, None)]
         else:  # one row at a time, so only the rows that fail are quarantined
             parts = []
             for i in range(n):
-                r, a, e = self._attempt(images[i:i + 1], labels[i:i + 1])
+                r, a, e = self._attempt(images[i:i + 1], labels[i:i + 1], ids[i:i + 1])
                 parts.append((np.array([i]), r, attempts + a, e))
         out = {"sample_id": batch["sample_id"], "label": batch["label"],
                "image_original": batch["image"],
@@ -290,10 +296,11 @@ def edit_dataset(cfg: Config, root: RunRoot, rows, actor_cls=None):
 
 
 def gate_summary(cfg: Config, edits) -> dict:
-    """Counts of the gate's verdicts on the edits (a pandas frame of edits.parquet rows)."""
+    """Counts of the gate's verdicts on the edits (a pandas frame of edits.parquet rows); what
+    becomes of a rejected row (edit.gate.fallback) is the refine stage's, in its summary."""
     accepted = int(np.asarray(edits["gate_accepted"], dtype=bool).sum())
     return {"gate_enabled": cfg.edit.gate.enabled, "gate_accepted": accepted,
-            "gate_fallen_back": len(edits) - accepted, "gate_fallback": cfg.edit.gate.fallback}
+            "gate_fallen_back": len(edits) - accepted}
 def _driver_device(cfg: Config) -> str:
     import torch
 
@@ -304,9 +311,10 @@ def prepare_method(cfg: Config, root: RunRoot) -> None:
     """Driver-side work of `edit.method` before any actor starts: refuse a method the run's
     autoencoder cannot serve (here, not in every actor's constructor), and fit and save the
     class directions a method needs."""
-    from diffinf_ray.edit.methods import edit_method
-
     method = edit_method(cfg.edit.method)
+    if method.needs_sample_ids and cfg.data.source != "synthfaces":
+        raise ValueError(f"edit.method {method.name!r} needs data.source synthfaces: only there "
+                         "is each image's drawing known")
     record = root.child(AUTOENCODER_FOLDER, AUTOENCODER_RECORD).read_json()
     if method.needs_labels and record.get("num_classes", 1) == 0:
         raise ValueError(f"edit.method {method.name!r} needs a label-conditional autoencoder "

@@ -8,6 +8,10 @@ Out: report/metrics.csv        one row per training condition: accuracy, AUROC (
      report/grid_<class>.png   originals (top row of each pair) above their edits
      report/gate_grid_accepted.png, gate_grid_rejected.png  the same, per verdict of the
                                edit gate (edit.gate; when the edits have its columns)
+     report/subgroup_audit.csv per `group` of the training rows: flag rate and ratio, detection
+                               precision/recall, edit success and identity retention by the
+                               judges, gate acceptance, test accuracy per condition
+                               (subgroup_audit.py; warnings in the report)
      report/report.md, report/report.html  the tables, the oracle and identity figures, the
                                distances used (LPIPS or the stated fallback), the gate's counts
                                (accepted / fallen back, and to what), stage wall times
@@ -20,6 +24,7 @@ import io
 import pandas as pd
 
 from diffinf_ray.config import STAGES, Config
+from diffinf_ray.datasets import manifest_columns
 from diffinf_ray.detectors import DETECTORS, read_detection
 from diffinf_ray.run_root import RunRoot
 
@@ -167,6 +172,90 @@ def detection_section(root: RunRoot, tau: float, summary: dict) -> list[str]:
     return md
 
 
+def oracle_section(root: RunRoot, summary: dict) -> list[str]:
+    """Markdown lines of the independent judges' verdicts on the edits (into `summary` too)."""
+    oracle = _read_json(root.child("oracle", "report.json"))
+    if not oracle:
+        return []
+    md: list[str] = []
+    a = oracle["all"]
+    md += ["\n## Independent judges (oracle; never used by the edit)\n",
+           f"Attribute oracle (clean labels, separate draw): test accuracy "
+           f"{oracle['attribute_oracle']['test_accuracy']:.1f}%.\n\n",
+           "| edits | oracle says target label: before | after |\n|---|---|---|\n"]
+    for key in ("all", "corrupted_label", "clean_label"):
+        s = oracle[key]
+        if s.get("edits"):
+            md.append(f"| {key} ({s['edits']}) | {s['oracle_target_before']:.3f} | "
+                      f"{s['oracle_target_after']:.3f} |\n")
+    io = oracle["identity_oracle"]
+    md.append(_identity_oracle_quality(io))
+    md.append(f"\nIdentity oracle on its own test split: mean similarity of same-person pairs "
+              f"{io['mean_same_person_similarity']:.4f}, different-person pairs "
+              f"{io['mean_different_person_similarity']:.4f}; edit vs original: "
+              f"{oracle['mean_identity_similarity_oracle']:.4f}.\n\n"
+              f"Identity retention (share of edits above the threshold): "
+              f"{oracle['identity_retention_at_eer']:.3f} at the equal-error-rate threshold "
+              f"{io['threshold_at_eer']:.3f} (same-person pairs pass at "
+              f"{io['same_person_accept_rate_at_eer']:.3f}); "
+              f"{oracle['identity_retention']:.3f} at the 1%-false-accept threshold "
+              f"{io['threshold_at_far_1pct']:.3f} (same-person pairs pass at "
+              f"{io['same_person_accept_rate']:.3f}).\n")
+    summary["oracle"] = {"target_before": a.get("oracle_target_before"),
+                         "target_after": a.get("oracle_target_after"),
+                         "identity_retention": oracle["identity_retention"],
+                         "identity_retention_at_eer": oracle["identity_retention_at_eer"]}
+    return md
+
+
+AUDIT_CONDITIONS = {"noisy": ("evaluation",), "removal": ("removal", "evaluation"),
+                    "diffinf": ("retrain", "evaluation")}
+
+
+def audit_section(cfg: Config, root: RunRoot, summary: dict) -> list[str]:
+    """Markdown lines of the subgroup audit (subgroup_audit.py), written to
+    report/subgroup_audit.csv and into `summary`; none without flagged rows or groups."""
+    from diffinf_ray.artifacts import read_edits, read_influence
+    from diffinf_ray.datasets import read_split
+    from diffinf_ray.subgroup_audit import AuditThresholds, subgroup_audit
+
+    influence_loc = root.child("influence", "influence.parquet")
+    if not influence_loc.exists() or "group" not in manifest_columns(root.noisy_manifest):
+        return []
+    train = read_split(root.noisy_manifest, "train", ["group"])
+    if train["group"].isna().all():
+        return []
+    influence = read_influence(root, ["sample_id", "is_high", "is_corrupted"]).to_pandas()
+    accuracy = {}
+    for condition, folder in AUDIT_CONDITIONS.items():
+        m = _read_json(root.child(*folder, "metrics.json"))
+        if m and m.get("per_group_accuracy"):
+            accuracy[condition] = m["per_group_accuracy"]
+    judgements_loc = root.child("oracle", "judgements.parquet")
+    judgements = judgements_loc.read_table().to_pandas() if judgements_loc.exists() else None
+    oracle = _read_json(root.child("oracle", "report.json")) or {}
+    threshold = oracle.get("identity_oracle", {}).get("threshold_at_eer")
+    edits_loc = root.child("edits", "edits.parquet")
+    edits = (read_edits(root, ["sample_id", "gate_accepted"]).to_pandas()  # no image read
+             if edits_loc.exists() and "gate_accepted" in manifest_columns(edits_loc) else None)
+    thresholds = AuditThresholds(cfg.report.audit_flag_ratio, cfg.report.audit_accuracy_drop)
+    table, warnings = subgroup_audit(train, influence, accuracy, judgements, edits, threshold,
+                                     thresholds)
+    root.child(STAGE_FOLDER, "subgroup_audit.csv").write_bytes(table.to_csv(index=False).encode())
+    summary["subgroup_audit"] = {"table": table.to_dict(orient="records"), "warnings": warnings}
+    md = ["\n## Subgroup audit (per `group` of the training rows)\n",
+          "Flag ratio: a group's share of the flagged rows over its share of the rows (1 = in "
+          "proportion). Precision and recall against the injected corruption; the oracle's "
+          "target-label share and identity retention (equal-error-rate threshold) of the "
+          "group's edits; test accuracy (%) per condition and DiffInf's change against the "
+          "noisy classifier (points).\n\n", _table_md(table), "\n"]
+    md += ([f"- **Warning:** {w}\n" for w in warnings] if warnings
+           else ["No group is flagged out of proportion or left worse off by DiffInf "
+                 f"(flag ratio <= {thresholds.flag_ratio}, accuracy drop <= "
+                 f"{thresholds.accuracy_drop} points).\n"])
+    return md
+
+
 def run_report(cfg: Config, root: RunRoot) -> dict:
     out = root.child(STAGE_FOLDER)
     names = cfg.class_names
@@ -215,35 +304,8 @@ def run_report(cfg: Config, root: RunRoot) -> dict:
         if gate_summary:
             summary["gate"] = gate_summary
 
-    oracle = _read_json(root.child("oracle", "report.json"))
-    if oracle:
-        a = oracle["all"]
-        md += ["\n## Independent judges (oracle; never used by the edit)\n",
-               f"Attribute oracle (clean labels, separate draw): test accuracy "
-               f"{oracle['attribute_oracle']['test_accuracy']:.1f}%.\n\n",
-               "| edits | oracle says target label: before | after |\n|---|---|---|\n"]
-        for key in ("all", "corrupted_label", "clean_label"):
-            s = oracle[key]
-            if s.get("edits"):
-                md.append(f"| {key} ({s['edits']}) | {s['oracle_target_before']:.3f} | "
-                          f"{s['oracle_target_after']:.3f} |\n")
-        io = oracle["identity_oracle"]
-        md.append(_identity_oracle_quality(io))
-        md.append(f"\nIdentity oracle on its own test split: mean similarity of same-person pairs "
-                  f"{io['mean_same_person_similarity']:.4f}, different-person pairs "
-                  f"{io['mean_different_person_similarity']:.4f}; edit vs original: "
-                  f"{oracle['mean_identity_similarity_oracle']:.4f}.\n\n"
-                  f"Identity retention (share of edits above the threshold): "
-                  f"{oracle['identity_retention_at_eer']:.3f} at the equal-error-rate threshold "
-                  f"{io['threshold_at_eer']:.3f} (same-person pairs pass at "
-                  f"{io['same_person_accept_rate_at_eer']:.3f}); "
-                  f"{oracle['identity_retention']:.3f} at the 1%-false-accept threshold "
-                  f"{io['threshold_at_far_1pct']:.3f} (same-person pairs pass at "
-                  f"{io['same_person_accept_rate']:.3f}).\n")
-        summary["oracle"] = {"target_before": a.get("oracle_target_before"),
-                             "target_after": a.get("oracle_target_after"),
-                             "identity_retention": oracle["identity_retention"],
-                             "identity_retention_at_eer": oracle["identity_retention_at_eer"]}
+    md += oracle_section(root, summary)
+    md += audit_section(cfg, root, summary)
     times = stage_times(root)
     md += ["\n## Stage wall times (s)\n", _table_md(times, 1)]
     text = "".join(md)
