@@ -21,8 +21,11 @@
     diffinf synthfaces-preview --task age --out grid.png
 
 Every command's arguments are defined here (`diffinf COMMAND --help`); the jobs/ recipes reuse
-them with the config given as `--config`. Errors print as one message (the file, key or row at
-fault), not a Ray traceback; `--debug` shows the traceback.
+them with the config given as `--config`. `run`, `stage`, `experiment` and `sweep` hold their
+run root's lease while they run, taken before Ray starts (one writer per run root:
+diffinf_ray/run_lease.py; `--break-lease` takes over a lease whose holder is known to be gone).
+Errors print as one message (the file, key or row at fault), not a Ray traceback; `--debug`
+shows the traceback.
 """
 
 from __future__ import annotations
@@ -53,12 +56,14 @@ def _root_cause(err: BaseException) -> BaseException:
 
 def format_error(err: BaseException) -> str:
     """An exception (unwrapped from Ray's wrappers) as the one line the CLIs print."""
+    from diffinf_ray.run_lease import LeaseHeldError  # here: it imports pyarrow
+
     cause = _root_cause(err)
     text = str(cause).strip() or type(cause).__name__
     # Ray prefixes task errors with a traceback dump; keep the last line, which is the message.
     if "Traceback (most recent call last)" in text:
         text = text.strip().splitlines()[-1]
-    if isinstance(cause, ConfigError):
+    if isinstance(cause, ConfigError | LeaseHeldError):
         return text
     return f"{type(cause).__name__}: {text}"
 
@@ -97,11 +102,13 @@ def _print_metrics(results: dict) -> None:
 
 def _cmd_run(args) -> int:
     from diffinf_ray.pipeline import open_run_root, run_pipeline
+    from diffinf_ray.run_lease import run_leases
 
     cfg = load_config(args.config, args.overrides)
     stages = [args.name] if getattr(args, "name", None) else None
-    results = run_pipeline(cfg, stages=stages, force=args.force,
-                           keep_going=args.keep_going)
+    with run_leases([open_run_root(cfg).base], args.break_lease):
+        results = run_pipeline(cfg, stages=stages, force=args.force,
+                               keep_going=args.keep_going)
     _print_metrics(results)
     print(f"\nrun root: {open_run_root(cfg)}")
     for stage, outcome in results.outcomes.items():
@@ -178,9 +185,12 @@ def _cmd_status(args) -> int:
 
 
 def _cmd_experiment(args) -> int:
-    from diffinf_ray.experiment import run_command
+    from diffinf_ray.experiment import experiment_location, load_experiment, run_command
+    from diffinf_ray.run_lease import run_leases
 
-    return run_command(args)
+    roots = [] if args.dry_run else [experiment_location(load_experiment(args.config))]
+    with run_leases(roots, args.break_lease):
+        return run_command(args)
 
 
 def _cmd_fairness(args) -> int:
@@ -190,9 +200,14 @@ def _cmd_fairness(args) -> int:
 
 
 def _cmd_sweep(args) -> int:
-    from diffinf_ray.sweep import run_command
+    from diffinf_ray.run_lease import run_leases
+    from diffinf_ray.sweep import load_sweep, run_command
 
-    return run_command(args)
+    # the driver leases the base run root (the shared stages) and the sweep root; its Tune
+    # trials write under them on its behalf
+    plan = None if args.dry_run else load_sweep(args.config, args.overrides)
+    with run_leases([plan.base_root.base, plan.root] if plan else [], args.break_lease):
+        return run_command(args)
 
 
 # -- the arguments of each command: here, so `diffinf --help` imports no command's module -------
@@ -211,9 +226,16 @@ def _overrides_argument(parser, help_text: str = "dotted config overrides, e.g. 
     parser.add_argument("overrides", nargs="*", metavar="key=value", help=help_text)
 
 
+def _break_lease_argument(parser) -> None:
+    parser.add_argument("--break-lease", action="store_true",
+                        help="take over the run root's lease even if its holder looks alive "
+                        "(only when you know it is gone; see diffinf_ray/run_lease.py)")
+
+
 def add_run_arguments(parser, config: str = "config") -> None:
     _config_argument(parser, config, "pipeline config YAML (jobs/configs/demo.yaml)")
     _overrides_argument(parser)
+    _break_lease_argument(parser)
     parser.add_argument("--force", action="store_true",
                         help="re-run the stages even if they are done with the same settings")
     parser.add_argument("--keep-going", action="store_true",
@@ -240,6 +262,7 @@ def add_experiment_arguments(parser, config: str = "config") -> None:
     parser.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
     parser.add_argument("--table-only", action="store_true",
                         help="re-aggregate the finished runs into the table; run nothing")
+    _break_lease_argument(parser)
 
 
 def add_sweep_arguments(parser, config: str = "config") -> None:
@@ -251,6 +274,7 @@ def add_sweep_arguments(parser, config: str = "config") -> None:
                         help="resume the sweep's Tune experiment if it exists (default: yes)")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the plan (shared and per-trial stages) and exit")
+    _break_lease_argument(parser)
 
 
 def add_diagnose_labels_arguments(parser, config: str = "config") -> None:

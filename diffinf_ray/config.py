@@ -45,6 +45,10 @@ class _Section(BaseModel):
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 
+# Worker errors a Ray Train run recovers from (train.max_failures, autoencoder.max_failures):
+# on a cluster a lost spot node should cost the epochs since the last checkpoint, not the run.
+MAX_FAILURES = 3
+
 
 class RunSection(_Section):
     name: str = "demo"
@@ -110,6 +114,10 @@ class TrainSection(_Section):
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
+    # Ray Train restarts the workers from the latest checkpoint after this many worker errors
+    # (a killed process, a lost node; -1: no limit) before the stage fails; node preemptions
+    # that Ray sees coming are retried without limit. Not in the fingerprint.
+    max_failures: int = Field(MAX_FAILURES, ge=-1)
     weights_uri: str | None = None  # optional backbone init (local path or s3://)
     weights_sha256: str | None = None
     augment: bool = True  # random horizontal flip
@@ -168,6 +176,7 @@ class AutoencoderSection(_Section):
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
+    max_failures: int = Field(MAX_FAILURES, ge=-1)  # as train.max_failures
     # in the unit of the run's length (steps, or epochs); the last step is always saved.
     # Defaults to 500 steps, or 1 epoch when the length is given in epochs.
     checkpoint_every: int = Field(500, ge=1)

@@ -13,7 +13,8 @@ From these declarations follow
 
 What every stage may read without declaring it: `run.seed` (hashed for every stage),
 `run.root`, and the `storage` and `ray` sections (where data lives and how work is placed: they
-do not change outputs). A stage reads its upstream stages' settings freely: they are in its
+do not change outputs). `train.max_failures` and `autoencoder.max_failures` (how often Ray Train
+restarts failed workers) are read with their sections and not hashed. A stage reads its upstream stages' settings freely: they are in its
 fingerprint through them.
 """
 
@@ -32,6 +33,10 @@ AMBIENT = {"run": ("root", "seed"), "storage": None, "ray": None}
 # Settings that only place work on the cluster: they hash as their defaults, so giving a Train
 # worker half a CPU (as a sweep on a small box must) does not rebuild a finished stage.
 SCHEDULING_FIELDS = {"train": ("cpus_per_worker",), "edit": ("actors", "gpus_per_actor")}
+
+# Settings that only say how hard to retry: left out of the hash altogether (they came after
+# the fingerprints of finished runs, which must not change).
+UNHASHED_FIELDS = {"train": ("max_failures",), "autoencoder": ("max_failures",)}
 
 
 @dataclass(frozen=True)
@@ -165,7 +170,7 @@ def _select(dumped: dict, tree: Tree | None):
 
 def fingerprint_parts(cfg, stage: str) -> dict:
     """The values `fingerprint` hashes: run.seed and every covered setting (scheduling-only
-    settings as their defaults)."""
+    settings as their defaults, retry settings left out)."""
     parts: dict[str, Any] = {"seed": cfg.run.seed}
     for section, fields in covered_settings(stage).items():
         values = getattr(cfg, section)
@@ -175,6 +180,8 @@ def fingerprint_parts(cfg, stage: str) -> dict:
             for name in SCHEDULING_FIELDS[section]:
                 dumped[name] = defaults[name]
         parts[section] = _select(dumped, fields)
+        for name in UNHASHED_FIELDS.get(section, ()):
+            parts[section].pop(name, None)
     return parts
 
 

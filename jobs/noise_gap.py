@@ -17,7 +17,8 @@ import json
 import sys
 
 from diffinf_ray.config import load_config
-from diffinf_ray.pipeline import run_pipeline
+from diffinf_ray.pipeline import open_run_root, run_pipeline
+from diffinf_ray.run_lease import run_leases
 
 NOISE_GAP_STAGES = ["ingest", "noise", "train", "evaluate"]  # whatever the config's stages say
 
@@ -36,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, [*args.overrides, f"data.task={args.task}",
                                         f"noise.rate={rate}",
                                         f"run.root={base.run.root}/{args.task}_{name}"])
-        rows[name] = run_pipeline(cfg, stages=NOISE_GAP_STAGES)["evaluate"]
+        with run_leases([open_run_root(cfg).base]):  # one writer per run root
+            rows[name] = run_pipeline(cfg, stages=NOISE_GAP_STAGES)["evaluate"]
     print(f"\n{args.task}: clean-test metrics (train.epochs={base.train.epochs}, "
           f"{base.data.synthfaces.num_samples} samples, {base.data.synthfaces.resolution} px)")
     print("| labels | accuracy | AUROC | kappa (linear) | ECE |")

@@ -3,8 +3,10 @@ baseline, the diffusion autoencoder) goes through it. It owns what is not the mo
 
 - driver side, `fit`: the TorchTrainer with its ScalingConfig (workers, GPU or CPU, CPUs per
   worker, from the config section that trains), RunConfig (storage, checkpoints kept),
-  FailureConfig(max_failures=0) (a failure surfaces instead of silently restarting), and which
-  Ray Data datasets are sharded ("train"; every worker sees all of "val");
+  FailureConfig (the section's `max_failures`: after a worker error, a killed worker process
+  or a lost node, Ray Train restarts the worker group, which resumes from the latest
+  checkpoint; past that many the error fails the stage), and which Ray Data datasets are
+  sharded ("train"; every worker sees all of "val");
 - worker side, `TrainWorker`: rank, world size and device; resume from the latest checkpoint;
   rank-0 checkpointing (`report`: every worker reports, only rank 0 writes the files); logging;
 - for the epoch-based trainings (classifier and baselines), `run_epochs`: the learning-rate
@@ -20,7 +22,11 @@ validate, its checkpoint files and how to restore them.
 Checkpoints: <checkpoints>/epoch_NNNN/checkpoint.pt (plus a core's own files beside it, e.g. a
 baseline's method_state.pt), or the autoencoder's step_NNNNNNNN/autoencoder_state.pt. Resume:
 Ray Train V2 restores a run from `(storage_path, name)` = the checkpoints folder's parent and
-name; `ray.train.get_checkpoint()` is then the latest checkpoint.
+name; `ray.train.get_checkpoint()` is then the latest checkpoint. A restart after a worker
+failure within one `fit` resumes the same way: the epochs after the latest checkpoint are
+trained again at the learning rates of the schedule (a function of the epoch), and their
+checkpoints, named by epoch, land in the same folders: none is missing or duplicated
+(tests/test_train_failover.py).
 """
 
 from __future__ import annotations
@@ -46,16 +52,19 @@ from diffinf_ray.storage import Location
 
 @dataclass(frozen=True)
 class Placement:
-    """Where the workers run: a config section's num_workers, use_gpu, cpus_per_worker."""
+    """Where the workers run, and how often they are restarted after failing: a config
+    section's num_workers, use_gpu, cpus_per_worker, max_failures."""
 
     num_workers: int
     use_gpu: bool
     cpus_per_worker: float
+    max_failures: int  # worker errors Ray Train recovers from (-1: any number)
 
     @classmethod
     def of(cls, section) -> Placement:
-        """From any section with those three fields (`train`, `autoencoder`)."""
-        return cls(section.num_workers, section.use_gpu, section.cpus_per_worker)
+        """From any section with those four fields (`train`, `autoencoder`)."""
+        return cls(section.num_workers, section.use_gpu, section.cpus_per_worker,
+                   section.max_failures)
 
 
 def fit(train_loop, loop_config: dict, datasets: dict, checkpoints: Location,
@@ -63,7 +72,8 @@ def fit(train_loop, loop_config: dict, datasets: dict, checkpoints: Location,
     """Run `train_loop(loop_config)` on Ray Train workers placed by `placement`, with Ray Data
     `datasets` ("train" sharded across workers, any other one seen whole by every worker),
     checkpoints under `checkpoints` (a run already there is resumed; the last `keep` are kept,
-    all when None). Returns the Ray Train `Result`; a failed run raises its error."""
+    all when None). Up to `placement.max_failures` worker errors restart the workers from the
+    latest checkpoint. Returns the Ray Train `Result`; a failed run raises its error."""
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -84,8 +94,9 @@ def fit(train_loop, loop_config: dict, datasets: dict, checkpoints: Location,
             storage_path=parent,
             storage_filesystem=checkpoints.fs,
             checkpoint_config=CheckpointConfig(num_to_keep=keep),
-            # no silent restart: a worker's error fails the stage, which names it
-            failure_config=FailureConfig(max_failures=0),
+            # a lost worker costs the epochs since the last checkpoint; a bug fails the stage
+            # after the same number of restarts (max_failures=0 for at once)
+            failure_config=FailureConfig(max_failures=placement.max_failures),
             worker_runtime_env={"env_vars": worker_env()},
         ),
         datasets=without_progress_bars(datasets),
