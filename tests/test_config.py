@@ -93,12 +93,14 @@ def test_judges_do_not_rerun_when_the_edits_change(tmp_path):
 
 def test_shipped_configs_validate():
     """Pipeline configs load; experiment and sweep files (a top-level `base:`) load with their
-    own loaders, which validate every run config they make."""
+    own loaders, which validate every run config they make; fairness files (a top-level
+    `severities:`) with theirs."""
     from pathlib import Path
 
     import yaml
 
     from diffinf_ray.experiment import load_experiment
+    from diffinf_ray.fairness.runner import load_fairness_config
     from diffinf_ray.sweep import load_sweep
 
     configs = sorted((Path(__file__).parents[1] / "jobs" / "configs").glob("*.yaml"))
@@ -106,7 +108,10 @@ def test_shipped_configs_validate():
     kinds = set()
     for path in configs:
         tree = yaml.safe_load(path.read_text())
-        if "base" not in tree:
+        if "severities" in tree:
+            load_fairness_config(path)
+            kinds.add("fairness")
+        elif "base" not in tree:
             load_config(path)
             kinds.add("pipeline")
         elif "params" in tree:
@@ -115,7 +120,7 @@ def test_shipped_configs_validate():
         else:
             load_experiment(path)
             kinds.add("experiment")
-    assert kinds == {"pipeline", "sweep", "experiment"}
+    assert kinds == {"pipeline", "sweep", "experiment", "fairness"}
 
 
 # -- dotted overrides: one function for the command line, experiment and sweep files ----------

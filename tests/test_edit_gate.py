@@ -169,6 +169,7 @@ def test_the_edit_actor_writes_the_gate_columns_after_the_editor():
     actor = EditActor.__new__(EditActor)  # no frozen models to load
     actor.cfg = config_for_stage(load_config(TINY), "edit")
     actor.editor = HalfEditor()
+    actor.by_id = False  # the editor takes (images, labels), as `latent` and `guided` do
     actor.gate = EditGate(GateSettings(min_identity=0.95), FixedClass(1))
     batch = {"sample_id": np.array(["a", "b", "c"], dtype=object),
              "image": np.array([_png(10), _png(20), _png(30)], dtype=object),
