@@ -247,14 +247,15 @@ def test_the_label_diagnostic_reads_the_runs_autoencoder_and_judges(diffinf_run)
 
 
 def test_changing_the_fallback_reuses_the_edits(diffinf_run):
-    """Last in the module (it replaces refined/ and retrain/): the finished run with
-    `edit.gate.fallback=keep` re-runs refine, retrain and the report on the same edits; the
-    edit and the oracle (which judges the edits, not the refined set) are skipped."""
+    """Last in the module (it replaces refined/): the finished run with
+    `edit.gate.fallback=keep` re-runs refine on the same edits; the edit and the oracle (which
+    judges the edits, not the refined set) are skipped. (Retrain and the report follow refine
+    by their fingerprints, test_stage_registry.py; left out here to spare CI a Ray Train fit.)"""
     cfg, root, _ = diffinf_run
     keep = tiny_diffinf(root, "edit.gate.fallback=keep")
-    run = run_pipeline(keep, stages=["edit", "refine", "retrain", "oracle", "report"])
+    run = run_pipeline(keep, stages=["edit", "refine", "oracle"])
     assert run.with_status("skipped") == ["edit", "oracle"]
-    assert run.with_status("ran") == ["refine", "retrain", "report"]
+    assert run.with_status("ran") == ["refine"]
     assert run["refine"]["gate_fallback"] == "keep"
     refined = pq.read_table(root / "refined", columns=["sample_id"]).num_rows
     assert refined == pq.read_table(root / "manifest_noisy", columns=["sample_id"]).num_rows
