@@ -227,6 +227,18 @@ class MethodBase:
             raise MethodError(f"{self.name}: config key {key!r} is required")
         return value
 
+    # -- step helpers
+    def _single_step(self, loss: torch.Tensor, logits: torch.Tensor,
+                     y: torch.Tensor) -> dict[str, float]:
+        """One optimiser step of a single-network method on `loss`; its loss and batch
+        accuracy for the epoch log."""
+        opt = self._optimizers[0]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return {"loss": float(loss.detach()),
+                "accuracy": float((logits.detach().argmax(1) == y).float().mean())}
+
     # -- batch helpers
     def _xy(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         x = batch["image"].to(self.device)

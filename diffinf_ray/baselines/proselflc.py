@@ -92,9 +92,4 @@ class ProSelfLC(MethodBase):
         p_target = p.detach() if self.config["detach_target"] else p
         target = (1 - eps) * F.one_hot(y, self.num_classes).float() + eps * p_target
         loss = -(target * log_p).sum(dim=1).mean()
-        opt = self._optimizers[0]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return {"loss": float(loss.detach()), "epsilon_mean": float(eps.mean()),
-                "accuracy": float((logits.detach().argmax(1) == y).float().mean())}
+        return {**self._single_step(loss, logits, y), "epsilon_mean": float(eps.mean())}

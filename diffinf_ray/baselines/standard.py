@@ -25,9 +25,4 @@ class Standard(MethodBase):
         self.net.train()
         logits = self.net(x)
         loss = F.cross_entropy(logits, y)
-        opt = self._optimizers[0]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return {"loss": float(loss.detach()),
-                "accuracy": float((logits.detach().argmax(1) == y).float().mean())}
+        return self._single_step(loss, logits, y)

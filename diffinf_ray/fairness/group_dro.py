@@ -106,12 +106,7 @@ class GroupMethodBase(MethodBase):
         self.net.train()
         logits = self.net(x)
         loss = self._loss(F.cross_entropy(logits, y, reduction="none"), groups)
-        opt = self._optimizers[0]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return {"loss": float(loss.detach()),
-                "accuracy": float((logits.detach().argmax(1) == y).float().mean())}
+        return self._single_step(loss, logits, y)
 
 
 class GroupDRO(GroupMethodBase):
