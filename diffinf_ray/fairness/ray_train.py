@@ -36,25 +36,12 @@ def decode_with_groups(batch: dict[str, np.ndarray], names: list[str]) -> dict[s
 class FairnessCore(MethodCore):
     """MethodCore with a fairness method (methods.py) in place of a noisy-label one."""
 
-    def __init__(self, loop_config: dict, worker):  # replaces MethodCore's build
-        import torch
-
-        from diffinf_ray.config import TrainSection
+    def build_method(self, loop_config: dict, model_factory):
         from diffinf_ray.fairness.methods import build_method
-        from diffinf_ray.models.classifier import build_classifier
-        from diffinf_ray.stages.baselines import average_gradients_before_step
 
-        self.train = train = TrainSection.model_validate(loop_config["train"])
-        self.seed, self.worker = loop_config["seed"], worker
-        num_classes = loop_config["num_classes"]
-        torch.manual_seed(self.seed)  # the same initial weights on every worker
-        self.method = build_method(loop_config["method"], num_classes,
-                                   loop_config["group_counts"], loop_config["options"],
-                                   lambda: build_classifier(num_classes, train.head_hidden),
-                                   train.lr)
-        self.method.to(worker.device)
-        if worker.world > 1:
-            average_gradients_before_step(self.method)
+        return build_method(loop_config["method"], loop_config["num_classes"],
+                            loop_config["group_counts"], loop_config["options"], model_factory,
+                            self.train.lr)
 
 
 def _fairness_loop(loop_config: dict) -> None:

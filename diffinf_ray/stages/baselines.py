@@ -203,20 +203,26 @@ class MethodCore:
     def __init__(self, loop_config: dict, worker):
         import torch
 
-        from diffinf_ray.baselines import build_method
         from diffinf_ray.models.classifier import build_classifier
 
         self.train = train = TrainSection.model_validate(loop_config["train"])
         self.seed, self.worker = loop_config["seed"], worker
         num_classes = loop_config["num_classes"]
         torch.manual_seed(self.seed)  # the same initial weights on every worker
-        self.method = build_method(loop_config["method"], num_classes,
-                                   loop_config["num_samples"], loop_config["options"],
-                                   lambda: build_classifier(num_classes, train.head_hidden),
-                                   train.lr)
+        self.method = self.build_method(
+            loop_config, lambda: build_classifier(num_classes, train.head_hidden))
         self.method.to(worker.device)
         if worker.world > 1:
             average_gradients_before_step(self.method)
+
+    def build_method(self, loop_config: dict, model_factory):
+        """The method this core trains (a noisy-label one here; fairness/ray_train.py builds a
+        fairness method instead)."""
+        from diffinf_ray.baselines import build_method
+
+        return build_method(loop_config["method"], loop_config["num_classes"],
+                            loop_config["num_samples"], loop_config["options"], model_factory,
+                            self.train.lr)
 
     def restore(self, ckpt: ClassifierCheckpoint, directory: Path) -> None:
         import torch
