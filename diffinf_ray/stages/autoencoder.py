@@ -286,13 +286,11 @@ def train_autoencoder(cfg: Config, manifest: Location, out: Location, model_conf
     there), the last `keep_checkpoints` kept. Returns the Ray Train `Result`."""
     section = cfg.autoencoder
     train = split_dataset(manifest, "train", ["image", "label"]).map_batches(decode_for_training)
-    if section.cache_decoded_images:
-        # One decode instead of one Ray Data execution per epoch (seconds each on small CPUs).
-        train = train.materialize()
     loop_config = {"autoencoder": section.model_dump(mode="json"),
                    "model_config": model_config.to_dict(), "seed": cfg.run.seed}
     result = fit(_autoencoder_loop, loop_config, {"train": train}, out.child("checkpoints"),
-                 Placement.of(section), keep=section.keep_checkpoints)
+                 Placement.of(section), keep=section.keep_checkpoints,
+                 cache=section.cache_decoded_images)
     if result.checkpoint is None:
         raise RuntimeError(f"{out.child('checkpoints').display}: training saved no checkpoint")
     return result
