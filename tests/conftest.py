@@ -120,10 +120,11 @@ def ray_local(tmp_path_factory):
 
     # 5 attempts, not the default 3 (ray_session.START_ATTEMPTS): the raylet's fixed 15 s wait
     # for its agent failed 3 times in a row at load average 20-45 on this 2-core box
-    start_local_ray(2, attempts=5, temp_dir=str(tmp_path_factory.mktemp("ray")),
-                    configure_logging=False)
+    temp_dir = tmp_path_factory.mktemp("ray")
+    start_local_ray(2, attempts=5, temp_dir=str(temp_dir), configure_logging=False)
     yield ray
     ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)  # the session's logs and spilled objects
 
 
 # Tests that use these fixtures run a Tune sweep or train every baseline method with Ray Train:

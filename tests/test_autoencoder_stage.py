@@ -67,7 +67,8 @@ def ae_run(ray_local, tmp_path_factory):
     root = tmp_path_factory.mktemp("ae_run")
     cfg = ae_config(root)
     results = run_pipeline(cfg)
-    return cfg, root, results["autoencoder"]
+    yield cfg, root, results["autoencoder"]
+    shutil.rmtree(root, ignore_errors=True)  # hundreds of MB of checkpoints: the CI disk is small
 
 
 def manifest_images(root, split: str, n: int):

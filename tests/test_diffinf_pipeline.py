@@ -3,6 +3,7 @@ autoencoder, influence predictor, loss networks, edits (Ray Data actors) and the
 refine, retrain, oracle judges and the report."""
 
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -39,7 +40,8 @@ pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.timeout(2
 def diffinf_run(ray_local, tmp_path_factory):
     root = tmp_path_factory.mktemp("diffinf_run")
     cfg = tiny_diffinf(root)
-    return cfg, root, run_pipeline(cfg)
+    yield cfg, root, run_pipeline(cfg)
+    shutil.rmtree(root, ignore_errors=True)  # about 1 GB of checkpoints: the CI disk is small
 
 
 def test_every_high_influence_row_is_edited_and_the_refined_set_conserves_rows(diffinf_run):

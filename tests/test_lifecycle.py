@@ -98,7 +98,8 @@ def finished_run(ray_local, tmp_path_factory):
         code = cli.main(["-q", "run", TINY, *overrides(root)])
     assert code == 0
     assert all(r["status"] == "done" for r in records(root).values())
-    return root, spy.fits
+    yield root, spy.fits
+    shutil.rmtree(root, ignore_errors=True)  # hundreds of MB of checkpoints: the CI disk is small
 
 
 @pytest.fixture

@@ -1,6 +1,7 @@
 """End to end on a real local Ray: ingest -> noise -> train (Ray Train) -> evaluate."""
 
 import json
+import shutil
 
 import pyarrow.parquet as pq
 import pytest
@@ -18,7 +19,8 @@ def tiny_run(ray_local, tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_run")
     cfg = load_config(TINY, [f"run.root={root}"])
     results = run_pipeline(cfg)
-    return cfg, root, results
+    yield cfg, root, results
+    shutil.rmtree(root, ignore_errors=True)  # hundreds of MB of checkpoints: the CI disk is small
 
 
 def test_pipeline_outputs(tiny_run):
