@@ -81,8 +81,7 @@ def stage_function(stage: str) -> StageBody:
 
 
 def open_run_root(cfg: Config) -> RunRoot:
-    return RunRoot(cfg.run.root, StorageOptions(cfg.storage.endpoint_override, cfg.storage.region,
-                                                cfg.storage.max_attempts))
+    return RunRoot(cfg.run.root, StorageOptions.of(cfg.storage))
 
 
 def is_done(root: RunRoot, cfg: Config, stage: str) -> bool:

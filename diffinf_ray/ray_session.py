@@ -93,7 +93,7 @@ def ray_session(cfg: Config) -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
-    root = RunRoot(cfg.run.root, StorageOptions(cfg.storage.endpoint_override, cfg.storage.region))
+    root = RunRoot(cfg.run.root, StorageOptions.of(cfg.storage))
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     with routed_ray_logs(root) as router:
         if address:

@@ -88,6 +88,11 @@ class StorageOptions:
     region: str | None = None
     max_attempts: int = DEFAULT_MAX_ATTEMPTS  # per S3 request, backoff between
 
+    @classmethod
+    def of(cls, storage) -> StorageOptions:
+        """From a config's `storage` section: every place that opens a run's storage."""
+        return cls(storage.endpoint_override, storage.region, storage.max_attempts)
+
 
 class RetryingS3FileSystem(pafs.S3FileSystem):
     """pyarrow's S3FileSystem retrying each request `max_attempts` times, kept when pickled (to

@@ -71,6 +71,28 @@ def test_retry_settings_travel_to_workers():
     assert _location("http://127.0.0.1:9", "x", max_attempts=4).fs._init_kwargs["max_attempts"] == 4
 
 
+def test_every_opener_of_a_runs_storage_uses_its_retry_setting(tmp_path):
+    """storage.max_attempts reaches the run root, ingest's source, the experiment and sweep
+    roots and a sweep trial's view of its base run, not only the first of them."""
+    from types import SimpleNamespace
+
+    from diffinf_ray.config import load_config
+    from diffinf_ray.experiment.plan import experiment_location
+    from diffinf_ray.pipeline import open_run_root
+    from diffinf_ray.stages.ingest import root_options
+    from diffinf_ray.sweep.trial_root import SharedRunRoot
+
+    cfg = load_config("jobs/configs/tiny.yaml", [f"run.root={tmp_path / 'run'}",
+                                                 "storage.max_attempts=4"])
+    root = open_run_root(cfg)
+    assert root.options.max_attempts == 4
+    assert root_options(cfg).max_attempts == 4
+    exp = SimpleNamespace(root=str(tmp_path / "exp"))
+    assert experiment_location(exp, [SimpleNamespace(config=cfg)]).options.max_attempts == 4
+    trial = SharedRunRoot.for_trial(root, str(tmp_path / "trial"), cfg)
+    assert trial.options.max_attempts == trial.shared_base.options.max_attempts == 4
+
+
 def test_local_writes_are_atomic(tmp_path, monkeypatch):
     """A local write cut short leaves the old file whole and no leftover: a reader never sees
     half a marker."""

@@ -89,7 +89,7 @@ def plan(exp: ExperimentConfig) -> list[Run]:
 def experiment_location(exp: ExperimentConfig, runs: list[Run] | None = None) -> Location:
     """<root> as a Location, with the storage section (S3 endpoint) of the runs' configs."""
     storage = (runs or plan(exp))[0].config.storage
-    return Location(exp.root, StorageOptions(storage.endpoint_override, storage.region))
+    return Location(exp.root, StorageOptions.of(storage))
 
 
 def load_experiment(path: str | Path) -> ExperimentConfig:

@@ -63,7 +63,7 @@ def _user_rows(cfg: Config):
 def root_options(cfg: Config):
     from diffinf_ray.storage import StorageOptions
 
-    return StorageOptions(cfg.storage.endpoint_override, cfg.storage.region)
+    return StorageOptions.of(cfg.storage)
 
 
 def _ingest_user_data(cfg: Config, root: RunRoot) -> int:

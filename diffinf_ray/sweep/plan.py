@@ -183,7 +183,7 @@ def load_sweep(path: str | Path, overrides: Overrides | None = None) -> SweepPla
     max_reports = max(len(reports_per_trial(e, spec.epochs_per_report, base.train.lr_schedule))
                       for e in epochs)
 
-    options = StorageOptions(base.storage.endpoint_override, base.storage.region)
+    options = StorageOptions.of(base.storage)
     base_location = Location(base.run.root, options)
     root = Location(spec.root, options) if spec.root else base_location.child("sweeps", spec.name)
     if type(root.fs) is not type(base_location.fs):

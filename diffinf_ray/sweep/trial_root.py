@@ -31,8 +31,8 @@ class SharedRunRoot(RunRoot):
 
     def __init__(self, uri: str, options: SharedStorageOptions):
         super().__init__(uri, options)
-        self.shared_base = RunRoot(options.base_uri,
-                                   StorageOptions(options.endpoint_override, options.region))
+        self.shared_base = RunRoot(options.base_uri, StorageOptions(
+            options.endpoint_override, options.region, options.max_attempts))
         self.shared_stages = frozenset(options.shared_stages)
         self._routes = {folder for stage in self.shared_stages
                         for folder in REGISTRY[stage].outputs}
@@ -45,7 +45,8 @@ class SharedRunRoot(RunRoot):
         shared = [s for s in STAGES if s not in exclude and is_done(base, cfg, s)]
         trial = Location(trial_uri, base.options)
         options = SharedStorageOptions(
-            base.options.endpoint_override, base.options.region, trial_uri=trial.uri,
+            base.options.endpoint_override, base.options.region, base.options.max_attempts,
+            trial_uri=trial.uri,
             base_uri=base.base.uri, shared_stages=tuple(shared))
         return cls(trial.uri, options)
 
