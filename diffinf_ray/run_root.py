@@ -29,25 +29,30 @@ class RunRoot:
     def __str__(self) -> str:
         return self.base.display
 
+    def child(self, *parts: str) -> Location:
+        """A folder or file of the run root; every named folder below comes through here, so
+        a subclass that routes folders (a sweep trial's root) overrides only this."""
+        return self.base.child(*parts)
+
     @property
     def manifest(self) -> Location:
-        return self.base.child("manifest")
+        return self.child("manifest")
 
     @property
     def quarantine(self) -> Location:
-        return self.base.child("quarantine")
+        return self.child("quarantine")
 
     @property
     def noisy_manifest(self) -> Location:
-        return self.base.child("manifest_noisy")
+        return self.child("manifest_noisy")
 
     @property
     def checkpoints(self) -> Location:
-        return self.base.child("checkpoints")
+        return self.child("checkpoints")
 
     @property
     def evaluation(self) -> Location:
-        return self.base.child("evaluation")
+        return self.child("evaluation")
 
     def _marker(self, stage: str) -> Location:
         return self.base.child("stages", f"{stage}.json")

@@ -55,26 +55,6 @@ class SharedRunRoot(RunRoot):
             return self.shared_base.child(*parts)
         return self.base.child(*parts)
 
-    @property
-    def manifest(self) -> Location:
-        return self.child("manifest")
-
-    @property
-    def quarantine(self) -> Location:
-        return self.child("quarantine")
-
-    @property
-    def noisy_manifest(self) -> Location:
-        return self.child("manifest_noisy")
-
-    @property
-    def checkpoints(self) -> Location:
-        return self.child("checkpoints")
-
-    @property
-    def evaluation(self) -> Location:
-        return self.child("evaluation")
-
     def stage_record(self, stage: str) -> dict | None:
         if stage in self.shared_stages:
             return self.shared_base.stage_record(stage)
