@@ -190,16 +190,21 @@ def paired_differences(records: list[dict], a: str, b: str, metric: str = "accur
 
 
 def format_paired(rows: list[dict], a: str, b: str, metric: str) -> str:
-    """A markdown table of `paired_differences` rows."""
-    lines = [f"{a} - {b}, {metric} (paired by seed; 95% t interval)", "",
-             "| run | task | noise | seeds | mean | std | 95% interval | stale records |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        ci = "-" if r["ci95"] is None else f"[{r['ci95'][0]:+.2f}, {r['ci95'][1]:+.2f}]"
-        std = "-" if r["std"] is None else f"{r['std']:.2f}"
-        lines.append(f"| {r['run']} | {r['task']} | {r['noise_rate']} | "
-                     f"{','.join(map(str, r['seeds']))} | {r['mean']:+.2f} | {std} | {ci} | "
-                     f"{r['stale']} |")
-    if not rows:
-        lines.append("| (no setting has both conditions) | | | | | | | |")
-    return "\n".join(lines)
+    """A markdown table of `paired_differences` rows (render.markdown_table, as every table)."""
+    import pandas as pd
+
+    from diffinf_ray.render import markdown_table
+
+    def signed(value) -> str:
+        return f"{value:+.2f}"
+
+    table = pd.DataFrame([{
+        "run": r["run"], "task": r["task"], "noise": r["noise_rate"],
+        "seeds": ",".join(map(str, r["seeds"])), "mean": signed(r["mean"]),
+        "std": "-" if r["std"] is None else f"{r['std']:.2f}",
+        "95% interval": "-" if r["ci95"] is None else
+        f"[{signed(r['ci95'][0])}, {signed(r['ci95'][1])}]",
+        "stale records": r["stale"]} for r in rows],
+        columns=["run", "task", "noise", "seeds", "mean", "std", "95% interval", "stale records"])
+    return (f"{a} - {b}, {metric} (paired by seed; 95% t interval)\n\n"
+            + markdown_table(table, empty="(no setting has both conditions)"))
