@@ -95,6 +95,54 @@ def test_local_run_cells_ledger_table_plot_and_resume(tmp_path, monkeypatch, cap
     assert len(read_ledger(tmp_path / "ledger")) == 1
 
 
+# the shipped 32 px synthfaces autoencoder's three age classes (synthfaces' default bins)
+SHIPPED_AGE_BINS = [[0, 18], [25, 40], [50, 80]]
+LORA_ENTRY = {"name": "lora_pre", "pretrain": "lora", "pretrain_epochs": 1, "pretrain_options": {
+    "finetune": {"steps": 2, "batch_size": 4},
+    "synthesis": {"per_cell": 3, "steps": 2, "batch_size": 8, "use_gpu": False}}}
+
+
+def _shipped_classes_data() -> dict:
+    return {"task": "age", "age_bins": SHIPPED_AGE_BINS, "num_samples": 60,
+            "num_identities": 60, "resolution": 32}
+
+
+def test_pretrain_options_are_checked_on_load(tmp_path):
+    bad = dict(LORA_ENTRY, pretrain_options={"finetune": {"stepz": 2}})
+    with pytest.raises(ConfigError, match=r"unknown pretrain_options.finetune \['stepz'\]"):
+        load_fairness_config(_write(tmp_path, methods=[bad]))
+    with pytest.raises(ConfigError, match="pretrain_options without pretrain"):
+        load_fairness_config(_write(tmp_path, methods=[{"name": "erm", "pretrain_options": {
+            "clusters": 2}}]))
+    # two classes against the shipped model's three: one clear error before anything is fitted
+    with pytest.raises(ValueError, match="conditioned on 3 classes; this study's data has 2"):
+        run_fairness(load_fairness_config(_write(tmp_path, methods=[LORA_ENTRY], ledger=None)))
+
+
+def test_lora_row_pretrains_on_balanced_synthetic_faces(tmp_path, ray_local):
+    """The `lora` variant as a fairness row: one LoRA generator per (label, group) cell of the
+    real training rows, `per_cell` synthetic images of every cell, ERM on them, then the
+    fine-tune on the real rows."""
+    path = _write(tmp_path, methods=["erm", LORA_ENTRY], ledger=None,
+                  data=_shipped_classes_data())
+    results = run_fairness(load_fairness_config(path))
+    assert sorted(r["method"] for r in results) == ["erm", "lora_pre"]
+    cell = tmp_path / "run/cells/severity_0.9/seed_0/lora_pre"
+    real = pd.read_parquet(cell / "synthetic/real_train")
+    synthetic = pd.read_parquet(cell / "synthetic/lora/manifest")
+    real_cells = real.groupby(["label", "group"]).size()
+    counts = synthetic.groupby(["label", "group"]).size()
+    assert set(counts.index) == set(real_cells.index) and (counts == 3).all()
+    assert synthetic.synthetic.all() and (synthetic.split == "train").all()
+    assert synthetic.generator.str.startswith("lora/").all()
+    assert not set(synthetic.sample_id) & set(real.sample_id)
+    summary = json.loads((cell / "synthetic/summary.json").read_text())
+    assert summary["variant"] == "lora" and summary["generators"] == len(real_cells)
+    record = json.loads((cell.parent / "lora_pre.json").read_text())
+    assert [h.get("phase") for h in record["history"]] == ["pretrain", None]
+    assert 0.0 <= record["test"]["worst_group_accuracy"] <= 100.0
+
+
 def test_one_cell_through_ray_train(tmp_path, ray_local):
     path = _write(tmp_path, executor="ray", methods=["group_dro"], ledger=None)
     results = run_fairness(load_fairness_config(path, ["train.cpus_per_worker=1"]))

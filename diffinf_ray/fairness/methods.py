@@ -11,7 +11,8 @@ Pretraining variants (`PRETRAINERS`): name -> a callable
     pretrainer(train_manifest: pandas.DataFrame, context: dict) -> pandas.DataFrame
 
 that gets the real training rows (sample_id, label, group, image (PNG bytes), ...) and
-`context` {"seed", "run_dir" (a local folder it may write to), "class_names", "resolution"}
+`context` {"seed", "run_dir" (a local folder it may write to), "class_names", "resolution",
+"options" (the entry's `pretrain_options`)}
 and returns a pretraining manifest: rows with at least `label`, `group` and `image` (e.g.
 group-balanced synthetic images from per-group fine-tuned diffusion models, `synthetic` true).
 A config method entry {name: X, pretrain: P, method: M} (runner.py) then trains the
@@ -27,13 +28,15 @@ from typing import Any
 from diffinf_ray.baselines.base import MethodError
 from diffinf_ray.fairness.group_dro import GroupDRO, GroupMethodBase
 from diffinf_ray.fairness.reweighting import GroupERM, GroupReweighted, GroupUpsampled
+from diffinf_ray.fairness_gen.pretrain import synthetic_pretrainers
 
 METHODS: dict[str, type[GroupMethodBase]] = {
     cls.name: cls for cls in (GroupERM, GroupReweighted, GroupUpsampled, GroupDRO)
 }
 
 Pretrainer = Callable[[Any, dict], Any]
-PRETRAINERS: dict[str, Pretrainer] = {}
+# every synthetic-data variant (fairness_gen/variants.py) is one; `pretrain_options` are theirs
+PRETRAINERS: dict[str, Pretrainer] = synthetic_pretrainers()
 
 
 def register_pretrainer(name: str, fn: Pretrainer) -> None:

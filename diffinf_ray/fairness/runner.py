@@ -16,9 +16,11 @@ Config (FairnessConfig; an unknown key is an error naming it; jobs/configs/fairn
     data: {task: age, age_bins: [[18, 35], [50, 80]], num_samples: 1200, resolution: 32, ...}
     train: {epochs: 2, batch_size: 64, lr: 0.001, ...}   # config.TrainSection
 
-A method entry {name: N, pretrain: P, method: M, pretrain_epochs: E} pretrains with ERM on
-the manifest the registered pretrainer P returns (methods.py: the plug point for the
-synthetic-pretraining variants) and fine-tunes with method M on the real training split.
+A method entry {name: N, pretrain: P, method: M, pretrain_epochs: E, pretrain_options: O}
+pretrains with ERM on the manifest the registered pretrainer P returns (methods.py: the plug
+point; every synthetic-data variant is one: vanilla, lora, dreambooth, lora_cluster,
+dreambooth_cluster, with the options O of fairness_gen/pretrain.py) and fine-tunes with method
+M on the real training split.
 
 Out, under <root>:
     data/severity_<s>/seed_<k>.parquet    the draw (manifest columns + spurious)
@@ -78,6 +80,7 @@ class MethodEntry(_Strict):
     options: dict[str, Any] = {}
     pretrain: str | None = None
     pretrain_epochs: int = Field(2, ge=1)
+    pretrain_options: dict[str, Any] = {}  # the pretrainer's own (fairness_gen/pretrain.py)
 
     @property
     def trainer(self) -> str:
@@ -122,6 +125,11 @@ class FairnessConfig(_Strict):
             if m.pretrain is not None and m.pretrain not in PRETRAINERS:
                 raise ValueError(f"{m.name}: no pretrainer {m.pretrain!r} is registered "
                                  f"(registered: {sorted(PRETRAINERS)})")
+            if m.pretrain_options and m.pretrain is None:
+                raise ValueError(f"{m.name}: pretrain_options without pretrain")
+            check = getattr(PRETRAINERS.get(m.pretrain), "check_options", None)
+            if check is not None and check(m.pretrain_options):
+                raise ValueError(f"{m.name}: {check(m.pretrain_options)}")
             problem = check_options(m.trainer, m.options, GROUP_METHOD_OPTIONS)
             if problem:
                 raise ValueError(f"{m.name}: {problem[1]}: {problem[2]}")
@@ -238,7 +246,7 @@ def _train_cell_local(cfg: FairnessConfig, df, entry: MethodEntry, seed: int, ce
     init, history = None, []
     if entry.pretrain is not None:
         context = {"seed": seed, "run_dir": str(cell_dir), "resolution": cfg.data.resolution,
-                   "class_names": _class_names(cfg)}
+                   "class_names": _class_names(cfg), "options": entry.pretrain_options}
         pre_rows = PRETRAINERS[entry.pretrain](train_rows.reset_index(drop=True), context)
         pre_train = cfg.train.model_copy(update={"epochs": entry.pretrain_epochs})
         pre, pre_history = _fit_rows(cfg, pre_rows, "erm", {}, num_classes, seed, None,
