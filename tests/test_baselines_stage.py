@@ -8,9 +8,9 @@ import torch
 
 from diffinf_ray.config import load_config
 from diffinf_ray.models.checkpoint import list_checkpoints, load_checkpoint
+from diffinf_ray.models.method_training import METHOD_STATE_FILE
 from diffinf_ray.pipeline import open_run_root, run_pipeline
 from diffinf_ray.stages.baselines import (
-    METHOD_STATE_FILE,
     check_methods,
     run_baselines,
     train_method,
@@ -167,7 +167,8 @@ def test_checkpoint_members_predict_like_the_method(name):
     """The classifiers stored in a method's checkpoint average to its test-time logits."""
     from diffinf_ray.baselines import build_method
     from diffinf_ray.models.classifier import AttributeClassifier, build_classifier
-    from diffinf_ray.stages.baselines import checkpoint_members, method_options
+    from diffinf_ray.models.method_training import checkpoint_members
+    from diffinf_ray.stages.baselines import method_options
 
     cfg = load_config(TINY, ["noise.rate=0.3", "train.epochs=20"])
     torch.manual_seed(0)

@@ -15,8 +15,8 @@ import torch
 from diffinf_ray.config import TrainSection
 from diffinf_ray.models.checkpoint import CHECKPOINT_FILE, checkpoint_dir_name, load_checkpoint
 from diffinf_ray.models.harness import TrainWorker, learning_rate_at, run_epochs
+from diffinf_ray.models.method_training import METHOD_STATE_FILE, MethodCore
 from diffinf_ray.models.training import ClassifierCore
-from diffinf_ray.stages.baselines import METHOD_STATE_FILE, MethodCore
 from diffinf_ray.storage import Location
 
 NUM_CLASSES, ROWS = 3, 10

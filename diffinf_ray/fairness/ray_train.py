@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from diffinf_ray.stages.baselines import MethodCore
+from diffinf_ray.models.method_training import MethodCore
 
 
 def decode_with_groups(batch: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
