@@ -34,8 +34,9 @@ demo: setup
 # Quick start 2: the tests (what CI runs): all but the heaviest real-Ray ones, marked `slow`
 # (a Tune sweep with restore, every baseline method on Ray Train, a sweep through `ray job
 # submit`, an experiment through `ray job submit`, the Ray-overhead benchmark's smoke run).
-# Before the last two joined them the suite ran 67 minutes on this 2-core box at load average
-# 15-45 (other work); they took 13 of those minutes. CI stops at 90.
+# On the 2-core build box at load average 2-4 the suite ran 45 minutes before classifier fits
+# decoded their data once (train.cache_decoded_images) and 34 after (2026-12-01); CI's box has
+# run it about twice as slowly. CI stops at 90.
 test: setup lint
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" --durations=25
 
