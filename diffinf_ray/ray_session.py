@@ -83,25 +83,33 @@ def ray_session(cfg: Config) -> Iterator[None]:
     """Ray for the `with` block (joined or started here, shut down after), its logs in a file
     under the config's run root and off the console (diffinf_ray/console.py). A Ray already
     initialised (a test's, an experiment's) is used as it is."""
+    from diffinf_ray.run_root import RunRoot
+    from diffinf_ray.storage import StorageOptions
+
+    with ray_session_at(RunRoot(cfg.run.root, StorageOptions.of(cfg.storage)), cfg.ray):
+        yield
+
+
+@contextmanager
+def ray_session_at(root, ray_section) -> Iterator[None]:
+    """`ray_session` for any command: logs under the run root `root` (run_root.RunRoot), the
+    cluster and CPUs of `ray_section` (config.RaySection)."""
     import ray
     import ray.data  # configures its loggers, which the routing below takes over
 
     from diffinf_ray.console import is_verbose, routed_ray_logs
-    from diffinf_ray.run_root import RunRoot
-    from diffinf_ray.storage import StorageOptions
 
     if ray.is_initialized():
         yield
         return
-    root = RunRoot(cfg.run.root, StorageOptions.of(cfg.storage))
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    address = ray_section.address or os.environ.get("RAY_ADDRESS")
     with routed_ray_logs(root) as router:
         if address:
             # Under `ray job submit` the job's runtime env already reaches the workers; adding
             # ours could conflict with it.
             ray.init(address=address, log_to_driver=True)
         else:
-            start_local_ray(cfg.ray.num_cpus, log_to_driver=True,
+            start_local_ray(ray_section.num_cpus, log_to_driver=True,
                             runtime_env={"env_vars": worker_env()})
         if not router.capture_worker_lines():
             log.warning("this Ray version's worker logs cannot be routed: they stay here")

@@ -95,6 +95,24 @@ def test_local_run_cells_ledger_table_plot_and_resume(tmp_path, monkeypatch, cap
     assert len(read_ledger(tmp_path / "ledger")) == 1
 
 
+def test_one_cell_through_ray_train(tmp_path):
+    """`executor: ray` starts its own Ray (none is running) with its logs under the root."""
+    import ray
+
+    assert not ray.is_initialized()
+    path = _write(tmp_path, executor="ray", methods=["group_dro"], ledger=None)
+    results = run_fairness(load_fairness_config(path, ["train.cpus_per_worker=1"]))
+    assert [r["method"] for r in results] == ["group_dro"]
+    ckpt = tmp_path / "run/cells/severity_0.9/seed_0/group_dro/checkpoints/epoch_0001"
+    assert (ckpt / "checkpoint.pt").is_file() and (ckpt / "method_state.pt").is_file()
+    state = __import__("torch").load(ckpt / "method_state.pt", weights_only=True)
+    q = state["method"]["extra"]["q"]
+    assert abs(float(q.sum()) - 1.0) < 1e-5 and len(q) >= 2
+    assert 0.0 <= results[0]["test"]["worst_group_accuracy"] <= 100.0
+    assert not ray.is_initialized()  # shut down after the run
+    assert list((tmp_path / "run" / "logs").glob("ray-*.log"))
+
+
 # the shipped 32 px synthfaces autoencoder's three age classes (synthfaces' default bins)
 SHIPPED_AGE_BINS = [[0, 18], [25, 40], [50, 80]]
 LORA_ENTRY = {"name": "lora_pre", "pretrain": "lora", "pretrain_epochs": 1, "pretrain_options": {
@@ -143,13 +161,3 @@ def test_lora_row_pretrains_on_balanced_synthetic_faces(tmp_path, ray_local):
     assert 0.0 <= record["test"]["worst_group_accuracy"] <= 100.0
 
 
-def test_one_cell_through_ray_train(tmp_path, ray_local):
-    path = _write(tmp_path, executor="ray", methods=["group_dro"], ledger=None)
-    results = run_fairness(load_fairness_config(path, ["train.cpus_per_worker=1"]))
-    assert [r["method"] for r in results] == ["group_dro"]
-    ckpt = tmp_path / "run/cells/severity_0.9/seed_0/group_dro/checkpoints/epoch_0001"
-    assert (ckpt / "checkpoint.pt").is_file() and (ckpt / "method_state.pt").is_file()
-    state = __import__("torch").load(ckpt / "method_state.pt", weights_only=True)
-    q = state["method"]["extra"]["q"]
-    assert abs(float(q.sum()) - 1.0) < 1e-5 and len(q) >= 2
-    assert 0.0 <= results[0]["test"]["worst_group_accuracy"] <= 100.0

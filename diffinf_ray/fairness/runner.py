@@ -322,10 +322,15 @@ def run_fairness(cfg: FairnessConfig) -> list[dict]:
     then the table and the plot. Returns the cell results."""
     from contextlib import nullcontext
 
+    from diffinf_ray.fairness.methods import PRETRAINERS
     from diffinf_ray.fairness.report import write_summary
-    from diffinf_ray.ray_session import ray_session
+    from diffinf_ray.ray_session import ray_session_at
+    from diffinf_ray.run_root import RunRoot
 
-    with ray_session(cfg) if cfg.executor == "ray" else nullcontext():
+    # Ray Train cells, and pretrainers whose generators fit and sample on Ray
+    needs_ray = cfg.executor == "ray" or any(
+        getattr(PRETRAINERS.get(m.pretrain), "needs_ray", False) for m in cfg.methods)
+    with ray_session_at(RunRoot(cfg.root), cfg.ray) if needs_ray else nullcontext():
         results = _run_cells(cfg)
     write_summary(cfg.root, results)
     return results

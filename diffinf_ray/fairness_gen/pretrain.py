@@ -137,6 +137,7 @@ def synthetic_pretrainer(variant: str):
         return Location(summary["manifest"]).read_table().to_pandas()
 
     pretrain.check_options = check_options
+    pretrain.needs_ray = True  # the runner joins or starts Ray (its logs off the console)
     return pretrain
 
 
