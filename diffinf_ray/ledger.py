@@ -180,13 +180,34 @@ def paired_differences(records: list[dict], a: str, b: str, metric: str = "accur
         std = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1)) if n > 1 else None
         half = _t_quantile_975(n - 1) * std / math.sqrt(n) if n > 1 else None
         rows.append({
-            "setting": setting, "run": group[0]["run"], "task": group[0]["task"],
+            "setting": setting, "config": group[0].get("config", {}),
+            "run": group[0]["run"], "task": group[0]["task"],
             "noise_rate": group[0]["noise"]["rate"], "seeds": [r["seed"] for r in group],
             "differences": diffs, "mean": mean, "std": std,
             "ci95": None if half is None else (mean - half, mean + half),
             "stale": sum(1 for r in group if head is not None and r.get("commit") != head),
         })
     return sorted(rows, key=lambda r: (r["task"], r["run"], r["setting"]))
+
+
+def _flat(tree, prefix: str = "") -> dict:
+    if not isinstance(tree, dict):
+        return {prefix[:-1]: tree if isinstance(tree, str) else json.dumps(tree, sort_keys=True)}
+    return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
+
+
+def setting_labels(rows: list[dict]) -> list[str]:
+    """What tells each row's setting apart from the other settings of its run and task: the
+    config keys whose values differ among them (`edit.method=guided`), "-" when alone."""
+    flat = [_flat(r.get("config", {})) for r in rows]
+    labels = []
+    for i, row in enumerate(rows):
+        peers = [flat[j] for j, r in enumerate(rows)
+                 if j != i and (r["run"], r["task"]) == (row["run"], row["task"])]
+        keys = sorted(k for k in set(flat[i]).union(*peers)
+                      if any(p.get(k) != flat[i].get(k) for p in peers))
+        labels.append(", ".join(f"{k}={flat[i].get(k, '(unset)')}" for k in keys) or "-")
+    return labels
 
 
 def format_paired(rows: list[dict], a: str, b: str, metric: str) -> str:
@@ -199,12 +220,13 @@ def format_paired(rows: list[dict], a: str, b: str, metric: str) -> str:
         return f"{value:+.2f}"
 
     table = pd.DataFrame([{
-        "run": r["run"], "task": r["task"], "noise": r["noise_rate"],
+        "run": r["run"], "setting": label, "task": r["task"], "noise": r["noise_rate"],
         "seeds": ",".join(map(str, r["seeds"])), "mean": signed(r["mean"]),
         "std": "-" if r["std"] is None else f"{r['std']:.2f}",
         "95% interval": "-" if r["ci95"] is None else
         f"[{signed(r['ci95'][0])}, {signed(r['ci95'][1])}]",
-        "stale records": r["stale"]} for r in rows],
-        columns=["run", "task", "noise", "seeds", "mean", "std", "95% interval", "stale records"])
+        "stale records": r["stale"]} for r, label in zip(rows, setting_labels(rows), strict=True)],
+        columns=["run", "setting", "task", "noise", "seeds", "mean", "std", "95% interval",
+                 "stale records"])
     return (f"{a} - {b}, {metric} (paired by seed; 95% t interval)\n\n"
             + markdown_table(table, empty="(no setting has both conditions)"))

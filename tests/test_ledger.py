@@ -94,6 +94,21 @@ def test_paired_differences_equal_scipys_paired_t_interval(tmp_path):
     assert f"[{low:+.2f}, {high:+.2f}]" in text
 
 
+def test_each_setting_of_a_run_is_named_by_what_sets_it_apart(tmp_path):
+    folder = tmp_path / "ledger"
+    for seed in (0, 1):
+        for tau in (0.1, 0.2):
+            ledger.write_record(record_of(*finished_run(
+                tmp_path / f"s{seed}_{tau}", seed, 50.0, 52.0 + 10 * tau,
+                f"influence.tau={tau}")), folder)
+    rows = ledger.paired_differences(ledger.read_ledger(folder), "removal", "noisy")
+    assert len(rows) == 2
+    assert sorted(ledger.setting_labels(rows)) == ["influence.tau=0.1", "influence.tau=0.2"]
+    text = ledger.format_paired(rows, "removal", "noisy", "accuracy")
+    assert "| influence.tau=0.2 |" in text and "| +4.00 |" in text
+    assert ledger.setting_labels(rows[:1]) == ["-"]  # alone: nothing to tell apart
+
+
 def test_record_and_ledger_commands(tmp_path, capsys):
     from diffinf_ray.cli import main
 
