@@ -141,10 +141,21 @@ class EvaluateSection(_Section):
 class InfluenceSection(_Section):
     tau: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1  # high-influence set = top tau of scores
     per_class: bool = False  # top tau within each assigned class
+    # whose score ranks the flagged set: tracin (the paper), loss, or oracle (the injected
+    # corruption itself, a control); every one is scored and reported either way (detectors/)
+    flag_by: str = "tracin"
     layers: list[str] | None = None  # module names, e.g. [head]; None = all parameters
     batch_size: int = Field(64, ge=1)
     actors: int = Field(1, ge=1)
     use_gpu: bool = False
+
+
+    @field_validator("flag_by")
+    @classmethod
+    def _known_detector(cls, name: str) -> str:
+        from diffinf_ray.detectors import flagging_detector
+
+        return flagging_detector(name).name
 
 
 class CleanlabSection(_Section):

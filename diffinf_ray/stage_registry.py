@@ -40,6 +40,10 @@ SCHEDULING_FIELDS = {"train": ("cpus_per_worker",), "edit": ("actors", "gpus_per
 UNHASHED_FIELDS = {"train": ("max_failures", "cache_decoded_images"),
                    "autoencoder": ("max_failures",)}
 
+# Settings added after runs were finished: hashed only when set to something other than their
+# default, so a run root made before the setting existed keeps its fingerprints.
+HASHED_WHEN_SET = {"influence": ("flag_by",)}
+
 
 @dataclass(frozen=True)
 class Stage:
@@ -172,7 +176,8 @@ def _select(dumped: dict, tree: Tree | None):
 
 def fingerprint_parts(cfg, stage: str) -> dict:
     """The values `fingerprint` hashes: run.seed and every covered setting (scheduling-only
-    settings as their defaults, retry settings left out)."""
+    settings as their defaults, retry settings left out, settings added later (HASHED_WHEN_SET)
+    only when set)."""
     parts: dict[str, Any] = {"seed": cfg.run.seed}
     for section, fields in covered_settings(stage).items():
         values = getattr(cfg, section)
@@ -184,6 +189,10 @@ def fingerprint_parts(cfg, stage: str) -> dict:
         parts[section] = _select(dumped, fields)
         for name in UNHASHED_FIELDS.get(section, ()):
             parts[section].pop(name, None)
+        for name in HASHED_WHEN_SET.get(section, ()):
+            if isinstance(parts[section], dict) and name in parts[section] and \
+                    parts[section][name] == type(values).model_fields[name].default:
+                parts[section].pop(name)
     return parts
 
 

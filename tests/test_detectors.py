@@ -1,7 +1,9 @@
 """Detector plug-ins: each reads its score from its stage's table; the report they share."""
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
+import pytest
 
 from diffinf_ray.detectors import (
     DETECTORS,
@@ -29,10 +31,41 @@ def _run_root(tmp_path, truth):
     return root, influence, cleanlab
 
 
-def test_the_three_detectors_are_registered_where_their_scores_live():
-    assert list(DETECTORS) == ["tracin", "loss", "cleanlab"]
-    assert [d.name for d in detectors_of("influence")] == ["tracin", "loss"]
+def test_the_detectors_are_registered_where_their_scores_live():
+    assert list(DETECTORS) == ["tracin", "loss", "cleanlab", "oracle"]
+    assert [d.name for d in detectors_of("influence")] == ["tracin", "loss", "oracle"]
     assert detection_stages() == ["influence", "cleanlab"]
+
+
+def test_the_oracle_detector_is_the_injected_corruption(tmp_path):
+    truth = [bool(i % 3 == 0) for i in range(30)]  # 10 corrupted
+    root, influence, _ = _run_root(tmp_path, truth)
+    report = detection_reports(root, "influence", tau=0.2, per_class=False)["oracle"]
+    assert report["auroc"] == 1.0
+    assert report["n_flagged"] == 6 and report["precision"] == 1.0 and report["recall"] == 0.6
+
+
+def test_flag_by_picks_the_ranking_of_the_flagged_set():
+    from diffinf_ray.stages.influence import flagging_scores
+
+    df = pd.DataFrame({"score": [0.9, 0.1, 0.5], "loss_last": [0.1, 0.8, 0.2],
+                       "is_corrupted": [False, True, None]})
+    assert flagging_scores(df, "tracin").tolist() == [0.9, 0.1, 0.5]
+    assert flagging_scores(df, "loss").tolist() == [0.1, 0.8, 0.2]
+    with pytest.raises(ValueError, match="flag_by=oracle: 1 training rows have no is_corrupted"):
+        flagging_scores(df, "oracle")
+    assert flagging_scores(df.iloc[:2], "oracle").tolist() == [0.0, 1.0]
+    # cleanlab is a detector, but of another stage: the influence stage cannot flag by it
+    with pytest.raises(ValueError, match="'cleanlab' is not one of"):
+        flagging_scores(df, "cleanlab")
+
+
+def test_flag_by_is_checked_on_load():
+    from diffinf_ray.config import InfluenceSection
+
+    assert InfluenceSection(flag_by="oracle").flag_by == "oracle"
+    with pytest.raises(ValueError, match="'tracn' is not one of"):
+        InfluenceSection(flag_by="tracn")
 
 
 def test_reports_equal_the_detection_core_on_each_score(tmp_path):
@@ -62,4 +95,4 @@ def test_read_detection_merges_every_detection_file(tmp_path):
         detection_reports(root, "influence", 0.1, False))
     root.child("cleanlab", "detection.json").write_json(
         {**detection_reports(root, "cleanlab", 0.1, False), "note": "ignored: not a report"})
-    assert set(read_detection(root)) == {"tracin", "loss", "cleanlab"}
+    assert set(read_detection(root)) == {"tracin", "loss", "cleanlab", "oracle"}

@@ -145,6 +145,26 @@ def test_changed_setting_reruns_exactly_the_dependent_stages(run_copy, capsys):
     assert removal["removed_rows"] == round(0.2 * len(flagged))
 
 
+def test_flag_by_oracle_flags_only_corrupted_rows(run_copy, capsys):
+    """influence.flag_by=oracle (the factorial's control detector) re-runs the influence stage
+    alone (its scores are the same; only the flagged set's ranking changes) and flags truly
+    corrupted rows only, at the same budget; its summary names the detector."""
+    from diffinf_ray.influence.detection import fraction_count
+
+    wanted = STAGES[:5]
+    before = records(run_copy)
+    code, err = diffinf(capsys, "run", TINY,
+                        *overrides(run_copy, wanted, "influence.flag_by=oracle"))
+    assert code == 0, err
+    after = records(run_copy)
+    assert reran(before, after) == {"influence"}
+    table = pq.read_table(run_copy / "influence" / "influence.parquet").to_pandas()
+    flagged = table[table.is_high]
+    assert len(flagged) == fraction_count(0.1, len(table)) and flagged.is_corrupted.all()
+    assert table.is_corrupted.sum() > len(flagged)  # a real choice: more corrupted than budget
+    assert after["influence"]["summary"]["flag_by"] == "oracle"
+
+
 def test_force_reruns_every_wanted_stage_and_no_other(run_copy, capsys):
     wanted = ["ingest", "noise"]
     before = records(run_copy)

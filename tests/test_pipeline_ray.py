@@ -83,7 +83,7 @@ def test_influence_and_removal_stages(tiny_run):
     assert len(scores.per_checkpoint.iloc[0]) == 2
 
     detection = json.loads((root / "influence" / "detection.json").read_text())
-    assert set(detection) == {"tracin", "loss"}
+    assert set(detection) == {"tracin", "loss", "oracle"}
     assert (root / "influence" / "score_hist.png").stat().st_size > 0
     removal = json.loads((root / "removal" / "evaluation" / "metrics.json").read_text())
     assert removal["removed_rows"] == scores.is_high.sum()

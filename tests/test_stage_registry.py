@@ -173,3 +173,19 @@ def test_fingerprints_of_whole_sections_are_unchanged_by_the_settings_tree():
 
     cfg = load_config(TINY)
     assert fingerprint_parts(cfg, "refine")["edit"] == cfg.edit.model_dump(mode="json")
+
+
+def test_flag_by_is_hashed_only_when_set():
+    """influence.flag_by came after finished runs: at its default the fingerprints are what
+    they were before it existed; set, it re-runs influence and everything downstream."""
+    from diffinf_ray.stage_registry import fingerprint_parts
+
+    cfg = load_config(TINY)
+    before_the_setting = cfg.influence.model_dump(mode="json")
+    del before_the_setting["flag_by"]
+    assert fingerprint_parts(cfg, "influence")["influence"] == before_the_setting
+    oracle = cfg.model_copy(deep=True)
+    oracle.influence.flag_by = "oracle"
+    changed = {s for s in STAGES if fingerprint(oracle, s) != fingerprint(cfg, s)}
+    assert changed == {"influence", *(s for s in STAGES if "influence" in upstream_stages(s))}
+    assert "cleanlab" not in changed and "train" not in changed

@@ -15,6 +15,7 @@ REGISTERED = (
     "diffinf_ray.detectors.tracin:TRACIN",
     "diffinf_ray.detectors.loss:LOSS",
     "diffinf_ray.detectors.cleanlab:CLEANLAB",
+    "diffinf_ray.detectors.oracle:ORACLE",
 )
 
 
@@ -29,6 +30,16 @@ DETECTORS: dict[str, Detector] = {d.name: d for d in map(_load, REGISTERED)}
 def detectors_of(stage: str) -> list[Detector]:
     """The registered detectors whose scores `stage` computes."""
     return [d for d in DETECTORS.values() if d.stage == stage]
+
+
+def flagging_detector(name: str) -> Detector:
+    """The detector `influence.flag_by` names: one whose score the influence stage computes
+    (the flagged set is the influence stage's output); anything else is a ValueError."""
+    choices = [d.name for d in detectors_of("influence")]
+    if name not in choices:
+        raise ValueError(f"influence.flag_by: {name!r} is not one of {choices} (the detectors "
+                         "scored by the influence stage)")
+    return DETECTORS[name]
 
 
 def detection_stages() -> list[str]:

@@ -33,7 +33,7 @@ class Detector:
     def scores(self, root) -> dict[str, np.ndarray]:
         """{sample_id, label, is_corrupted (None where unknown), score} of every training row,
         sorted by sample_id (plain arrays)."""
-        columns = ["sample_id", "label", "is_corrupted", self.column]
+        columns = list(dict.fromkeys(["sample_id", "label", "is_corrupted", self.column]))
         table = root.child(self.stage, self.table).read_table(columns=columns)
         order = np.argsort(np.asarray(table.column("sample_id").to_pylist(), dtype=object),
                            kind="stable")
@@ -42,6 +42,10 @@ class Detector:
             "sample_id": np.asarray(table.column("sample_id").to_pylist(), dtype=object)[order],
             "label": np.asarray(table.column("label").to_pylist(), dtype=np.int64)[order],
             "is_corrupted": np.asarray(truth, dtype=object)[order],
-            "score": self.sign * np.asarray(table.column(self.column).to_pylist(),
-                                            dtype=np.float64)[order],
+            "score": self.sign * column_scores(table.column(self.column).to_pylist())[order],
         }
+
+
+def column_scores(values) -> np.ndarray:
+    """A score column as float64, a missing value (an unknown `is_corrupted`) as NaN."""
+    return np.asarray([np.nan if v is None else float(v) for v in values], dtype=np.float64)

@@ -1,9 +1,11 @@
 """Influence stage: TracIn self-influence of every training sample, with Ray Data actors.
 
 In:  manifest_noisy/ train rows (sample_id, image, label, label_clean, is_corrupted) and
-     checkpoints/ (weights + learning rate per saved epoch).
+     checkpoints/ (weights + learning rate per saved epoch); influence.flag_by.
 Out: influence/influence.parquet  sample_id, label, score, is_high, per_checkpoint (list of
-                                  lr_t * ||grad||^2), loss_last (the loss detector), is_corrupted
+                                  lr_t * ||grad||^2), loss_last (the loss detector), is_corrupted;
+                                  is_high = the top tau of the `influence.flag_by` detector's
+                                  score (TracIn's `score` by default; `oracle`: is_corrupted)
      influence/detection.json     detection quality of each detector against is_corrupted
                                   (precision/recall of the flagged set, AUROC, precision@k)
      influence/score_hist.png, influence/precision_at_k.png
@@ -20,7 +22,8 @@ import pyarrow as pa
 from diffinf_ray.artifacts import INFLUENCE_FOLDER, INFLUENCE_TABLE
 from diffinf_ray.config import Config
 from diffinf_ray.datasets import check_manifest, split_dataset
-from diffinf_ray.detectors import detection_reports
+from diffinf_ray.detectors import detection_reports, flagging_detector
+from diffinf_ray.detectors.base import column_scores
 from diffinf_ray.run_root import RunRoot
 from diffinf_ray.storage import Location
 
@@ -118,6 +121,19 @@ def plot_detection(df, detection: dict, out: Location) -> None:
     out.child("precision_at_k.png").write_bytes(buf.getvalue())
 
 
+def flagging_scores(df, flag_by: str) -> np.ndarray:
+    """The score the flagged set ranks by: the `flag_by` detector's column of the influence
+    table (`df`), suspicious = high. The oracle needs the injected corruption of every row."""
+    detector = flagging_detector(flag_by)
+    scores = detector.sign * column_scores(df[detector.column])
+    if np.isnan(scores).any():
+        raise ValueError(
+            f"influence.flag_by={flag_by}: {int(np.isnan(scores).sum())} training rows have no "
+            f"{detector.column} (the oracle needs labels corrupted by the noise stage, whose "
+            "truth is known)")
+    return scores
+
+
 def run_influence(cfg: Config, root: RunRoot) -> dict:
     from diffinf_ray.influence.detection import flag_top_fraction
 
@@ -125,8 +141,8 @@ def run_influence(cfg: Config, root: RunRoot) -> dict:
     check_manifest(root.noisy_manifest, "influence", MANIFEST_COLUMNS)
     df = score_training_set(cfg, root.noisy_manifest, root.checkpoints)
     labels = df["label"].to_numpy(np.int64)
-    is_high = flag_top_fraction(df["score"].to_numpy(), cfg.influence.tau, labels=labels,
-                                per_class=cfg.influence.per_class)
+    is_high = flag_top_fraction(flagging_scores(df, cfg.influence.flag_by), cfg.influence.tau,
+                                labels=labels, per_class=cfg.influence.per_class)
     out.child(INFLUENCE_TABLE).write_table(pa.table({
         "sample_id": df["sample_id"].astype(str),
         "label": labels.astype(np.int32),
@@ -141,7 +157,7 @@ def run_influence(cfg: Config, root: RunRoot) -> dict:
     out.child("detection.json").write_json(detection)
     plot_detection(df, detection, out)
     summary = {"train_rows": len(df), "high_influence_rows": int(is_high.sum()),
-               "tau": cfg.influence.tau}
+               "tau": cfg.influence.tau, "flag_by": cfg.influence.flag_by}
     for name, rep in detection.items():
         if isinstance(rep, dict):
             summary[name] = {k: rep[k] for k in ("precision", "recall", "auroc")}

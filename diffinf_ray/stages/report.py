@@ -150,14 +150,18 @@ def stage_times(root: RunRoot) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def detection_section(root: RunRoot, tau: float, summary: dict) -> list[str]:
-    """Markdown lines on how well the detectors found the injected corruption: TracIn's
-    flagged set, then every registered detector the run scored (into `summary` too)."""
+def detection_section(root: RunRoot, tau: float, summary: dict,
+                      flag_by: str = "tracin") -> list[str]:
+    """Markdown lines on how well the detectors found the injected corruption: the flagged
+    set's (`influence.flag_by`, TracIn by default), then every registered detector the run
+    scored (into `summary` too)."""
     md: list[str] = []
     influence = _read_json(root.child("influence", "detection.json"))
-    if influence and "tracin" in influence:
-        t = influence["tracin"]
-        md += ["\n## Detection (TracIn self-influence vs the injected corruption)\n",
+    if influence and flag_by in influence:
+        t = influence[flag_by]
+        what = ("TracIn self-influence" if flag_by == "tracin"
+                else f"flagged by {flag_by}: {DETECTORS[flag_by].description}")
+        md += [f"\n## Detection ({what} vs the injected corruption)\n",
                f"top-{tau:.0%}: precision {t['precision']:.3f}, recall "
                f"{t['recall']:.3f}; AUROC {t['auroc']:.3f}\n"]
     found = read_detection(root)
@@ -266,7 +270,7 @@ def run_report(cfg: Config, root: RunRoot) -> dict:
           "## Clean test split\n", _table_md(metrics, 2)]
     summary: dict = {"conditions": metrics.to_dict(orient="records")}
 
-    md += detection_section(root, cfg.influence.tau, summary)
+    md += detection_section(root, cfg.influence.tau, summary, cfg.influence.flag_by)
     predictor = _read_json(root.child("predictor", "report.json"))
     if predictor:
         md.append(f"\nInfluence predictor h_w: held-out AUROC {predictor['heldout_auroc']:.3f} "
