@@ -1,5 +1,6 @@
 """Benchmarks at unit size, so they cannot rot: benchmarks/ray_overhead.py runs its Ray Train
-and plain PyTorch paths on a few dozen synthfaces for one epoch and one repeat."""
+and plain PyTorch paths on a few dozen synthfaces for one epoch and one repeat;
+benchmarks/expression_probe.py trains one epoch on 150 faces."""
 
 from __future__ import annotations
 
@@ -73,3 +74,11 @@ def test_ray_overhead_runs_both_paths_with_equal_steps(bench_ray, ray_overhead, 
     assert summary["ratio_ray_over_plain"] > 0
     ray_overhead.report(summary, log=lines.append)
     assert any("ratio ray/plain" in line for line in lines)
+
+
+def test_expression_probe_trains_and_scores_the_clean_test_split(capsys):
+    probe = _load("expression_probe")
+    probe.main(["--faces", "150", "--epochs", "1", "--stem", "no_maxpool"])
+    out = capsys.readouterr().out
+    assert "stem no_maxpool, 32 px, 150 faces" in out and "clean test accuracy" in out
+    assert out.count("\n") == 6  # the summary, the header and the 4 x 4 confusion matrix
