@@ -70,7 +70,8 @@ def format_error(err: BaseException) -> str:
 
 def _print_metrics(results: dict) -> None:
     named = [("trained on assigned labels", results.get("evaluate")),
-             ("self-influence removal", results.get("removal"))]
+             ("self-influence removal", results.get("removal")),
+             ("oracle relabel (control)", results.get("relabel"))]
     named += [(method, m) for method, m in (results.get("baselines") or {}).items()
               if isinstance(m, dict) and "accuracy" in m]
     named.append(("DiffInf (refined, retrained)", results.get("retrain")))

@@ -39,9 +39,11 @@ def fold_of(sample_ids: np.ndarray, num_folds: int) -> np.ndarray:
 
 def select_rows(batch: dict[str, np.ndarray], split: str, exclude_ids: frozenset | None = None,
                 fold: tuple[int, int, bool] | None = None,
-                include_ids: frozenset | None = None) -> dict[str, np.ndarray]:
+                include_ids: frozenset | None = None,
+                relabel: dict[str, int] | None = None) -> dict[str, np.ndarray]:
     """Rows of `split`, minus `exclude_ids` (only `include_ids` when given); with
-    `fold=(k, K, inside)`, only the rows whose fold is k (inside=True) or is not k."""
+    `fold=(k, K, inside)`, only the rows whose fold is k (inside=True) or is not k; with
+    `relabel` ({sample_id: label}), those rows' `label` replaced (the oracle relabel control)."""
     keep = batch["split"] == split
     if exclude_ids:
         keep &= ~np.isin(batch["sample_id"].astype(str), list(exclude_ids))
@@ -50,21 +52,30 @@ def select_rows(batch: dict[str, np.ndarray], split: str, exclude_ids: frozenset
     if fold is not None:
         k, num_folds, inside = fold
         keep &= (fold_of(batch["sample_id"], num_folds) == k) == inside
-    return {k: v[keep] for k, v in batch.items()}
+    rows = {k: v[keep] for k, v in batch.items()}
+    if relabel:
+        ids = rows["sample_id"].astype(str)
+        hit = np.isin(ids, list(relabel))
+        labels = rows["label"].copy()
+        labels[hit] = [relabel[i] for i in ids[hit]]
+        rows["label"] = labels
+    return rows
 
 
 def split_dataset(manifest: Location, split: str, columns: list[str],
                   exclude_ids: frozenset | None = None, fold: tuple[int, int, bool] | None = None,
-                  include_ids: frozenset | None = None):
+                  include_ids: frozenset | None = None, relabel: dict[str, int] | None = None):
     """Rows of one split of a manifest folder as a Ray Dataset (streaming, not materialised):
-    `columns` plus `split` (and `sample_id` when selecting by id or fold)."""
+    `columns` plus `split` (and `sample_id` when selecting or relabelling by id or fold); the
+    selection and `relabel` as in `select_rows`."""
     import ray
 
-    by_id = exclude_ids or fold or include_ids is not None
+    by_id = exclude_ids or fold or include_ids is not None or relabel
     needed = set(columns) | {"split"} | ({"sample_id"} if by_id else set())
     ds = ray.data.read_parquet(manifest.path, filesystem=manifest.fs).select_columns(sorted(needed))
     return ds.map_batches(select_rows, batch_format="numpy", fn_kwargs={
-        "split": split, "exclude_ids": exclude_ids, "fold": fold, "include_ids": include_ids})
+        "split": split, "exclude_ids": exclude_ids, "fold": fold, "include_ids": include_ids,
+        "relabel": relabel})
 
 
 def read_split(manifest: Location, split: str, columns: list[str], ids=None):
@@ -73,11 +84,14 @@ def read_split(manifest: Location, split: str, columns: list[str], ids=None):
     the driver (networks trained there, a few held-out images)."""
     wanted = ["sample_id", "split", *[c for c in columns if c not in ("sample_id", "split")]]
     filters = [("split", "=", split)]
-    if ids is not None:
-        filters.append(("sample_id", "in", list(ids)))
+    ids = None if ids is None else [str(i) for i in ids]
+    if ids:  # an empty "in" list has no type for the filter to bind: filtered below
+        filters.append(("sample_id", "in", ids))
     df = manifest.read_table(columns=wanted, filters=filters).to_pandas()
     df = df[df["split"] == split].drop(columns=[] if "split" in columns else ["split"])
     df["sample_id"] = df["sample_id"].astype(str)
+    if ids is not None and not ids:
+        df = df.iloc[:0]
     return df.sort_values("sample_id", kind="stable").reset_index(drop=True)
 
 

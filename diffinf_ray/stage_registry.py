@@ -83,6 +83,8 @@ REGISTRY: dict[str, Stage] = {s.name: s for s in (
            ["train", "evaluate", "cleanlab", "influence.tau", "influence.per_class"], ["noise"]),
     # the baseline recipe retrained without the flagged set
     _stage("removal", "detectors:run_removal", ["train", "evaluate"], ["influence"]),
+    # the baseline recipe with the flagged rows' labels set to the truth (a control)
+    _stage("relabel", "detectors:run_relabel", ["train", "evaluate"], ["influence"]),
     _stage("baselines", "baselines:run_baselines", ["train", "evaluate", "baselines"], ["noise"]),
     # trains on the assigned (noisy) labels
     _stage("autoencoder", "autoencoder:run_autoencoder", ["autoencoder"], ["noise"]),
@@ -103,7 +105,7 @@ REGISTRY: dict[str, Stage] = {s.name: s for s in (
     _stage("judges", "oracle:run_judges", ["data", "train", "lossnets", "oracle"]),
     _stage("oracle", "oracle:run_oracle", [], ["edit", "judges"]),
     _stage("report", "report:run_report", ["run.name", "report"],
-           ["evaluate", "removal", "baselines", "retrain", "oracle"], tolerant=True),
+           ["evaluate", "removal", "relabel", "baselines", "retrain", "oracle"], tolerant=True),
 )}
 
 STAGES: tuple[str, ...] = tuple(REGISTRY)

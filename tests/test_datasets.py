@@ -59,6 +59,34 @@ def test_select_rows_by_split_ids_and_fold():
     assert (fold_of(inside, 2) == 0).all() and (fold_of(outside, 2) == 1).all()
 
 
+def test_select_rows_relabels_only_the_named_rows_of_the_split():
+    batch = {k: np.asarray(v.to_pylist(), dtype=object) for k, v in
+             zip(manifest_table().column_names, manifest_table().columns, strict=True)}
+    batch["label"] = batch["label"].astype(np.int32)
+    # s001 is a val row: relabelling names train rows only, the others pass through
+    rows = select_rows(batch, "train", exclude_ids=frozenset({"s000"}),
+                       relabel={"s003": 0, "s009": 2, "s001": 3})
+    assert list(rows["sample_id"]) == ["s003", "s006", "s009"]
+    assert rows["label"].tolist() == [0, 2, 2] and rows["label"].dtype == np.int32
+    assert batch["label"].tolist()[3] == 3  # the input batch is left as it was
+    assert select_rows(batch, "val", relabel={"s003": 0})["label"].tolist() == [1, 0, 3, 2]
+
+
+def test_oracle_relabelling_changes_exactly_the_wrong_labels_and_refuses_unknown_truth():
+    import pandas as pd
+
+    from diffinf_ray.stages.detectors import oracle_relabelling
+
+    rows = pd.DataFrame({"sample_id": ["a", "b", "c"], "label": [0, 1, 2],
+                         "label_clean": pd.array([1, 1, 0], dtype="Int32")})
+    assert oracle_relabelling(rows) == {"a": 1, "c": 0}
+    assert oracle_relabelling(rows.iloc[:0]) == {}
+    rows["label_clean"] = pd.array([1, None, 0], dtype="Int32")
+    with pytest.raises(ValueError, match=r"relabel: 1 flagged rows have no known clean label "
+                                         r"\(e\.g\. b\)"):
+        oracle_relabelling(rows)
+
+
 def test_read_split_sorted_and_by_id(tmp_path):
     table = manifest_table()
     manifest = write_manifest(tmp_path / "m", table.take(np.arange(table.num_rows)[::-1]))
@@ -68,6 +96,8 @@ def test_read_split_sorted_and_by_id(tmp_path):
     assert df["image"].tolist() == [b"png1", b"png4", b"png7", b"png10"]
     picked = read_split(manifest, "val", ["label"], ids=["s010", "s001", "s002"])
     assert picked["sample_id"].tolist() == ["s001", "s010"]  # s002 is a test row
+    none = read_split(manifest, "val", ["label"], ids=frozenset())  # e.g. nothing flagged
+    assert none.empty and list(none.columns) == ["sample_id", "label"]
 
 
 def test_check_manifest_names_the_stage_and_the_column(tmp_path):
@@ -86,6 +116,7 @@ STAGE_READS = {
     "evaluate": ("evaluate:run_evaluate", "manifest_noisy", "group"),
     "influence": ("influence:run_influence", "manifest_noisy", "is_corrupted"),
     "removal": ("detectors:run_removal", "manifest_noisy", "label"),
+    "relabel": ("detectors:run_relabel", "manifest_noisy", "label_clean"),
     "baselines": ("baselines:run_baselines", "manifest_noisy", "is_corrupted"),
     "autoencoder": ("autoencoder:run_autoencoder", "manifest_noisy", "image"),
     "predictor": ("predictor:run_predictor", "manifest_noisy", "image"),

@@ -73,19 +73,22 @@ class TrainingSetSpy:
         self.root = root
         self.fits: dict[str, dict] = {}
         self._excluded: set[str] | None = None
+        self._relabel: dict[str, int] | None = None
         self._real_split = train_module.split_dataset
         self._real_fit = train_module.fit_with_ray_train
         monkeypatch.setattr(train_module, "split_dataset", self._split)
         monkeypatch.setattr(train_module, "fit_with_ray_train", self._fit)
 
-    def _split(self, manifest, split, columns, exclude_ids=None, fold=None):
+    def _split(self, manifest, split, columns, exclude_ids=None, fold=None, relabel=None):
         if split == "train":
             self._excluded = {str(i) for i in exclude_ids or ()}
-        return self._real_split(manifest, split, columns, exclude_ids, fold)
+            self._relabel = dict(relabel or {})
+        return self._real_split(manifest, split, columns, exclude_ids, fold, relabel=relabel)
 
     def _fit(self, train_loop, loop_config, datasets, cfg, checkpoints):
         folder = str(Path(checkpoints.path).relative_to(self.root))
-        self.fits[folder] = {"excluded": self._excluded, "rows": datasets["train"].count()}
+        self.fits[folder] = {"excluded": self._excluded, "relabel": self._relabel,
+                             "rows": datasets["train"].count()}
         return self._real_fit(train_loop, loop_config, datasets, cfg, checkpoints)
 
 
@@ -163,6 +166,29 @@ def test_flag_by_oracle_flags_only_corrupted_rows(run_copy, capsys):
     assert len(flagged) == fraction_count(0.1, len(table)) and flagged.is_corrupted.all()
     assert table.is_corrupted.sum() > len(flagged)  # a real choice: more corrupted than budget
     assert after["influence"]["summary"]["flag_by"] == "oracle"
+
+
+def test_relabel_trains_with_the_flagged_corrupted_rows_clean_labels(run_copy, capsys,
+                                                                      monkeypatch):
+    """The oracle relabel (a control): the fit sees every train row, with exactly the flagged
+    rows whose label is wrong given their clean label; relabelled.parquet lists the flagged set.
+    flag_by=oracle, so the flagged set is all corrupted and the relabel is never empty."""
+    spy = TrainingSetSpy(monkeypatch, run_copy)
+    code, err = diffinf(capsys, "run", TINY, *overrides(run_copy, [*STAGES[:5], "relabel"],
+                                                       "influence.flag_by=oracle"))
+    assert code == 0, err
+    table = pq.read_table(run_copy / "influence" / "influence.parquet").to_pandas()
+    flagged = set(table.sample_id[table.is_high])
+    assert table.is_corrupted.sum() > len(flagged) > 0  # corrupted rows left unflagged
+    relabelled = pq.read_table(run_copy / "relabel" / "relabelled.parquet").to_pandas()
+    assert set(relabelled.sample_id) == flagged and relabelled.is_corrupted.all()
+    assert (relabelled.label != relabelled.label_clean).all()
+    fit = spy.fits["relabel/checkpoints"]
+    assert fit["relabel"] == dict(zip(relabelled.sample_id, relabelled.label_clean.tolist(),
+                                      strict=True))
+    assert fit["excluded"] == set() and fit["rows"] == len(table)
+    metrics = json.loads((run_copy / "relabel" / "evaluation" / "metrics.json").read_text())
+    assert metrics["relabelled_rows"] == metrics["flagged_rows"] == len(flagged)
 
 
 def test_force_reruns_every_wanted_stage_and_no_other(run_copy, capsys):

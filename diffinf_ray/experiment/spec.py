@@ -23,6 +23,7 @@ MANAGED_KEYS = ("run.root", "run.name", "run.seed", "stages")
 CONDITIONS = {
     "noisy": "trained on noisy labels",
     "removal": "self-influence removal",
+    "oracle_relabel": "oracle relabel (control)",
     "diffinf": "DiffInf (self-influence generation)",
     "clean": "clean labels (ceiling)",
     **{m.name: m.label for m in METHODS.values()},

@@ -123,15 +123,17 @@ def fit_with_ray_train(train_loop, loop_config: dict, datasets: dict, cfg: Confi
 
 def train_classifier(cfg: Config, manifest: Location, checkpoints: Location, num_classes: int,
                      exclude_ids: frozenset | None = None,
-                     fold: tuple[int, int, bool] | None = None) -> dict:
+                     fold: tuple[int, int, bool] | None = None,
+                     relabel: dict[str, int] | None = None) -> dict:
     """Fit on the train split of `manifest` (minus `exclude_ids`, or one side of a K-fold
-    partition), validate on its val split, checkpoint to `checkpoints`.
+    partition; `relabel`: {sample_id: label} replacing those train rows' labels), validate on
+    its val split, checkpoint to `checkpoints`.
 
     Returns the metrics of the last epoch.
     """
     columns = ["image", "label"]
     datasets = {
-        "train": split_dataset(manifest, "train", columns, exclude_ids, fold)
+        "train": split_dataset(manifest, "train", columns, exclude_ids, fold, relabel=relabel)
         .map_batches(decode_for_training),
         "val": split_dataset(manifest, "val", columns).map_batches(decode_for_training),
     }

@@ -9,6 +9,14 @@ cleanlab
 removal
   In:  manifest_noisy/, influence/influence.parquet (is_high).
   Out: removal/checkpoints/, removal/evaluation/metrics.json (clean test split).
+relabel (the oracle relabel: a control of issue 15's factorial, where the truth is known)
+  In:  manifest_noisy/ (label, label_clean), influence/influence.parquet (is_high).
+  Out: relabel/relabelled.parquet (sample_id, label: the assigned one, label_clean,
+       is_corrupted) for every flagged row; relabel/checkpoints/, relabel/evaluation/metrics.json:
+       the baseline recipe retrained with each flagged row's label set to its known clean
+       label (only the flagged corrupted rows change; images and every other row as they were).
+       What a perfect relabeller of the flagged set gives: beside removal (drop them) and the
+       oracle repair (redraw their images), the third thing a treatment can do with them.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ import pyarrow as pa
 
 from diffinf_ray.artifacts import high_influence_ids
 from diffinf_ray.config import Config
-from diffinf_ray.datasets import check_manifest
+from diffinf_ray.datasets import check_manifest, read_split
 from diffinf_ray.detectors import detection_reports
 from diffinf_ray.models.evaluation import PREDICT_COLUMNS, evaluate_checkpoints, predict_split
 from diffinf_ray.models.training import TRAIN_COLUMNS, train_classifier
@@ -75,3 +83,39 @@ def run_removal(cfg: Config, root: RunRoot) -> dict:
                      exclude_ids=flagged)
     return evaluate_checkpoints(cfg, root.noisy_manifest, out.child("checkpoints"),
                                 out.child("evaluation"), extra={"removed_rows": len(flagged)})
+
+
+RELABEL_COLUMNS = ("label_clean", "is_corrupted")
+
+
+def oracle_relabelling(flagged_rows) -> dict[str, int]:
+    """{sample_id: clean label} of the flagged rows whose assigned label is wrong, from a frame
+    of the flagged train rows (sample_id, label, label_clean); an unknown truth is an error, as a
+    relabel that silently kept a label would pass for one that fixed it."""
+    unknown = flagged_rows["label_clean"].isna()
+    if unknown.any():
+        raise ValueError(f"relabel: {int(unknown.sum())} flagged rows have no known clean label "
+                         f"(e.g. {flagged_rows['sample_id'][unknown].iloc[0]}); the oracle "
+                         "relabel needs data whose truth is known (synthfaces, or injected noise)")
+    clean = flagged_rows["label_clean"].astype(np.int64).to_numpy()
+    wrong = clean != flagged_rows["label"].to_numpy(np.int64)
+    return dict(zip(flagged_rows["sample_id"].astype(str)[wrong], clean[wrong].tolist(),
+                    strict=True))
+
+
+def run_relabel(cfg: Config, root: RunRoot) -> dict:
+    check_manifest(root.noisy_manifest, "relabel",
+                   TRAIN_COLUMNS + PREDICT_COLUMNS + RELABEL_COLUMNS)
+    flagged = high_influence_ids(root)
+    rows = read_split(root.noisy_manifest, "train", ["label", *RELABEL_COLUMNS], ids=flagged)
+    relabel = oracle_relabelling(rows)
+    out = root.child("relabel")
+    out.child("relabelled.parquet").write_table(pa.table({
+        "sample_id": rows["sample_id"].astype(str), "label": rows["label"].astype(np.int32),
+        "label_clean": rows["label_clean"].astype(np.int32),
+        "is_corrupted": rows["is_corrupted"].astype(bool)}))
+    train_classifier(cfg, root.noisy_manifest, out.child("checkpoints"), len(cfg.class_names),
+                     relabel=relabel)
+    return evaluate_checkpoints(cfg, root.noisy_manifest, out.child("checkpoints"),
+                                out.child("evaluation"),
+                                extra={"flagged_rows": len(flagged), "relabelled_rows": len(relabel)})

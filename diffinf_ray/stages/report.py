@@ -1,6 +1,7 @@
 """Report stage: one page per run with everything the method is judged by.
 
-In:  evaluation/, removal/evaluation/, baselines/<method>/evaluation/, retrain/evaluation/
+In:  evaluation/, removal/evaluation/, relabel/evaluation/, baselines/<method>/evaluation/,
+     retrain/evaluation/
      (metrics.json each: whichever exist), edits/edits.parquet, oracle/report.json,
      lossnets/lossnets.json, influence/ and predictor/ reports, stages/*.json (wall times).
 Out: report/metrics.csv        one row per training condition: accuracy, AUROC (x100), kappa, ECE
@@ -39,7 +40,8 @@ def _read_json(location):
 def condition_metrics(root: RunRoot) -> pd.DataFrame:
     """Test metrics of every training condition the run has, one row each."""
     conditions = [("noisy", root.child("evaluation")),
-                  ("removal", root.child("removal", "evaluation"))]
+                  ("removal", root.child("removal", "evaluation")),
+                  ("oracle_relabel", root.child("relabel", "evaluation"))]
     baselines = root.child("baselines")
     if baselines.exists():
         for method in sorted(d.rsplit("/", 1)[-1] for d in baselines.list_dirs()):
@@ -212,6 +214,7 @@ def oracle_section(root: RunRoot, summary: dict) -> list[str]:
 
 
 AUDIT_CONDITIONS = {"noisy": ("evaluation",), "removal": ("removal", "evaluation"),
+                    "oracle_relabel": ("relabel", "evaluation"),
                     "diffinf": ("retrain", "evaluation")}
 
 
