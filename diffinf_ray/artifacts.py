@@ -75,10 +75,31 @@ def load_run_predictor(root: RunRoot):
     return load_predictor(root.child(PREDICTOR_FOLDER))
 
 
+def recorded_location(record: dict, root: RunRoot) -> Location:
+    """Where a record (autoencoder/model.json, a lossnets.json entry) says a network's weights
+    are. A network the run trained is named by its folder in the run root (`in_run_root`), so a
+    run root can be copied or moved and a sweep trial reads it through its own root. An imported
+    one is at its `uri` (resolved where the stage ran); when that local file is gone (a run root
+    reused from another checkout or machine) at its `configured_uri` as written in the config,
+    resolved from this process's working directory, as the config's own paths are (Ray's
+    workers share the driver's, or the job's working_dir). The sha256 is checked on load either
+    way. Records written before these keys existed load from `uri` alone."""
+    if record.get("in_run_root"):
+        return root.child(*record["in_run_root"].split("/"))
+    location = Location(record["uri"], root.options)
+    configured = record.get("configured_uri")
+    if configured and location.is_local and not location.exists():
+        elsewhere = Location(configured, root.options)
+        if elsewhere.exists():
+            return elsewhere
+    return location
+
+
 def load_autoencoder_model(record: dict, options: StorageOptions | None = None,
-                           map_location: str = "cpu"):
-    """The model a model.json record names, its sha256 checked, in eval mode."""
-    location = Location(record["uri"], options)
+                           map_location: str = "cpu", location: Location | None = None):
+    """The model a model.json record names (at `location` when given: `recorded_location`),
+    its sha256 checked, in eval mode."""
+    location = location or Location(record["uri"], options)
     if record["format"] == "official":
         from diffinf_ray.diffae.official import load_official
 
@@ -91,24 +112,28 @@ def load_autoencoder_model(record: dict, options: StorageOptions | None = None,
 def load_run_autoencoder(root: RunRoot, map_location: str = "cpu"):
     """The autoencoder of a finished autoencoder stage (for the stages after it)."""
     record = root.child(AUTOENCODER_FOLDER, AUTOENCODER_RECORD).read_json()
-    return load_autoencoder_model(record, root.options, map_location)
+    return load_autoencoder_model(record, root.options, map_location,
+                                  recorded_location(record, root))
 
 
 # -- lossnets ---------------------------------------------------------------------------------
 
-def load_identity(record: dict, options, device: str = "cpu"):
-    """The identity network a lossnets.json `identity` record names."""
+def load_identity(record: dict, options, device: str = "cpu", location: Location | None = None):
+    """The identity network a lossnets.json `identity` record names (a self-trained one at
+    `location` when given: `recorded_location`)."""
     if record["kind"] == "arcface_onnx":
         from diffinf_ray.edit.identity import load_arcface_onnx
 
         return load_arcface_onnx(record["uri"], record["sha256"], options).to(device)
     from diffinf_ray.edit.identity import load_identity_embedder
 
-    return load_identity_embedder(Location(record["uri"], options)).to(device)
+    return load_identity_embedder(location or Location(record["uri"], options)).to(device)
 
 
-def load_parsing(record: dict | None, options, device: str = "cpu"):
-    """The face parser a lossnets.json `parsing` record names (None: no structure loss)."""
+def load_parsing(record: dict | None, options, device: str = "cpu",
+                 location: Location | None = None):
+    """The face parser a lossnets.json `parsing` record names (None: no structure loss; a
+    self-trained one at `location` when given: `recorded_location`)."""
     if record is None:
         return None
     if record["kind"] == "bisenet":
@@ -118,7 +143,7 @@ def load_parsing(record: dict | None, options, device: str = "cpu"):
                             num_classes=record["num_classes"]).to(device)
     from diffinf_ray.edit.parsing import load_parser
 
-    return load_parser(Location(record["uri"], options)).to(device)
+    return load_parser(location or Location(record["uri"], options)).to(device)
 
 
 def perceptual_distance(cfg, identity_net, options, device: str = "cpu"):
@@ -138,13 +163,15 @@ def load_edit_losses(cfg, root: RunRoot, device: str = "cpu"):
     from diffinf_ray.edit.losses import EditLosses, LossWeights
 
     record = root.child(LOSSNETS_FOLDER, LOSSNETS_RECORD).read_json()
-    identity = load_identity(record["identity"], root.options, device)
+    identity = load_identity(record["identity"], root.options, device,
+                             recorded_location(record["identity"], root))
     e = cfg.edit
     if record["parsing"] is None and e.l_struct > 0:
         raise ConfigError("the structure loss needs lossnets.parsing_uri (a BiSeNet "
                           "face-parsing checkpoint) or a `mask` column to train a parser on; "
                           "or set edit.l_struct=0")
-    parsing = load_parsing(record["parsing"], root.options, device)
+    parsing = load_parsing(record["parsing"], root.options, device,
+                           record["parsing"] and recorded_location(record["parsing"], root))
     perceptual = perceptual_distance(cfg, identity, root.options, device)
     weights = LossWeights(w_id=e.w_id, w_reg=e.w_reg, l_struct=e.l_struct, l_perc=e.l_perc,
                           l_pixel=e.l_pixel)

@@ -94,7 +94,7 @@ def test_stage_writes_checkpoints_weights_and_model_record(ae_run):
 
     record = json.loads((out / "model.json").read_text())
     assert record["source"] == "trained" and record["step"] == 20
-    assert record["uri"] == str(out / "weights")
+    assert record["uri"] == str(out / "weights") and record["in_run_root"] == "autoencoder/weights"
     assert record["sha256"] == sha256_hex((out / "weights" / EMA_WEIGHTS_FILE).read_bytes())
     assert (out / "weights" / WEIGHTS_FILE).stat().st_size > 0
     assert summary["sha256"] == record["sha256"]
@@ -199,6 +199,39 @@ def test_imported_weights_are_verified_recorded_and_measured(ae_run, tmp_path):
     quality = json.loads((tmp_path / "autoencoder" / "quality.json").read_text())
     assert quality["model"]["source"] == "imported" and quality["label_conditioning"]
     assert (tmp_path / "autoencoder" / "z_interpolation.png").stat().st_size > 0
+
+
+def test_a_run_root_moved_or_reused_from_another_checkout_finds_its_autoencoder(
+        ae_run, tmp_path, monkeypatch):
+    """A trained model is read from the run root that holds its record; an imported one whose
+    resolved path is gone by its URI as configured, from where the command runs: a run root made
+    in checkout A and reused in checkout B (same relative weights_uri, same sha256) loads B's
+    copy once A is gone."""
+    from diffinf_ray.artifacts import load_run_autoencoder, recorded_location
+
+    cfg, root, _ = ae_run
+    record = json.loads((root / "autoencoder" / "model.json").read_text())
+    moved = tmp_path / "moved"
+    shutil.copytree(root / "autoencoder", moved / "autoencoder",
+                    ignore=shutil.ignore_patterns("checkpoints"))
+    assert recorded_location(record, RunRoot(str(moved))).path == \
+        str(moved / "autoencoder" / "weights")
+    assert load_run_autoencoder(RunRoot(str(moved))).config.num_classes == 4
+
+    for checkout in ("a", "b"):
+        shutil.copytree(root / "autoencoder" / "weights", tmp_path / checkout / "models" / "ae")
+    shutil.copytree(root / "manifest_noisy", tmp_path / "a" / "run" / "manifest_noisy")
+    imported = ae_config("run", "autoencoder.weights_uri=models/ae",
+                         f"autoencoder.weights_sha256={record['sha256']}")
+    monkeypatch.chdir(tmp_path / "a")  # the config's relative paths are read from here on
+    run_autoencoder(imported, RunRoot("run"))
+    made = json.loads((tmp_path / "a" / "run" / "autoencoder" / "model.json").read_text())
+    assert (made["uri"], made["configured_uri"]) == (str(tmp_path / "a" / "models" / "ae"),
+                                                     "models/ae")
+    shutil.copytree(tmp_path / "a" / "run", tmp_path / "b" / "run")
+    shutil.rmtree(tmp_path / "a")
+    monkeypatch.chdir(tmp_path / "b")
+    assert load_run_autoencoder(RunRoot("run")).config.num_classes == 4
 
 
 def test_imported_official_export_is_measured_without_labels(ae_run, tmp_path):

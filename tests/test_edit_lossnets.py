@@ -390,3 +390,35 @@ def test_parser_trains_deterministically_and_round_trips(tmp_path, synthfaces_dr
 
     with pytest.raises(ValueError, match="outside"):
         parsing.train_parser(images[:4], masks[:4] + 7, epochs=1, log=lambda _: None)
+
+
+def test_self_trained_loss_networks_are_read_from_the_run_root_that_holds_them(tmp_path):
+    """lossnets.json names a network the run trained by its folder in the run root, so a run
+    root that was moved (or copied to another machine) still loads its own networks."""
+    import shutil
+
+    import pyarrow as pa
+
+    from diffinf_ray.artifacts import load_edit_losses
+    from diffinf_ray.config import load_config
+    from diffinf_ray.data import synthfaces as sf
+    from diffinf_ray.run_root import RunRoot
+    from diffinf_ray.stages.lossnets import run_lossnets
+
+    spec = sf.SynthFacesSpec(task="age", resolution=32, seed=0, num_identities=12)
+    rows = sf.generate_batch(spec, np.arange(48))
+    (tmp_path / "old" / "manifest").mkdir(parents=True)
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({k: rows[k] for k in ("sample_id", "split", "image", "identity",
+                                                  "mask")}),
+                   tmp_path / "old" / "manifest" / "part-0.parquet")
+    cfg = load_config("jobs/configs/tiny.yaml", [
+        f"run.root={tmp_path / 'old'}", "lossnets.identity_epochs=1", "lossnets.parsing_epochs=1"])
+    record = run_lossnets(cfg, RunRoot(str(tmp_path / "old")))
+    assert (record["identity"], record["parsing"]) == ("self_trained", "self_trained")
+    shutil.move(tmp_path / "old", tmp_path / "new")
+    losses, _ = load_edit_losses(cfg, RunRoot(str(tmp_path / "new")))
+    trained = ident.load_identity_embedder(str(tmp_path / "new" / "lossnets" / "identity"))
+    assert _same_weights(losses.identity, trained)
+    assert losses.parsing is not None

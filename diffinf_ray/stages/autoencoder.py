@@ -16,7 +16,9 @@ Out: <run root>/autoencoder/
        weights/   config.json + model.safetensors + ema.safetensors (`diffae.weights`), from the
                   last checkpoint; not written when the model is imported.
        model.json the weights later stages load: {source (trained | imported), format (diffinf |
-                  official), uri, sha256 of the file loaded (EMA), step, config}.
+                  official), uri, configured_uri (imported: the URI as written in the config),
+                  in_run_root (trained: "autoencoder/weights", so the run root can move), sha256
+                  of the file loaded (EMA), step, config}.
                   `artifacts.load_run_autoencoder(root)` loads them.
        quality.json  reconstruction by inversion at each S of `quality_steps` (MSE, SSIM, LPIPS
                   or "LPIPS unavailable: <reason>"), the same with a random x_T, and the layout
@@ -333,8 +335,12 @@ def import_autoencoder(cfg: Config, num_classes: int, options: StorageOptions) -
     """Verify and load `autoencoder.weights_uri`; the model.json record for it."""
     section = cfg.autoencoder
     location = Location(section.weights_uri, options)
+    # uri: resolved here (absolute when local), so every worker reads the file this driver
+    # checked; configured_uri: as written, which artifacts.recorded_location falls back to
+    # when a run root made elsewhere is reused and the resolved path is gone
     record = {"source": "imported", "format": section.weights_format,
               "uri": location.path if location.is_local else location.uri,
+              "configured_uri": section.weights_uri,
               "sha256": section.weights_sha256.lower(), "step": None}
     model = load_autoencoder_model(record, options)
     summary = _model_summary(model)
@@ -454,9 +460,11 @@ def run_autoencoder(cfg: Config, root: RunRoot) -> dict:
         payload = read_training_checkpoint(result.checkpoint)
         weights = out.child("weights")
         manifest = export_weights(payload, weights)
-        # absolute when local; with the run root's query (endpoint) when on S3
+        # read back by its folder in the run root (artifacts.recorded_location); the URI is
+        # for people: absolute when local, with the run root's query (endpoint) when on S3
         uri = weights.path if weights.is_local else weights.uri
         record = {"source": "trained", "format": "diffinf", "uri": uri,
+                  "in_run_root": f"{STAGE_FOLDER}/weights",
                   "sha256": manifest["files"][EMA_WEIGHTS_FILE]["sha256"],
                   "step": int(payload["step"]), "epoch": int(payload["epoch"]),
                   "final_loss": (result.metrics or {}).get("loss"),

@@ -67,8 +67,8 @@ def _identity_record(cfg: Config, root: RunRoot, log) -> dict:
         seed=cfg.run.seed, log=log)
     out = root.child(STAGE_FOLDER, "identity")
     save_identity_embedder(model, out)
-    return {"kind": "self_trained", "uri": out.uri, "report": report,
-            "note": "no ArcFace file configured: identity embedder trained on the identity column"}
+    return {"kind": "self_trained", "uri": out.uri, "in_run_root": f"{STAGE_FOLDER}/identity",
+            "report": report, "note": "no ArcFace file configured: identity embedder trained on the identity column"}
 
 
 def _parsing_record(cfg: Config, root: RunRoot, log) -> dict | None:
@@ -97,8 +97,8 @@ def _parsing_record(cfg: Config, root: RunRoot, log) -> dict | None:
                                  batch_size=section.batch_size, seed=cfg.run.seed, log=log)
     out = root.child(STAGE_FOLDER, "parsing")
     save_parser(model, out)
-    return {"kind": "self_trained", "uri": out.uri, "report": report,
-            "note": "no face-parsing file configured: parser trained on the mask column"}
+    return {"kind": "self_trained", "uri": out.uri, "in_run_root": f"{STAGE_FOLDER}/parsing",
+            "report": report, "note": "no face-parsing file configured: parser trained on the mask column"}
 
 
 def run_lossnets(cfg: Config, root: RunRoot) -> dict:
