@@ -77,6 +77,11 @@ def setting_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(unseeded, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _none_if_nan(value):
+    """A figure a condition lacks (pandas fills it with NaN) as JSON null."""
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
 def run_record(cfg, root, *, now: float | None = None, commit: dict | None = None,
                host: dict | None = None) -> dict:
     """The record of a run root's finished stages (module docstring). Raises ValueError when
@@ -110,7 +115,8 @@ def run_record(cfg, root, *, now: float | None = None, commit: dict | None = Non
         "setting": setting_hash(config),
         "config": config,
         "stages": stages,
-        "metrics": {m.pop("condition"): m for m in metrics.to_dict(orient="records")},
+        "metrics": {m.pop("condition"): {k: _none_if_nan(v) for k, v in m.items()}
+                    for m in metrics.to_dict(orient="records")},
         **(commit if commit is not None else git_commit()),
         "machine": host if host is not None else machine(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),

@@ -6,6 +6,7 @@ tests/test_baselines_stage.py, tests/test_autoencoder_stage.py."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -99,6 +100,9 @@ def test_resume_continues_at_the_next_epoch_with_the_saved_state_and_lr(monkeypa
     whole = LocalTrain(monkeypatch, tmp_path / "whole")
     run_epochs(ClassifierCore(classifier_config(train), worker()), worker(), train)
     assert [m["epoch"] for m in whole.reports] == [1, 2, 3, 4]
+    for epoch, reported in enumerate(whole.reports, start=1):  # beside each checkpoint
+        figures = json.loads((whole.store / checkpoint_dir_name(epoch) / "metrics.json").read_text())
+        assert figures == pytest.approx(reported) and "val_accuracy" in figures
 
     # the same run killed after epoch 2's checkpoint, then started again on its folder
     cut = LocalTrain(monkeypatch, tmp_path / "cut")

@@ -35,9 +35,16 @@ def record_of(cfg, run, now: float = 0.0) -> dict:
 
 def test_a_record_holds_what_the_run_measured_and_is_never_rewritten(tmp_path):
     cfg, run = finished_run(tmp_path / "run", 0, noisy=50.0, removal=55.0)
+    best = {"epoch": 1, "val_accuracy": 40.0, "accuracy": 52.5, "auroc_macro_ovr": 71.0,
+            "kappa_linear": 0.5, "ece": 0.1}  # the noisy model's best-validation checkpoint
+    noisy = run.evaluation.child("metrics.json")
+    noisy.write_json({**noisy.read_json(), "best_val": best})
     record = record_of(cfg, run)
     assert record["metrics"]["noisy"]["accuracy"] == 50.0
     assert record["metrics"]["removal"]["accuracy"] == 55.0
+    assert record["metrics"]["noisy"]["accuracy_best_val"] == 52.5
+    assert record["metrics"]["removal"]["accuracy_best_val"] is None  # not NaN: valid JSON
+    json.dumps(record, allow_nan=False)
     assert set(record["stages"]) == set(cfg.stages)
     assert record["stages"]["train"]["fingerprint"] == fingerprint(cfg, "train")
     assert record["stages"]["train"]["wall_seconds"] == 1.5

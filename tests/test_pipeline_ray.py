@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -47,6 +48,14 @@ def test_pipeline_outputs(tiny_run):
     assert 0 <= metrics["accuracy"] <= 100
     assert set(metrics["per_class_accuracy"]) == set(cfg.class_names)
     assert metrics["n"] == (manifest.column("split").to_numpy(zero_copy_only=False) == "test").sum()
+    # best-validation selection: the epoch whose reported val accuracy (saved beside its
+    # checkpoint) is highest, the earliest on a tie; evaluated on the same test rows
+    vals = [json.loads((Path(c.path).parent / "metrics.json").read_text())["val_accuracy"]
+            for c in ckpts]
+    best = metrics["best_val"]
+    assert (best["epoch"], best["val_accuracy"]) == (1 + int(vals[1] > vals[0]), max(vals))
+    if best["epoch"] == 2:
+        assert best["accuracy"] == metrics["accuracy"]
 
 
 def test_rerun_skips_done_stages(tiny_run):

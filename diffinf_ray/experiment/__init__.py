@@ -37,7 +37,9 @@ Out (`write_table`), under <root>/table/:
     table.md, table.csv, table.html  rows: noisy, Small-loss, ELR+, removal, DiffInf,
         ProSelfLC, ProMix (the paper's), any other condition measured (a registered method,
         labelled as in baselines/registry.py), clean ceiling; per task: accuracy (%), AUROC (x100), linear kappa,
-        ECE as "mean ± std (n=seeds)" (sample std, ddof=1); "-" where nothing was measured.
+        ECE of the last epoch's model (the paper's protocol) and accuracy (%) of the
+        best-validation checkpoint, as "mean ± std (n=seeds)" (sample std, ddof=1); "-" where
+        nothing was measured.
         A second table: per-class LPIPS of the edits (mean ± std over seeds of the per-seed
         class means). The HTML embeds its images (base64): one self-contained file.
     metrics_long.csv   one row per (task, run, condition, seed): the numbers behind the table

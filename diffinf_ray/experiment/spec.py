@@ -31,8 +31,9 @@ CONDITIONS = {
 # Table 1's rows in the paper's order, always shown; other conditions follow when measured
 PAPER_ROWS = ("noisy", "small_loss", "elr_plus", "removal", "diffinf", "proselflc", "promix")
 # metric column -> (label, digits)
+# (the last epoch's, the paper's protocol; then the accuracy under best-validation selection)
 METRICS = {"accuracy": ("acc (%)", 2), "auroc": ("AUROC", 2), "kappa": ("kappa", 3),
-           "ece": ("ECE", 4)}
+           "ece": ("ECE", 4), "accuracy_best_val": ("acc, best val (%)", 2)}
 
 # dotted config key -> value; a list of `key=value` strings is read as the same mapping
 OverrideMap = Annotated[dict[str, Any], BeforeValidator(as_override_mapping)]

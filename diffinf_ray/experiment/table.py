@@ -50,7 +50,8 @@ def condition_order(present: Iterable[str]) -> list[str]:
 
 def format_table(long: pd.DataFrame, tasks: list[str] | None = None) -> pd.DataFrame:
     """Table 1 from the long form of `aggregate`: one row per condition (label in `method`),
-    per task the columns "<task> acc (%)", "<task> AUROC", "<task> kappa", "<task> ECE"."""
+    per task the columns "<task> acc (%)", "<task> AUROC", "<task> kappa", "<task> ECE" (the last
+    epoch's) and "<task> acc, best val (%)" (the best-validation checkpoint's)."""
     # Only the runs at each task's own rate (and the ceiling) belong in Table 1.
     table_rows = long[long["run"].isin(["methods", "clean"])] if "run" in long else long
     tasks = tasks or list(dict.fromkeys(long["task"]))

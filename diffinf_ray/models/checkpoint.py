@@ -4,6 +4,11 @@ Layout under the run root (written by the train stage through Ray Train):
 
     <run root>/checkpoints/epoch_0005/checkpoint.pt
 
+Beside it, `metrics.json` holds the figures the harness reported for that epoch (epoch,
+learning_rate, train_*, val_loss, val_accuracy: validation on the val split's assigned labels),
+which best-validation model selection reads (`best_validation_checkpoint`); checkpoints written
+before it was kept have none.
+
 `checkpoint.pt` is a `torch.save` dict with plain tensors and Python scalars only, so it loads
 with `torch.load(weights_only=True)` (no pickled code runs):
     model_state       classifier state_dict
@@ -32,6 +37,7 @@ from diffinf_ray.models.classifier import AttributeClassifier, build_classifier
 from diffinf_ray.storage import Location
 
 CHECKPOINT_FILE = "checkpoint.pt"
+EPOCH_METRICS_FILE = "metrics.json"
 _EPOCH_DIR = re.compile(r"^epoch_(\d+)$")
 
 
@@ -156,6 +162,23 @@ def list_checkpoints(checkpoints: Location) -> list[Location]:
     dirs.sort(key=lambda d: int(_EPOCH_DIR.match(d).group(1)))
     files = [checkpoints.child(d, CHECKPOINT_FILE) for d in dirs]
     return [f for f in files if f.exists()]
+
+
+def epoch_metrics(checkpoint: Location) -> dict | None:
+    """The figures reported with a checkpoint's epoch (metrics.json beside it), or None."""
+    found = checkpoint.parent().child(EPOCH_METRICS_FILE)
+    return found.read_json() if found.exists() else None
+
+
+def best_validation_checkpoint(found: list[Location]) -> tuple[Location, dict] | None:
+    """The saved checkpoint whose epoch had the highest val_accuracy (the earliest on a tie),
+    with its figures: model selection on the val split's assigned labels, as a user without
+    clean labels would select. None when any checkpoint lacks its figures."""
+    figures = [epoch_metrics(c) for c in found]
+    if not found or any(f is None or "val_accuracy" not in f for f in figures):
+        return None
+    best = max(range(len(found)), key=lambda i: (figures[i]["val_accuracy"], -i))
+    return found[best], figures[best]
 
 
 def load_checkpoint(location: Location) -> ClassifierCheckpoint:

@@ -6,7 +6,11 @@ In:  a manifest folder's test rows (sample_id, image, label_clean/label, group),
      folder.
 Out: <out>/predictions.parquet (sample_id, label, pred, probs, group) and <out>/metrics.json
      (metrics.py: accuracy, macro OvR AUROC, linear kappa, ECE, per-class and per-group
-     accuracy). Test labels are never noised; `label_clean` is used where known.
+     accuracy) of the last checkpoint (the paper's last-epoch protocol), and under `best_val`
+     {epoch, val_accuracy, accuracy, auroc_macro_ovr, kappa_linear, ece} those of the saved
+     checkpoint with the best validation accuracy on the assigned labels (best-validation
+     selection; absent for checkpoints saved without their epoch figures). Test labels are
+     never noised; `label_clean` is used where known.
 Predictions run as a Ray Data actor pool (the model is loaded once per actor; a GPU per actor
 when `train.use_gpu`).
 """
@@ -19,7 +23,12 @@ import pyarrow as pa
 from diffinf_ray.config import Config
 from diffinf_ray.datasets import split_dataset
 from diffinf_ray.metrics import classification_metrics
-from diffinf_ray.models.checkpoint import epoch_of, list_checkpoints, load_checkpoint
+from diffinf_ray.models.checkpoint import (
+    best_validation_checkpoint,
+    epoch_of,
+    list_checkpoints,
+    load_checkpoint,
+)
 from diffinf_ray.storage import Location
 
 # the manifest columns `predict_split` and `evaluate_checkpoints` read
@@ -38,16 +47,17 @@ class ClassifierActor:
         self.model = ckpt.build_model().to(self.device)
 
 
-def map_with_classifier(cfg: Config, ds, actor_cls: type[ClassifierActor], checkpoint: Location):
-    """`ds.map_batches` with a pool of one `actor_cls` over `checkpoint` (a GPU when
-    `train.use_gpu`), batches of `evaluate.batch_size`."""
+def map_with_classifier(cfg: Config, ds, actor_cls: type[ClassifierActor], checkpoint: Location,
+                        **actor_kwargs):
+    """`ds.map_batches` with a pool of one `actor_cls` over `checkpoint` (and `actor_kwargs`;
+    a GPU when `train.use_gpu`), batches of `evaluate.batch_size`."""
     import ray
 
     return ds.map_batches(
         actor_cls,
         fn_constructor_kwargs={"checkpoint_uri": checkpoint.uri,
                                "storage_options": checkpoint.options,
-                               "use_gpu": cfg.train.use_gpu},
+                               "use_gpu": cfg.train.use_gpu, **actor_kwargs},
         compute=ray.data.ActorPoolStrategy(size=1),
         num_cpus=cfg.ray.data_actor_cpus,
         num_gpus=1 if cfg.train.use_gpu else 0,
@@ -81,13 +91,44 @@ def predict_split(cfg: Config, manifest: Location, checkpoint: Location, split: 
     return map_with_classifier(cfg, ds, Predictor, checkpoint).to_pandas()
 
 
+class SecondPredictor(Predictor):
+    """Predictor that also gives a second checkpoint's probabilities (`probs_second`) in the
+    same pass over the images: the best-validation checkpoint beside the last one."""
+
+    def __init__(self, checkpoint_uri: str, storage_options, use_gpu: bool, second_uri: str):
+        super().__init__(checkpoint_uri, storage_options, use_gpu)
+        self.second = load_checkpoint(Location(second_uri, storage_options)).build_model()
+        self.second = self.second.to(self.device)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        from diffinf_ray.data.images import to_tensor_batch
+
+        images = torch.from_numpy(to_tensor_batch(list(batch["image"]))).to(self.device)
+        with torch.no_grad():
+            second = torch.softmax(self.second(images).float(), dim=1).cpu().numpy()
+        out = super().__call__(batch)
+        out["probs_second"] = second
+        return out
+
+
+BEST_VAL_KEYS = ("accuracy", "auroc_macro_ovr", "kappa_linear", "ece")
+
+
 def evaluate_checkpoints(cfg: Config, manifest: Location, checkpoints: Location,
                          out: Location, extra: dict | None = None) -> dict:
     found = list_checkpoints(checkpoints)
     if not found:
         raise FileNotFoundError(f"no checkpoints under {checkpoints.display}; run the train stage")
     last = found[-1]
-    df = predict_split(cfg, manifest, last, "test")
+    best = best_validation_checkpoint(found)
+    ds = split_dataset(manifest, "test", [c for c in PREDICT_COLUMNS if c != "split"])
+    if best is not None and best[0].path != last.path:
+        df = map_with_classifier(cfg, ds, SecondPredictor, last,
+                                 second_uri=best[0].uri).to_pandas()
+    else:
+        df = map_with_classifier(cfg, ds, Predictor, last).to_pandas()
     if df.empty:
         raise ValueError(f"{manifest.display}: the test split is empty")
     truth = df["label_clean"].fillna(df["label"]).to_numpy(np.int64)
@@ -96,6 +137,14 @@ def evaluate_checkpoints(cfg: Config, manifest: Location, checkpoints: Location,
     metrics = classification_metrics(probs, truth, cfg.class_names, groups, cfg.evaluate.ece_bins)
     metrics["checkpoint"] = last.display
     metrics["epoch"] = epoch_of(last.path)
+    if best is not None:
+        chosen = metrics
+        if "probs_second" in df:
+            chosen = classification_metrics(np.stack(df["probs_second"].to_numpy()), truth,
+                                            cfg.class_names, None, cfg.evaluate.ece_bins)
+        metrics["best_val"] = {"epoch": epoch_of(best[0].path),
+                               "val_accuracy": best[1]["val_accuracy"],
+                               **{k: chosen[k] for k in BEST_VAL_KEYS}}
     metrics.update(extra or {})
     out.child("metrics.json").write_json(metrics)
     out.child("predictions.parquet").write_table(pa.table({

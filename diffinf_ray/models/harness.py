@@ -19,8 +19,9 @@ A core (`EpochCore`) supplies only the model's part: building its networks and o
 one training epoch (augmentation, mixed precision, EMA are the core's), the network to
 validate, its checkpoint files and how to restore them.
 
-Checkpoints: <checkpoints>/epoch_NNNN/checkpoint.pt (plus a core's own files beside it, e.g. a
-baseline's method_state.pt), or the autoencoder's step_NNNNNNNN/autoencoder_state.pt. Resume:
+Checkpoints: <checkpoints>/epoch_NNNN/checkpoint.pt and metrics.json (the epoch's reported
+figures, for best-validation selection), plus a core's own files beside them (e.g. a baseline's
+method_state.pt), or the autoencoder's step_NNNNNNNN/autoencoder_state.pt. Resume:
 Ray Train V2 restores a run from `(storage_path, name)` = the checkpoints folder's parent and
 name; `ray.train.get_checkpoint()` is then the latest checkpoint. A restart after a worker
 failure within one `fit` resumes the same way: the epochs after the latest checkpoint are
@@ -31,6 +32,7 @@ checkpoints, named by epoch, land in the same folders: none is missing or duplic
 
 from __future__ import annotations
 
+import json
 import math
 import tempfile
 from dataclasses import dataclass
@@ -40,6 +42,7 @@ from typing import Any, Protocol
 from diffinf_ray.config import TrainSection
 from diffinf_ray.models.checkpoint import (
     CHECKPOINT_FILE,
+    EPOCH_METRICS_FILE,
     ClassifierCheckpoint,
     checkpoint_dir_name,
     parse,
@@ -153,7 +156,7 @@ class TrainWorker:
     def report(self, metrics: dict, files: dict[str, dict] | None = None,
                dir_name: str | None = None) -> None:
         """Report `metrics`, with a checkpoint of `files` ({file name: torch.save-able dict,
-        plain tensors and scalars only}) in `dir_name` when given. Every worker must call this
+        plain tensors and scalars only, or bytes written as they are}) in `dir_name` when given. Every worker must call this
         once per epoch (it is a barrier); only rank 0 passes files."""
         import ray.train
         from ray.train import Checkpoint
@@ -163,7 +166,8 @@ class TrainWorker:
             return
         with tempfile.TemporaryDirectory() as tmp:
             for name, payload in files.items():
-                (Path(tmp) / name).write_bytes(to_bytes(payload))
+                (Path(tmp) / name).write_bytes(
+                    payload if isinstance(payload, bytes) else to_bytes(payload))
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=dir_name)
 
@@ -271,4 +275,6 @@ def run_epochs(core: EpochCore, worker: TrainWorker, train: TrainSection) -> Non
                    f"val loss {metrics['val_loss']:.4f} acc {metrics['val_accuracy']:.1f}%")
         save = epoch % train.checkpoint_every == 0 or epoch == train.epochs
         files = core.checkpoint_files(epoch, lr) if save and worker.rank == 0 else None
+        if files is not None:  # the epoch's figures beside its weights, for model selection
+            files[EPOCH_METRICS_FILE] = json.dumps(metrics).encode()
         worker.report(metrics, files, checkpoint_dir_name(epoch))

@@ -38,7 +38,9 @@ def _read_json(location):
 
 
 def condition_metrics(root: RunRoot) -> pd.DataFrame:
-    """Test metrics of every training condition the run has, one row each."""
+    """Test metrics of every training condition the run has, one row each: the last epoch's
+    (the paper's protocol), and the accuracy and epoch of the best-validation checkpoint
+    (None for checkpoints saved without their epoch figures)."""
     conditions = [("noisy", root.child("evaluation")),
                   ("removal", root.child("removal", "evaluation")),
                   ("oracle_relabel", root.child("relabel", "evaluation"))]
@@ -52,9 +54,11 @@ def condition_metrics(root: RunRoot) -> pd.DataFrame:
         m = _read_json(folder.child("metrics.json"))
         if m is None:
             continue
+        best = m.get("best_val") or {}  # best-validation selection (models/evaluation.py)
         rows.append({"condition": name, "accuracy": m["accuracy"],
                      "auroc": m.get("auroc_macro_ovr"), "kappa": m.get("kappa_linear"),
-                     "ece": m.get("ece"), "epoch": m.get("epoch")})
+                     "ece": m.get("ece"), "epoch": m.get("epoch"),
+                     "accuracy_best_val": best.get("accuracy"), "epoch_best_val": best.get("epoch")})
     return pd.DataFrame(rows)
 
 
