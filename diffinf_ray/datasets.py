@@ -95,12 +95,29 @@ def read_split(manifest: Location, split: str, columns: list[str], ids=None):
     return df.sort_values("sample_id", kind="stable").reset_index(drop=True)
 
 
+ORDER_KEY = "order"
+
+
+def order_keys(sample_ids) -> np.ndarray:
+    """A fixed int64 key per sample id (64 bits of its BLAKE2b hash): a numeric column to sort
+    rows into one order whatever order Ray Data's tasks delivered them in (a string cannot
+    travel through `iter_torch_batches`)."""
+    import hashlib
+
+    return np.array([int.from_bytes(hashlib.blake2b(str(s).encode(), digest_size=8).digest(),
+                                    "little", signed=True) for s in sample_ids], dtype=np.int64)
+
+
 def decode_for_training(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Ray Data batch fn: PNG bytes -> float32 (B, 3, H, W) in [-1, 1]; keep label."""
+    """Ray Data batch fn: PNG bytes -> float32 (B, 3, H, W) in [-1, 1]; keep label; with a
+    `sample_id` column, its `order` key (`order_keys`) instead of it."""
     from diffinf_ray.data.images import to_tensor_batch
 
-    return {"image": to_tensor_batch(list(batch["image"])),
-            "label": batch["label"].astype(np.int64)}
+    out = {"image": to_tensor_batch(list(batch["image"])),
+           "label": batch["label"].astype(np.int64)}
+    if "sample_id" in batch:
+        out[ORDER_KEY] = order_keys(batch["sample_id"])
+    return out
 
 
 # -- a synthfaces draw ------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Benchmarks at unit size, so they cannot rot: benchmarks/ray_overhead.py runs its Ray Train
 and plain PyTorch paths on a few dozen synthfaces for one epoch and one repeat;
-benchmarks/expression_probe.py trains one epoch on 150 faces."""
+benchmarks/expression_probe.py trains one epoch on 150 faces; benchmarks/reproducibility.py
+compares two one-epoch fits of the tiny config."""
 
 from __future__ import annotations
 
@@ -82,3 +83,17 @@ def test_expression_probe_trains_and_scores_the_clean_test_split(capsys):
     out = capsys.readouterr().out
     assert "stem no_maxpool, 32 px, 150 faces" in out and "clean test accuracy" in out
     assert out.count("\n") == 6  # the summary, the header and the 4 x 4 confusion matrix
+
+
+def test_reproducibility_two_processes_train_the_same_classifier():
+    """benchmarks/reproducibility.py at tiny size: two fresh processes (own Ray, own ingest)
+    end with bit-identical weights (the cached split held in memory in order-key order)."""
+    import subprocess
+
+    run = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "reproducibility.py"), "--config",
+         str(BENCHMARKS.parent / "jobs" / "configs" / "tiny.yaml"), "train.epochs=1"],
+        capture_output=True, text=True, cwd=BENCHMARKS.parent, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("manifest rows out of sample order") == 2
+    assert "max |w1 - w2| over the last checkpoint: 0 (reproduced)" in run.stdout, run.stdout

@@ -10,6 +10,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -37,6 +38,13 @@ class Shard:
         g = torch.Generator().manual_seed(seed)
         self.images = torch.rand(ROWS, 3, 32, 32, generator=g) * 2 - 1
         self.labels = torch.randint(0, NUM_CLASSES, (ROWS,), generator=g)
+
+    def iter_batches(self, batch_size=None, batch_format="numpy"):
+        """Ray Data's blocks of a cached split: here two, the second half first."""
+        order = np.r_[np.arange(ROWS // 2, ROWS), np.arange(ROWS // 2)]
+        for part in np.array_split(order, 2):
+            yield {"image": self.images[part].numpy(), "label": self.labels[part].numpy(),
+                   "order": part.astype(np.int64)}
 
     def iter_torch_batches(self, batch_size, device, local_shuffle_buffer_size=None,
                            local_shuffle_seed=None):
@@ -176,3 +184,38 @@ def test_one_checkpoint_format_whoever_trained_the_classifier(monkeypatch, tmp_p
             assert ckpt.optimizer_state is not None  # what the classifier resumes from
         else:
             assert (local.store / "epoch_0001" / METHOD_STATE_FILE).is_file()
+
+
+class Blocks:
+    """A cached shard as Ray Data may deliver it: the same rows in blocks of any order and size."""
+
+    def __init__(self, rows: dict, cuts: list[int], order: np.ndarray):
+        self.parts = [{k: v[idx] for k, v in rows.items()} for idx in np.split(order, cuts)]
+
+    def iter_batches(self, batch_size=None, batch_format="numpy"):
+        yield from self.parts
+
+
+def test_a_cached_shard_gives_the_same_batches_whatever_order_its_rows_arrive_in():
+    from diffinf_ray.datasets import order_keys
+    from diffinf_ray.models.harness import ShardInMemory
+
+    n = 23
+    rows = {"image": np.random.default_rng(0).random((n, 3, 4, 4), dtype=np.float32),
+            "label": np.arange(n) % 3, "order": order_keys([f"s{i}" for i in range(n)])}
+    runs = []
+    for cuts, order in (([5, 12], np.arange(n)), ([17], np.random.default_rng(1).permutation(n)),
+                        ([2, 3, 4, 20], np.arange(n)[::-1])):
+        memory, shard = ShardInMemory(), Blocks(rows, cuts, order)
+        runs.append([[(b["image"].clone(), b["label"].clone())
+                      for b in memory.batches(shard, 8, "cpu", seed)] for seed in (7, 8)])
+    for other in runs[1:]:
+        for epoch, batches in enumerate(other):
+            for (xa, ya), (xb, yb) in zip(runs[0][epoch], batches, strict=True):
+                assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    first, second = runs[0]
+    assert [len(y) for _, y in first] == [8, 8, 7]
+    seen = torch.cat([x for x, _ in first]).flatten(1)
+    assert sorted(map(tuple, seen.tolist())) == sorted(map(tuple, torch.from_numpy(
+        rows["image"]).flatten(1).tolist()))  # every row once per epoch
+    assert not torch.equal(first[0][1], second[0][1]) or not torch.equal(first[0][0], second[0][0])

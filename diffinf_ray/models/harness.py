@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from diffinf_ray.config import TrainSection
+from diffinf_ray.datasets import ORDER_KEY
 from diffinf_ray.models.checkpoint import (
     CHECKPOINT_FILE,
     EPOCH_METRICS_FILE,
@@ -175,6 +176,41 @@ class TrainWorker:
 def cpu_state(module) -> dict:
     """A module's state_dict as detached CPU tensors (what checkpoints hold)."""
     return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+
+
+class ShardInMemory:
+    """A worker's shard of a small (cached) train split held in memory, its rows put in the
+    order of their `order` key (datasets.order_keys) and shuffled each epoch by a permutation
+    drawn from the epoch's seed: the same batches in every run, whatever order and block sizes
+    Ray Data delivered the rows in (a local shuffle buffer's output depends on both, so two runs
+    of one config trained differently). Deterministic for one worker; with several, which rows
+    reach which worker still follows Ray Data's delivery."""
+
+    def __init__(self):
+        self.columns = None  # {name: CPU tensor}, loaded at the first epoch
+
+    def _load(self, shard) -> None:
+        import numpy as np
+        import torch
+
+        parts = list(shard.iter_batches(batch_size=None, batch_format="numpy"))
+        if not parts:
+            raise ValueError("the train shard is empty")
+        columns = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        order = np.argsort(columns.pop(ORDER_KEY), kind="stable")
+        self.columns = {k: torch.from_numpy(np.ascontiguousarray(v[order]))
+                        for k, v in columns.items()}
+
+    def batches(self, shard, batch_size: int, device, seed: int):
+        import torch
+
+        if self.columns is None:
+            self._load(shard)
+        n = len(next(iter(self.columns.values())))
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        for i in range(0, n, batch_size):
+            idx = perm[i:i + batch_size]
+            yield {k: v[idx].to(device) for k, v in self.columns.items()}
 
 
 def random_hflip(images, generator=None):

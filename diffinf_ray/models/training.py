@@ -19,6 +19,7 @@ from diffinf_ray.datasets import decode_for_training, split_dataset
 from diffinf_ray.models.checkpoint import CHECKPOINT_FILE, ClassifierCheckpoint, classifier_payload
 from diffinf_ray.models.harness import (
     Placement,
+    ShardInMemory,
     TrainWorker,
     fit,
     numeric_metrics,
@@ -43,6 +44,7 @@ class ClassifierCore:
 
         self.train = train = TrainSection.model_validate(loop_config["train"])
         self.seed, self.device = loop_config["seed"], worker.device
+        self.in_memory = ShardInMemory() if train.cache_decoded_images else None
         torch.manual_seed(self.seed + worker.rank)
         model = build_classifier(loop_config["num_classes"], train.head_hidden)
         if loop_config.get("init_state") is not None:
@@ -67,9 +69,13 @@ class ClassifierCore:
         self.model.train()
         bs = self.train.batch_size
         total_loss, total_n, total_correct = 0.0, 0, 0
-        for batch in shard.iter_torch_batches(batch_size=bs, device=self.device,
-                                              local_shuffle_buffer_size=4 * bs,
-                                              local_shuffle_seed=self.seed + epoch):
+        if self.in_memory is not None:  # a cached split: the same batches in every run
+            batches = self.in_memory.batches(shard, bs, self.device, self.seed + epoch)
+        else:
+            batches = shard.iter_torch_batches(batch_size=bs, device=self.device,
+                                               local_shuffle_buffer_size=4 * bs,
+                                               local_shuffle_seed=self.seed + epoch)
+        for batch in batches:
             images, labels = batch["image"], batch["label"]
             if len(labels) < 2:  # BatchNorm cannot train on one sample (a last batch of 1)
                 continue
@@ -132,8 +138,12 @@ def train_classifier(cfg: Config, manifest: Location, checkpoints: Location, num
     Returns the metrics of the last epoch.
     """
     columns = ["image", "label"]
+    # A cached (small) split carries each row's order key, so the worker can hold it in memory
+    # in one order (harness.ShardInMemory) and a seed reproduces its model: Ray Data delivers
+    # parallel tasks' blocks in the order they finish, and writes manifests in that order.
+    keyed = ["sample_id", *columns] if cfg.train.cache_decoded_images else columns
     datasets = {
-        "train": split_dataset(manifest, "train", columns, exclude_ids, fold, relabel=relabel)
+        "train": split_dataset(manifest, "train", keyed, exclude_ids, fold, relabel=relabel)
         .map_batches(decode_for_training),
         "val": split_dataset(manifest, "val", columns).map_batches(decode_for_training),
     }
