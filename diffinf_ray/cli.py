@@ -308,8 +308,9 @@ def add_ledger_arguments(parser, config: str | None = None) -> None:
     parser.add_argument("--a", default="diffinf", help="condition a (default diffinf)")
     parser.add_argument("--b", default="removal", help="condition b (default removal)")
     parser.add_argument("--metric", default="accuracy",
-                        choices=["accuracy", "auroc", "kappa", "ece"],
-                        help="the clean-test metric (default accuracy)")
+                        choices=["accuracy", "auroc", "kappa", "ece", "accuracy_best_val"],
+                        help="the clean-test metric (default accuracy, the last epoch's; "
+                        "accuracy_best_val: the best-validation checkpoint's)")
 
 
 def add_status_arguments(parser, config: str | None = None) -> None:

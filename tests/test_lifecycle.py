@@ -253,9 +253,9 @@ def test_removal_retrained_without_exactly_the_flagged_rows(finished_run):
 
     assert set(fits) == {"checkpoints", "removal/checkpoints"}
     baseline, removal = fits["checkpoints"], fits["removal/checkpoints"]
-    assert baseline == {"excluded": set(), "rows": len(train_ids)}
+    assert baseline == {"excluded": set(), "relabel": {}, "rows": len(train_ids)}
     # the retrain's data set left out the flagged rows, and only those
-    assert removal == {"excluded": flagged, "rows": len(train_ids) - len(flagged)}
+    assert removal == {"excluded": flagged, "relabel": {}, "rows": len(train_ids) - len(flagged)}
     metrics = json.loads((root / "removal" / "evaluation" / "metrics.json").read_text())
     assert metrics["removed_rows"] == len(flagged)
 

@@ -139,7 +139,9 @@ def write_table(exp: ExperimentConfig, runs: list[Run] | None = None) -> dict[st
     rates = ", ".join(f"{t} {task_rate[t]:.0%}" for t in tasks)
     intro = (f"Clean test split; {len(exp.seeds)} seeds ({', '.join(map(str, exp.seeds))}); "
              f"noise rate per task: {rates}. Cells: mean ± sample std over seeds (n = seeds "
-             f"measured); accuracy in %, AUROC x100, linear kappa, ECE; - = not measured.")
+             f"measured); accuracy in %, AUROC x100, linear kappa, ECE of the last epoch's "
+             f"model (the paper's protocol), and the accuracy of the checkpoint with the best "
+             f"validation accuracy on the assigned labels; - = not measured.")
     md = [f"# Experiment {exp.name}: Table 1\n\n", intro, "\n\n", _markdown(table),
           f"\n## {LPIPS_TITLE}\n\n", _markdown(lp_table)]
     md += [f"\n## {title}\n\n{markdown_image(title, rel)}\n" for title, rel, _ in images]
