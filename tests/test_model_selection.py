@@ -1,6 +1,6 @@
 """Best-validation model selection (models/checkpoint.best_validation_checkpoint) and the
 predictor that scores the best-validation checkpoint beside the last one in one pass
-(models/evaluation.SecondPredictor). On real Ray: tests/test_pipeline_ray.py."""
+(models/evaluation.Predictor with `second_uri`). On real Ray: tests/test_pipeline_ray.py."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from diffinf_ray.models.checkpoint import (
     to_bytes,
 )
 from diffinf_ray.models.classifier import build_classifier
-from diffinf_ray.models.evaluation import Predictor, SecondPredictor
+from diffinf_ray.models.evaluation import Predictor
 from diffinf_ray.storage import Location
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -49,14 +49,14 @@ def test_best_validation_checkpoint_is_the_highest_val_accuracy_earliest_on_ties
     assert best_validation_checkpoint([]) is None
 
 
-def test_second_predictor_gives_both_checkpoints_probabilities_in_one_pass(tmp_path):
+def test_predictor_with_a_second_checkpoint_gives_both_checkpoints_probabilities_in_one_pass(tmp_path):
     last, second = write_checkpoints(tmp_path, [1.0, 2.0])
     rng = np.random.default_rng(0)
     images = np.array([encode_png(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
                        for _ in range(5)], dtype=object)
     batch = {"sample_id": np.array([f"s{i}" for i in range(5)]), "image": images,
              "label": np.zeros(5, np.int32)}
-    both = SecondPredictor(last.uri, None, False, second_uri=second.uri)(dict(batch))
+    both = Predictor(last.uri, None, False, second_uri=second.uri)(dict(batch))
     alone = Predictor(last.uri, None, False)(dict(batch))
     other = Predictor(second.uri, None, False)(dict(batch))
     np.testing.assert_allclose(both["probs"], alone["probs"], rtol=1e-6)

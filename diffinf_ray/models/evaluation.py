@@ -67,7 +67,17 @@ def map_with_classifier(cfg: Config, ds, actor_cls: type[ClassifierActor], check
 
 
 class Predictor(ClassifierActor):
-    """Ray Data actor: PNG bytes -> class probabilities and predicted class."""
+    """Ray Data actor: PNG bytes -> class probabilities and predicted class; with `second_uri`,
+    also a second checkpoint's probabilities (`probs_second`) from the same decoded images (the
+    best-validation checkpoint beside the last one)."""
+
+    def __init__(self, checkpoint_uri: str, storage_options, use_gpu: bool,
+                 second_uri: str | None = None):
+        super().__init__(checkpoint_uri, storage_options, use_gpu)
+        self.second = None
+        if second_uri is not None:
+            second = load_checkpoint(Location(second_uri, storage_options)).build_model()
+            self.second = second.to(self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
@@ -75,42 +85,25 @@ class Predictor(ClassifierActor):
         from diffinf_ray.data.images import to_tensor_batch
 
         images = torch.from_numpy(to_tensor_batch(list(batch["image"]))).to(self.device)
+        out = {k: v for k, v in batch.items() if k != "image"}
         with torch.no_grad():
             probs = torch.softmax(self.model(images).float(), dim=1).cpu().numpy()
-        out = {k: v for k, v in batch.items() if k != "image"}
+            if self.second is not None:
+                out["probs_second"] = torch.softmax(self.second(images).float(),
+                                                    dim=1).cpu().numpy()
         out["probs"] = probs
         out["pred"] = probs.argmax(1).astype(np.int32)
         return out
 
 
 def predict_split(cfg: Config, manifest: Location, checkpoint: Location, split: str,
-                  fold: tuple[int, int, bool] | None = None):
+                  fold: tuple[int, int, bool] | None = None, second: Location | None = None):
     """Predictions for one split (or one fold of it) as a pandas DataFrame, one row per sample
-    (the manifest's PREDICT_COLUMNS but image, plus probs and pred)."""
+    (the manifest's PREDICT_COLUMNS but image, plus probs and pred; and probs_second, those of
+    the checkpoint `second`, when given)."""
     ds = split_dataset(manifest, split, [c for c in PREDICT_COLUMNS if c != "split"], fold=fold)
-    return map_with_classifier(cfg, ds, Predictor, checkpoint).to_pandas()
-
-
-class SecondPredictor(Predictor):
-    """Predictor that also gives a second checkpoint's probabilities (`probs_second`) in the
-    same pass over the images: the best-validation checkpoint beside the last one."""
-
-    def __init__(self, checkpoint_uri: str, storage_options, use_gpu: bool, second_uri: str):
-        super().__init__(checkpoint_uri, storage_options, use_gpu)
-        self.second = load_checkpoint(Location(second_uri, storage_options)).build_model()
-        self.second = self.second.to(self.device)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import torch
-
-        from diffinf_ray.data.images import to_tensor_batch
-
-        images = torch.from_numpy(to_tensor_batch(list(batch["image"]))).to(self.device)
-        with torch.no_grad():
-            second = torch.softmax(self.second(images).float(), dim=1).cpu().numpy()
-        out = super().__call__(batch)
-        out["probs_second"] = second
-        return out
+    kwargs = {} if second is None else {"second_uri": second.uri}
+    return map_with_classifier(cfg, ds, Predictor, checkpoint, **kwargs).to_pandas()
 
 
 BEST_VAL_KEYS = ("accuracy", "auroc_macro_ovr", "kappa_linear", "ece")
@@ -123,12 +116,8 @@ def evaluate_checkpoints(cfg: Config, manifest: Location, checkpoints: Location,
         raise FileNotFoundError(f"no checkpoints under {checkpoints.display}; run the train stage")
     last = found[-1]
     best = best_validation_checkpoint(found)
-    ds = split_dataset(manifest, "test", [c for c in PREDICT_COLUMNS if c != "split"])
-    if best is not None and best[0].path != last.path:
-        df = map_with_classifier(cfg, ds, SecondPredictor, last,
-                                 second_uri=best[0].uri).to_pandas()
-    else:
-        df = map_with_classifier(cfg, ds, Predictor, last).to_pandas()
+    second = best[0] if best is not None and best[0].path != last.path else None
+    df = predict_split(cfg, manifest, last, "test", second=second)
     if df.empty:
         raise ValueError(f"{manifest.display}: the test split is empty")
     truth = df["label_clean"].fillna(df["label"]).to_numpy(np.int64)
