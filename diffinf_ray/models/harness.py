@@ -157,8 +157,9 @@ class TrainWorker:
     def report(self, metrics: dict, files: dict[str, dict] | None = None,
                dir_name: str | None = None) -> None:
         """Report `metrics`, with a checkpoint of `files` ({file name: torch.save-able dict,
-        plain tensors and scalars only, or bytes written as they are}) in `dir_name` when given. Every worker must call this
-        once per epoch (it is a barrier); only rank 0 passes files."""
+        plain tensors and scalars only, or bytes written as they are}) in `dir_name` when
+        given. Every worker must call this once per epoch (it is a barrier); only rank 0
+        passes files."""
         import ray.train
         from ray.train import Checkpoint
 
