@@ -141,8 +141,9 @@ class EvaluateSection(_Section):
 class InfluenceSection(_Section):
     tau: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1  # high-influence set = top tau of scores
     per_class: bool = False  # top tau within each assigned class
-    # whose score ranks the flagged set: tracin (the paper), loss, or oracle (the injected
-    # corruption itself, a control); every one is scored and reported either way (detectors/)
+    # whose score ranks the flagged set: tracin (the paper), loss, cleanlab (K-fold confident
+    # learning; needs the cleanlab stage among the stages) or oracle (the injected corruption
+    # itself, a control); every one is scored and reported either way (detectors/)
     flag_by: str = "tracin"
     layers: list[str] | None = None  # module names, e.g. [head]; None = all parameters
     batch_size: int = Field(64, ge=1)
@@ -458,6 +459,20 @@ class Config(_Section):
     report: ReportSection = ReportSection()
     stages: list[Literal[STAGES]] = ["ingest", "noise", "train", "evaluate"]
 
+    @model_validator(mode="after")
+    def _settings_name_their_stages(self) -> Config:
+        # a stage that reads another stage only under a setting (stage_registry.upstream_when)
+        from diffinf_ray.stage_registry import REGISTRY
+
+        for stage in self.stages:
+            missing = [s for s in REGISTRY[stage].upstream_of(self)
+                       if s not in REGISTRY[stage].upstream and s not in self.stages]
+            for s in missing:
+                key = next(k for name, k, _ in REGISTRY[stage].upstream_when if name == s)
+                raise ValueError(f"{key}={_dotted(self, key)!r}: stage {stage} then reads the "
+                                 f"outputs of stage {s}; add {s} to stages (it runs first)")
+        return self
+
     @property
     def class_names(self) -> list[str]:
         if self.data.source != "synthfaces":
@@ -468,6 +483,12 @@ class Config(_Section):
 
         spec = SynthFacesSpec(task=self.data.task, age_bins=tuple(map(tuple, self.data.age_bins)))
         return list(class_names(spec))
+
+
+def _dotted(cfg, key: str):
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
 
 
 # -- dotted overrides: the one way every command and file applies them ----------------------

@@ -90,17 +90,18 @@ def is_done(root: RunRoot, cfg: Config, stage: str) -> bool:
     return record.get("status") == "done" and record.get("fingerprint") == fingerprint(cfg, stage)
 
 
-def upstream_attempts(root: RunRoot, stage: str) -> dict[str, str | None]:
-    """{upstream stage: attempt id of its finished record, None when it has none}."""
-    return {s: (root.stage_record(s) or {}).get("attempt") for s in REGISTRY[stage].upstream}
+def upstream_attempts(root: RunRoot, stage: str, cfg: Config | None = None) -> dict[str, str | None]:
+    """{upstream stage (under `cfg`): attempt id of its finished record, None when it has none}."""
+    return {s: (root.stage_record(s) or {}).get("attempt")
+            for s in REGISTRY[stage].upstream_of(cfg)}
 
 
-def _check_upstream_done(root: RunRoot, stage: str) -> None:
+def _check_upstream_done(root: RunRoot, stage: str, cfg: Config) -> None:
     """A clear error, before any work, when a stage whose outputs `stage` reads has not
     finished under `root` (tolerant stages, the report, show whatever exists)."""
     if REGISTRY[stage].tolerant:
         return
-    missing = [s for s in STAGES if s in upstream_stages(stage)
+    missing = [s for s in STAGES if s in upstream_stages(stage, cfg)
                and (root.stage_record(s) or {}).get("status") != "done"]
     if missing:
         raise RuntimeError(
@@ -131,7 +132,7 @@ def run_stage(cfg: Config, root: RunRoot, stage: str, force: bool = False,
     fp = fingerprint(cfg, stage)
     record = root.stage_record(stage) or {}
     same = record.get("fingerprint") == fp
-    inputs = upstream_attempts(root, stage)
+    inputs = upstream_attempts(root, stage, cfg)
     # records written before inputs were recorded are taken as built on the current ones
     rebuilt = [s for s, attempt in record.get("inputs", inputs).items() if inputs.get(s) != attempt]
     if not force and same and record.get("status") == "done" and not rebuilt:
@@ -148,7 +149,7 @@ def run_stage(cfg: Config, root: RunRoot, stage: str, force: bool = False,
             root.child(folder).delete()
     elif same:
         log.info("stage %s: resuming an unfinished run (fingerprint %s)", stage, fp)
-    _check_upstream_done(root, stage)
+    _check_upstream_done(root, stage, cfg)
     with _storage_errors_named(stage):
         root.mark_started(stage, fp)
     started = time.perf_counter()
@@ -191,7 +192,7 @@ def run_pipeline(cfg: Config, stages: list[str] | None = None, force: bool = Fal
     outcomes: dict[str, StageOutcome] = {}
     with ray_session(cfg):
         for stage in (s for s in STAGES if s in wanted):
-            upstream = upstream_stages(stage)
+            upstream = upstream_stages(stage, cfg)
             failed = [s for s in STAGES if s in upstream and s in outcomes
                       and outcomes[s].status == "failed"]
             if failed and not REGISTRY[stage].tolerant:

@@ -128,7 +128,7 @@ def rerun_plan(root: RunRoot, cfg: Config) -> list[Plan]:
         if stage not in wanted:
             plans.append(Plan(stage, "-", "not among the config's stages"))
             continue
-        upstream = REGISTRY[stage].upstream
+        upstream = REGISTRY[stage].upstream_of(cfg)
         missing = [s for s in upstream if s not in wanted and s not in runs
                    and (root.stage_record(s) or {}).get("status") != "done"]
         rerun_upstream = [s for s in upstream if s in runs]

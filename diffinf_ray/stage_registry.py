@@ -52,7 +52,9 @@ class Stage:
     stage reads `edit` but not `-edit.gate.fallback`, which only refine acts on);
     `upstream` the stages whose outputs it reads; `outputs` the run-root folders it owns (cleared
     before it runs with a new fingerprint). `tolerant`: it runs on whatever its upstream stages
-    left, even when one of them failed (the report)."""
+    left, even when one of them failed (the report). `upstream_when`: stages read only under
+    one setting, {stage: (dotted setting, value)} (the influence stage reads the cleanlab stage's
+    scores when `influence.flag_by` is cleanlab): upstream, and in the fingerprint, only then."""
 
     name: str
     entry: str  # "module:function", imported only when the stage runs
@@ -60,16 +62,34 @@ class Stage:
     upstream: tuple[str, ...]
     outputs: tuple[str, ...]
     tolerant: bool = False
+    upstream_when: tuple[tuple[str, str, Any], ...] = ()
+
+    def upstream_of(self, cfg=None) -> tuple[str, ...]:
+        """The stages whose outputs this one reads under `cfg` (None: the unconditional ones)."""
+        extra = tuple(s for s, key, value in self.upstream_when
+                      if cfg is not None and _setting(cfg, key) == value)
+        return self.upstream + extra
 
     def function(self) -> Callable:
         module, _, name = self.entry.partition(":")
         return getattr(importlib.import_module(module), name)
 
 
-def _stage(name: str, entry: str, reads=(), upstream=(), outputs=None, tolerant=False) -> Stage:
+def _setting(cfg, key: str):
+    """The value of a dotted setting (`influence.flag_by`) of a config or a stage's view of it."""
+    if isinstance(cfg, _Restricted):
+        cfg = cfg._model
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _stage(name: str, entry: str, reads=(), upstream=(), outputs=None, tolerant=False,
+           upstream_when=None) -> Stage:
     module, _, function = entry.partition(":")
     return Stage(name, f"diffinf_ray.stages.{module}:{function}", tuple(reads), tuple(upstream),
-                 tuple(outputs or (name,)), tolerant)
+                 tuple(outputs or (name,)), tolerant,
+                 tuple((s, *cond) for s, cond in (upstream_when or {}).items()))
 
 
 REGISTRY: dict[str, Stage] = {s.name: s for s in (
@@ -77,10 +97,13 @@ REGISTRY: dict[str, Stage] = {s.name: s for s in (
     _stage("noise", "noise:run_noise", ["noise"], ["ingest"], outputs=["manifest_noisy"]),
     _stage("train", "train:run_train", ["train"], ["noise"], outputs=["checkpoints"]),
     _stage("evaluate", "evaluate:run_evaluate", ["evaluate"], ["train"], outputs=["evaluation"]),
-    _stage("influence", "influence:run_influence", ["influence"], ["train"]),
     # K classifiers trained like the baseline; detection figures at the influence budget tau
     _stage("cleanlab", "detectors:run_cleanlab",
            ["train", "evaluate", "cleanlab", "influence.tau", "influence.per_class"], ["noise"]),
+    # flags the top tau by TracIn (the paper) or another detector (influence.flag_by); by
+    # cleanlab's self-confidence only after the cleanlab stage
+    _stage("influence", "influence:run_influence", ["influence"], ["train"],
+           upstream_when={"cleanlab": ("influence.flag_by", "cleanlab")}),
     # the baseline recipe retrained without the flagged set
     _stage("removal", "detectors:run_removal", ["train", "evaluate"], ["influence"]),
     # the baseline recipe with the flagged rows' labels set to the truth (a control)
@@ -111,15 +134,16 @@ REGISTRY: dict[str, Stage] = {s.name: s for s in (
 STAGES: tuple[str, ...] = tuple(REGISTRY)
 
 
-def upstream_stages(stage: str) -> set[str]:
-    """Every stage whose outputs `stage` reads, directly or through others."""
+def upstream_stages(stage: str, cfg=None) -> set[str]:
+    """Every stage whose outputs `stage` reads under `cfg`, directly or through others (without
+    `cfg`: those it reads under every config)."""
     found: set[str] = set()
-    todo = list(REGISTRY[stage].upstream)
+    todo = list(REGISTRY[stage].upstream_of(cfg))
     while todo:
         s = todo.pop()
         if s not in found:
             found.add(s)
-            todo.extend(REGISTRY[s].upstream)
+            todo.extend(REGISTRY[s].upstream_of(cfg))
     return found
 
 
@@ -161,13 +185,13 @@ def _tree_of(keys, model) -> Tree:
     return tree
 
 
-def covered_settings(stage: str) -> Tree:
+def covered_settings(stage: str, cfg=None) -> Tree:
     """{section: None for the whole section, or a tree of its fields} that `stage`'s
-    fingerprint covers: what it and its upstream stages declare."""
+    fingerprint covers under `cfg`: what it and its upstream stages declare."""
     from diffinf_ray.config import Config
 
     covered: Tree = {}
-    for s in (stage, *upstream_stages(stage)):
+    for s in (stage, *upstream_stages(stage, cfg)):
         covered = _merge(covered, _tree_of(REGISTRY[s].reads, Config()))
     return covered
 
@@ -181,7 +205,7 @@ def fingerprint_parts(cfg, stage: str) -> dict:
     settings as their defaults, retry settings left out, settings added later (HASHED_WHEN_SET)
     only when set)."""
     parts: dict[str, Any] = {"seed": cfg.run.seed}
-    for section, fields in covered_settings(stage).items():
+    for section, fields in covered_settings(stage, cfg).items():
         values = getattr(cfg, section)
         dumped = values.model_dump(mode="json")
         if section in SCHEDULING_FIELDS:
@@ -211,10 +235,10 @@ class UndeclaredSettingError(AttributeError):
     """A stage read a setting its fingerprint does not cover."""
 
 
-def readable_settings(stage: str) -> Tree:
-    """{section: None (all) or a tree of its fields} that `stage` may read: what its fingerprint covers plus
-    the ambient settings."""
-    readable = covered_settings(stage)
+def readable_settings(stage: str, cfg=None) -> Tree:
+    """{section: None (all) or a tree of its fields} that `stage` may read under `cfg`: what its
+    fingerprint covers plus the ambient settings."""
+    readable = covered_settings(stage, cfg)
     for section, fields in AMBIENT.items():
         ambient = None if fields is None else dict.fromkeys(fields)
         readable[section] = _merge(readable.get(section, {}), ambient)
@@ -280,4 +304,4 @@ def config_for_stage(cfg, stage: str):
     """`cfg` as `stage` may read it (module docstring); passes through Ray pickling."""
     if isinstance(cfg, _Restricted):
         cfg = cfg._model
-    return _Restricted(cfg, readable_settings(stage), stage, "")
+    return _Restricted(cfg, readable_settings(stage, cfg), stage, "")

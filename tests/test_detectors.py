@@ -55,9 +55,34 @@ def test_flag_by_picks_the_ranking_of_the_flagged_set():
     with pytest.raises(ValueError, match="flag_by=oracle: 1 training rows have no is_corrupted"):
         flagging_scores(df, "oracle")
     assert flagging_scores(df.iloc[:2], "oracle").tolist() == [0.0, 1.0]
-    # cleanlab is a detector, but of another stage: the influence stage cannot flag by it
-    with pytest.raises(ValueError, match="'cleanlab' is not one of"):
-        flagging_scores(df, "cleanlab")
+
+
+def test_flag_by_cleanlab_ranks_by_the_cleanlab_stage_table(tmp_path):
+    """The flagged set by cleanlab: low out-of-sample self-confidence first, matched to the
+    influence table's rows by sample_id whatever order either table is in; a training row the
+    cleanlab table lacks is an error, not a silently unflagged row."""
+    from diffinf_ray.detectors import flagging_detector
+    from diffinf_ray.detectors.base import Detector
+    from diffinf_ray.stages.influence import flagging_scores
+
+    truth = [bool(i % 3 == 0) for i in range(12)]
+    root, _, cleanlab = _run_root(tmp_path, truth)
+    confidence = dict(zip(cleanlab["sample_id"], cleanlab["self_confidence"], strict=True))
+    ids = sorted(confidence)
+    df = pd.DataFrame({"sample_id": ids, "score": np.zeros(12), "is_corrupted": truth})
+    assert flagging_scores(df, "cleanlab", root).tolist() == [-confidence[i] for i in ids]
+    with pytest.raises(ValueError, match="flag_by=cleanlab: 1 training rows have no score in "
+                                         "cleanlab/label_issues.parquet"):
+        flagging_scores(pd.concat([df, df.iloc[:1].assign(sample_id="s999")]), "cleanlab", root)
+    # a detector of a stage the influence stage never reads cannot rank its flagged set
+    import diffinf_ray.detectors as registered
+
+    registered.DETECTORS["aum"] = Detector("aum", "train", "aum.parquet", "margin", "margins")
+    try:
+        with pytest.raises(ValueError, match="'aum' is not one of"):
+            flagging_detector("aum")
+    finally:
+        del registered.DETECTORS["aum"]
 
 
 def test_flag_by_is_checked_on_load():

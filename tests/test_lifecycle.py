@@ -15,6 +15,7 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -166,6 +167,33 @@ def test_flag_by_oracle_flags_only_corrupted_rows(run_copy, capsys):
     assert len(flagged) == fraction_count(0.1, len(table)) and flagged.is_corrupted.all()
     assert table.is_corrupted.sum() > len(flagged)  # a real choice: more corrupted than budget
     assert after["influence"]["summary"]["flag_by"] == "oracle"
+
+
+def test_flag_by_cleanlab_runs_cleanlab_first_and_flags_its_least_confident_rows(
+        finished_run, run_copy, capsys):
+    """influence.flag_by=cleanlab (the factorial's best other detector): the cleanlab stage runs
+    before the influence stage, which keeps its TracIn scores but flags the top tau by lowest
+    out-of-sample self-confidence; train, evaluate and the rest upstream are not re-run."""
+    from diffinf_ray.influence.detection import fraction_count
+
+    wanted = [*STAGES[:4], "cleanlab", "influence"]
+    before = records(run_copy)
+    code, err = diffinf(capsys, "run", TINY, *overrides(run_copy, wanted, "cleanlab.folds=2",
+                                                       "influence.flag_by=cleanlab"))
+    assert code == 0, err
+    after = records(run_copy)
+    assert reran(before, after) == {"influence"}
+    cleanlab_done = RunRoot(str(run_copy)).stage_record("cleanlab")["finished_at"]
+    assert cleanlab_done <= after["influence"]["finished_at"]
+    table = pq.read_table(run_copy / "influence" / "influence.parquet").to_pandas()
+    issues = pq.read_table(run_copy / "cleanlab" / "label_issues.parquet").to_pandas()
+    least_confident = issues.sort_values("self_confidence").sample_id[
+        :fraction_count(0.1, len(issues))]
+    assert set(table.sample_id[table.is_high]) == set(least_confident)
+    tracin = pq.read_table(finished_run[0] / "influence" / "influence.parquet").to_pandas()
+    assert np.allclose(table.set_index("sample_id").score.sort_index(),
+                       tracin.set_index("sample_id").score.sort_index(), rtol=1e-5)
+    assert after["influence"]["summary"]["flag_by"] == "cleanlab"
 
 
 def test_relabel_trains_with_the_flagged_corrupted_rows_clean_labels(run_copy, capsys,

@@ -27,7 +27,7 @@ def finish(root: RunRoot, cfg, stages, seconds: float = 12.5) -> None:
     for stage in stages:
         root.mark_started(stage, fingerprint(cfg, stage))
         root.mark_done(stage, fingerprint(cfg, stage), {"rows": 1}, seconds,
-                       upstream_attempts(root, stage))
+                       upstream_attempts(root, stage, cfg))
 
 
 @pytest.fixture

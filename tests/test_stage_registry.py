@@ -47,6 +47,7 @@ def test_registry_is_consistent():
     for name, stage in REGISTRY.items():
         assert stage.name == name
         assert all(STAGES.index(u) < STAGES.index(name) for u in stage.upstream), name
+        assert all(STAGES.index(u) < STAGES.index(name) for u, _, _ in stage.upstream_when), name
         section_names = Config.model_fields
         for key in stage.reads:  # every dotted part names a setting ("-": taken out)
             section, *fields = key.removeprefix("-").split(".")
@@ -189,3 +190,32 @@ def test_flag_by_is_hashed_only_when_set():
     changed = {s for s in STAGES if fingerprint(oracle, s) != fingerprint(cfg, s)}
     assert changed == {"influence", *(s for s in STAGES if "influence" in upstream_stages(s))}
     assert "cleanlab" not in changed and "train" not in changed
+
+
+def test_flag_by_cleanlab_puts_the_cleanlab_stage_upstream_of_influence():
+    """Only under flag_by=cleanlab does the influence stage read the cleanlab stage: then its
+    fingerprint (and everything downstream) covers cleanlab's settings, the run waits for it, and
+    a config without the cleanlab stage is refused on load."""
+    from diffinf_ray.config import ConfigError
+
+    stages = ["ingest", "noise", "train", "cleanlab", "influence", "removal"]
+    cfg = load_config(TINY, [f"stages=[{','.join(stages)}]"])
+    by_cleanlab = load_config(TINY, [f"stages=[{','.join(stages)}]", "influence.flag_by=cleanlab"])
+    assert "cleanlab" not in upstream_stages("removal", cfg)
+    assert "cleanlab" in upstream_stages("removal", by_cleanlab)
+    assert "cleanlab" not in upstream_stages("removal")  # no config: the unconditional ones
+    assert "cleanlab" not in covered_settings("influence", cfg)
+    assert "cleanlab" in covered_settings("influence", by_cleanlab)
+    # the cleanlab stage's own settings now change the flagged set
+    more_folds = load_config(TINY, [f"stages=[{','.join(stages)}]", "influence.flag_by=cleanlab",
+                                    "cleanlab.folds=4"])
+    assert fingerprint(more_folds, "removal") != fingerprint(by_cleanlab, "removal")
+    assert fingerprint(more_folds, "train") == fingerprint(by_cleanlab, "train")
+    assert fingerprint(load_config(TINY, [f"stages=[{','.join(stages)}]", "cleanlab.folds=4"]),
+                       "removal") == fingerprint(cfg, "removal")
+    # the influence stage may read the cleanlab section only then
+    assert config_for_stage(by_cleanlab, "influence").cleanlab.folds == 3
+    with pytest.raises(UndeclaredSettingError):
+        _ = config_for_stage(cfg, "influence").cleanlab
+    with pytest.raises(ConfigError, match="add cleanlab to stages"):
+        load_config(TINY, ["stages=[ingest,noise,train,influence]", "influence.flag_by=cleanlab"])

@@ -33,12 +33,17 @@ def detectors_of(stage: str) -> list[Detector]:
 
 
 def flagging_detector(name: str) -> Detector:
-    """The detector `influence.flag_by` names: one whose score the influence stage computes
-    (the flagged set is the influence stage's output); anything else is a ValueError."""
-    choices = [d.name for d in detectors_of("influence")]
+    """The detector `influence.flag_by` names: one whose score the influence stage computes, or
+    one of a stage the influence stage can read first (cleanlab: stage_registry's
+    `upstream_when`), since the flagged set is the influence stage's output; anything else is a
+    ValueError."""
+    from diffinf_ray.stage_registry import REGISTRY
+
+    readable = {"influence", *(s for s, _, _ in REGISTRY["influence"].upstream_when)}
+    choices = [d.name for d in DETECTORS.values() if d.stage in readable]
     if name not in choices:
         raise ValueError(f"influence.flag_by: {name!r} is not one of {choices} (the detectors "
-                         "scored by the influence stage)")
+                         "scored by the influence stage or a stage it can read first)")
     return DETECTORS[name]
 
 

@@ -1,11 +1,13 @@
 """Influence stage: TracIn self-influence of every training sample, with Ray Data actors.
 
 In:  manifest_noisy/ train rows (sample_id, image, label, label_clean, is_corrupted) and
-     checkpoints/ (weights + learning rate per saved epoch); influence.flag_by.
+     checkpoints/ (weights + learning rate per saved epoch); influence.flag_by; with
+     flag_by=cleanlab, cleanlab/label_issues.parquet (self_confidence per sample_id).
 Out: influence/influence.parquet  sample_id, label, score, is_high, per_checkpoint (list of
                                   lr_t * ||grad||^2), loss_last (the loss detector), is_corrupted;
                                   is_high = the top tau of the `influence.flag_by` detector's
-                                  score (TracIn's `score` by default; `oracle`: is_corrupted)
+                                  score (TracIn's `score` by default; `oracle`: is_corrupted;
+                                  `cleanlab`: 1 - out-of-sample self-confidence)
      influence/detection.json     detection quality of each detector against is_corrupted
                                   (precision/recall of the flagged set, AUROC, precision@k)
      influence/score_hist.png, influence/precision_at_k.png
@@ -121,16 +123,27 @@ def plot_detection(df, detection: dict, out: Location) -> None:
     out.child("precision_at_k.png").write_bytes(buf.getvalue())
 
 
-def flagging_scores(df, flag_by: str) -> np.ndarray:
-    """The score the flagged set ranks by: the `flag_by` detector's column of the influence
-    table (`df`), suspicious = high. The oracle needs the injected corruption of every row."""
+def flagging_scores(df, flag_by: str, root: RunRoot | None = None) -> np.ndarray:
+    """The score the flagged set ranks by, per row of the influence table `df`, suspicious =
+    high: the `flag_by` detector's column of `df`, or, for a detector of an earlier stage
+    (cleanlab), its table under `root` matched by sample_id. The oracle needs the injected
+    corruption of every row; the other stage's table must score every training row."""
     detector = flagging_detector(flag_by)
-    scores = detector.sign * column_scores(df[detector.column])
+    if detector.stage == INFLUENCE_FOLDER:
+        scores = detector.sign * column_scores(df[detector.column])
+        what = detector.column
+    else:
+        import pandas as pd
+
+        rows = detector.scores(root)
+        by_id = pd.Series(rows["score"], index=rows["sample_id"])
+        scores = by_id.reindex(df["sample_id"].astype(str).to_numpy()).to_numpy(np.float64)
+        what = f"score in {detector.stage}/{detector.table}"
     if np.isnan(scores).any():
         raise ValueError(
             f"influence.flag_by={flag_by}: {int(np.isnan(scores).sum())} training rows have no "
-            f"{detector.column} (the oracle needs labels corrupted by the noise stage, whose "
-            "truth is known)")
+            f"{what} (the oracle needs labels corrupted by the noise stage, whose truth is "
+            "known; another stage's detector must have scored this run's training split)")
     return scores
 
 
@@ -141,7 +154,8 @@ def run_influence(cfg: Config, root: RunRoot) -> dict:
     check_manifest(root.noisy_manifest, "influence", MANIFEST_COLUMNS)
     df = score_training_set(cfg, root.noisy_manifest, root.checkpoints)
     labels = df["label"].to_numpy(np.int64)
-    is_high = flag_top_fraction(flagging_scores(df, cfg.influence.flag_by), cfg.influence.tau,
+    is_high = flag_top_fraction(flagging_scores(df, cfg.influence.flag_by, root),
+                                cfg.influence.tau,
                                 labels=labels, per_class=cfg.influence.per_class)
     out.child(INFLUENCE_TABLE).write_table(pa.table({
         "sample_id": df["sample_id"].astype(str),

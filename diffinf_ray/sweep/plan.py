@@ -166,7 +166,7 @@ def load_sweep(path: str | Path, overrides: Overrides | None = None) -> SweepPla
         spec.root = absolute_uri(spec.root)
 
     objective = spec.objective_stage
-    needed = [s for s in STAGES if s == objective or s in upstream_stages(objective)]
+    needed = [s for s in STAGES if s == objective or s in upstream_stages(objective, base)]
     by_key = affected_stages(base, spec.params, source)
     for key, stages in by_key.items():
         if objective not in stages and len({json.dumps(v) for v in
