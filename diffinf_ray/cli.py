@@ -15,7 +15,8 @@
     diffinf record CONFIG [key=value ...] [--ledger DIR]  add the finished run's results to the
                                                        results ledger (benchmarks/ledger/)
     diffinf ledger [--ledger DIR] [--a diffinf] [--b removal] [--metric accuracy]
-                                                       paired differences over the ledger's seeds
+                   [--factorial] [--commit PREFIX]     paired differences over the ledger's seeds;
+                                                       the detector x treatment table
     diffinf fairness CONFIG [key=value ...] [--dry-run]  ERM / reweighting / Group-DRO over
                                                        bias severities and seeds; table, plot
     diffinf synthfaces-preview --task age --out grid.png
@@ -171,9 +172,23 @@ def _cmd_ledger(args) -> int:
     from diffinf_ray.ledger import format_paired, git_commit, paired_differences, read_ledger
 
     records = read_ledger(args.ledger)
+    print(f"{len(records)} records in {args.ledger}\n")
+    if args.factorial:
+        from diffinf_ray.ledger_factorial import (
+            detection_rows,
+            factorial_cells,
+            format_detection,
+            format_factorial,
+        )
+
+        print(format_factorial(factorial_cells(records, args.metric, args.commit), args.metric))
+        print()
+        print(format_detection(detection_rows(records, args.commit)))
+        return 0
+    if args.commit:
+        records = [r for r in records if str(r.get("commit", "")).startswith(args.commit)]
     rows = paired_differences(records, args.a, args.b, args.metric,
                               head=git_commit()["commit"])
-    print(f"{len(records)} records in {args.ledger}\n")
     print(format_paired(rows, args.a, args.b, args.metric))
     return 0
 
@@ -311,6 +326,13 @@ def add_ledger_arguments(parser, config: str | None = None) -> None:
                         choices=["accuracy", "auroc", "kappa", "ece", "accuracy_best_val"],
                         help="the clean-test metric (default accuracy, the last epoch's; "
                         "accuracy_best_val: the best-validation checkpoint's)")
+    parser.add_argument("--factorial", action="store_true",
+                        help="the detector x treatment table instead: every treatment paired "
+                        "with the noisy and removal fits of its own record, the share of the "
+                        "noisy -> clean gap where a noise.rate=0 record of the setting exists, "
+                        "and each detector's detection figures")
+    parser.add_argument("--commit", default=None, metavar="PREFIX",
+                        help="only the records written at this commit (a prefix of its hash)")
 
 
 def add_status_arguments(parser, config: str | None = None) -> None:
