@@ -252,11 +252,12 @@ def paired_png(rows: list[dict], a: str, b: str, metric: str) -> bytes | None:
     from diffinf_ray.intervals import Panel, intervals_png
 
     frame = pd.DataFrame([{
-        "label": f"#{i} {r['task']} {r['noise_rate']:.0%} ({len(r['seeds'])} seeds)",
+        "label": f"#{i} {r['task']} {r['noise_rate']:.0%} ({len(r['seeds'])} seed"
+                 + ("s)" if len(r["seeds"]) > 1 else ")"),
         "mean": r["mean"], "lo": None if r["ci95"] is None else r["ci95"][0],
         "hi": None if r["ci95"] is None else r["ci95"][1]} for i, r in enumerate(rows, 1)],
         columns=["label", "mean", "lo", "hi"])
-    return intervals_png([Panel(_title(a, b, metric), frame, f"{a} - {b}, {metric}",
+    return intervals_png([Panel(f"{a} - {b}, paired by seed", frame, f"{a} - {b}, {metric}",
                                 zero_line=True)])
 
 
