@@ -14,7 +14,7 @@
                                                        stages would re-run and why
     diffinf record CONFIG [key=value ...] [--ledger DIR]  add the finished run's results to the
                                                        results ledger (benchmarks/ledger/)
-    diffinf ledger [--ledger DIR] [--a diffinf] [--b removal] [--metric accuracy]
+    diffinf ledger [--ledger DIR] [--a diffinf] [--b removal] [--metric accuracy] [--html FILE]
                    [--factorial] [--commit PREFIX]     paired differences over the ledger's seeds;
                                                        the detector x treatment table
     diffinf fairness CONFIG [key=value ...] [--dry-run]  ERM / reweighting / Group-DRO over
@@ -169,7 +169,13 @@ def _cmd_record(args) -> int:
 
 
 def _cmd_ledger(args) -> int:
-    from diffinf_ray.ledger import format_paired, git_commit, paired_differences, read_ledger
+    from diffinf_ray.ledger import (
+        format_paired,
+        git_commit,
+        paired_differences,
+        paired_html,
+        read_ledger,
+    )
 
     records = read_ledger(args.ledger)
     print(f"{len(records)} records in {args.ledger}\n")
@@ -190,6 +196,15 @@ def _cmd_ledger(args) -> int:
     rows = paired_differences(records, args.a, args.b, args.metric,
                               head=git_commit()["commit"])
     print(format_paired(rows, args.a, args.b, args.metric))
+    if args.html:
+        from pathlib import Path
+
+        note = (f"{len(records)} records in {args.ledger}; stale records: from another commit "
+                "than the checkout's.")
+        html_path = Path(args.html)
+        html_path.parent.mkdir(parents=True, exist_ok=True)
+        html_path.write_text(paired_html(rows, args.a, args.b, args.metric, note))
+        print(f"\nwritten to {html_path}")
     return 0
 
 
@@ -333,6 +348,9 @@ def add_ledger_arguments(parser, config: str | None = None) -> None:
                         "and each detector's detection figures")
     parser.add_argument("--commit", default=None, metavar="PREFIX",
                         help="only the records written at this commit (a prefix of its hash)")
+    parser.add_argument("--html", default=None, metavar="FILE",
+                        help="also write the table and a plot of the differences with their "
+                        "intervals as one self-contained HTML page")
 
 
 def add_status_arguments(parser, config: str | None = None) -> None:

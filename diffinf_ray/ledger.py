@@ -6,6 +6,7 @@ and machines without anyone pretending one session ran them.
     path = write_record(record, folder)     a new file; an existing record is never rewritten
     records = read_ledger(folder)           every record, oldest first
     paired = paired_differences(records, "diffinf", "removal")
+    page = paired_html(paired, "diffinf", "removal", "accuracy")   the same as one HTML page
 
 A record (schema 1): run name, task, noise (kind, rate), seed; the config (without the run
 root, which only names a folder on one machine) and `setting`, the hash of that config without
@@ -30,6 +31,8 @@ import platform
 import subprocess
 import time
 from pathlib import Path
+
+from diffinf_ray.intervals import t_interval
 
 SCHEMA = 1
 DEFAULT_FOLDER = Path("benchmarks/ledger")
@@ -160,12 +163,6 @@ def latest_per_seed(records: list[dict]) -> dict[tuple, dict]:
     return latest
 
 
-def _t_quantile_975(dof: int) -> float:
-    from scipy import stats
-
-    return float(stats.t.ppf(0.975, dof))
-
-
 def paired_differences(records: list[dict], a: str, b: str, metric: str = "accuracy",
                        head: str | None = None) -> list[dict]:
     """Per setting: condition `a` minus condition `b` on `metric`, paired by seed (same seed =
@@ -181,16 +178,13 @@ def paired_differences(records: list[dict], a: str, b: str, metric: str = "accur
     for setting, group in groups.items():
         group.sort(key=lambda r: r["seed"])
         diffs = [r["metrics"][a][metric] - r["metrics"][b][metric] for r in group]
-        n = len(diffs)
-        mean = sum(diffs) / n
-        std = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1)) if n > 1 else None
-        half = _t_quantile_975(n - 1) * std / math.sqrt(n) if n > 1 else None
+        t = t_interval(diffs)
         rows.append({
             "setting": setting, "config": group[0].get("config", {}),
             "run": group[0]["run"], "task": group[0]["task"],
             "noise_rate": group[0]["noise"]["rate"], "seeds": [r["seed"] for r in group],
-            "differences": diffs, "mean": mean, "std": std,
-            "ci95": None if half is None else (mean - half, mean + half),
+            "differences": diffs, "mean": t["mean"], "std": t["std"],
+            "ci95": None if t["lo"] is None else (t["lo"], t["hi"]),
             "stale": sum(1 for r in group if head is not None and r.get("commit") != head),
         })
     return sorted(rows, key=lambda r: (r["task"], r["run"], r["setting"]))
@@ -216,23 +210,78 @@ def setting_labels(rows: list[dict]) -> list[str]:
     return labels
 
 
-def format_paired(rows: list[dict], a: str, b: str, metric: str) -> str:
-    """A markdown table of `paired_differences` rows (render.markdown_table, as every table)."""
-    import pandas as pd
+PAIRED_COLUMNS = ["run", "setting", "task", "noise", "seeds", "mean", "std", "95% interval",
+                  "stale records"]
 
-    from diffinf_ray.render import markdown_table
+
+def paired_table(rows: list[dict]):
+    """`paired_differences` rows as a DataFrame of text cells (PAIRED_COLUMNS), one per
+    setting, in the rows' order."""
+    import pandas as pd
 
     def signed(value) -> str:
         return f"{value:+.2f}"
 
-    table = pd.DataFrame([{
+    return pd.DataFrame([{
         "run": r["run"], "setting": label, "task": r["task"], "noise": r["noise_rate"],
         "seeds": ",".join(map(str, r["seeds"])), "mean": signed(r["mean"]),
         "std": "-" if r["std"] is None else f"{r['std']:.2f}",
         "95% interval": "-" if r["ci95"] is None else
         f"[{signed(r['ci95'][0])}, {signed(r['ci95'][1])}]",
         "stale records": r["stale"]} for r, label in zip(rows, setting_labels(rows), strict=True)],
-        columns=["run", "setting", "task", "noise", "seeds", "mean", "std", "95% interval",
-                 "stale records"])
-    return (f"{a} - {b}, {metric} (paired by seed; 95% t interval)\n\n"
-            + markdown_table(table, empty="(no setting has both conditions)"))
+        columns=PAIRED_COLUMNS)
+
+
+def _title(a: str, b: str, metric: str) -> str:
+    return f"{a} - {b}, {metric} (paired by seed; 95% t interval)"
+
+
+def format_paired(rows: list[dict], a: str, b: str, metric: str) -> str:
+    """A markdown table of `paired_differences` rows (render.markdown_table, as every table)."""
+    from diffinf_ray.render import markdown_table
+
+    return (f"{_title(a, b, metric)}\n\n"
+            + markdown_table(paired_table(rows), empty="(no setting has both conditions)"))
+
+
+def paired_png(rows: list[dict], a: str, b: str, metric: str) -> bytes | None:
+    """The paired differences as a forest plot: one bar per setting, labelled "#i" as the
+    HTML table's rows, with its task, noise rate and seed count; None without rows."""
+    import pandas as pd
+
+    from diffinf_ray.intervals import Panel, intervals_png
+
+    frame = pd.DataFrame([{
+        "label": f"#{i} {r['task']} {r['noise_rate']:.0%} ({len(r['seeds'])} seed"
+                 + ("s)" if len(r["seeds"]) > 1 else ")"),
+        "mean": r["mean"], "lo": None if r["ci95"] is None else r["ci95"][0],
+        "hi": None if r["ci95"] is None else r["ci95"][1]} for i, r in enumerate(rows, 1)],
+        columns=["label", "mean", "lo", "hi"])
+    return intervals_png([Panel(f"{a} - {b}, paired by seed", frame, f"{a} - {b}, {metric}",
+                                zero_line=True)])
+
+
+def paired_html(rows: list[dict], a: str, b: str, metric: str, note: str = "") -> str:
+    """One self-contained page (`diffinf ledger --html`): `note`, the paired-differences plot
+    (base64 PNG) and the table, its rows numbered as the plot's bars."""
+    from diffinf_ray.render import (
+        html_heading,
+        html_inline_png,
+        html_page,
+        html_paragraph,
+        html_table,
+    )
+
+    title = _title(a, b, metric)
+    table = paired_table(rows)
+    table.insert(0, "#", [f"#{i}" for i in range(1, len(table) + 1)])
+    parts = [html_heading(1, f"Results ledger: {title}")]
+    if note:
+        parts.append(html_paragraph(note))
+    png = paired_png(rows, a, b, metric)
+    if png is not None:
+        parts.append(html_inline_png(f"paired differences: {a} - {b}", png, pixelated=False))
+    parts.append(html_table(table, empty="(no setting has both conditions)"))
+    return html_page(f"ledger: {a} - {b}", parts,
+                     style="td,th{padding:4px 8px;vertical-align:top;text-align:left} "
+                     "img{max-width:100%}")

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 
+from diffinf_ray.intervals import t_interval
 from diffinf_ray.ledger import SEED_KEYS, latest_per_seed
 
 DEFAULT_DETECTOR = "tracin"
@@ -70,13 +70,8 @@ def _cell_of(config: dict) -> tuple[str, str]:
 
 
 def _interval(diffs: list[float]) -> dict:
-    from diffinf_ray.ledger import _t_quantile_975
-
-    n = len(diffs)
-    mean = sum(diffs) / n
-    std = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1)) if n > 1 else None
-    half = _t_quantile_975(n - 1) * std / math.sqrt(n) if n > 1 else None
-    return {"mean": mean, "ci95": None if half is None else (mean - half, mean + half)}
+    t = t_interval(diffs)
+    return {"mean": t["mean"], "ci95": None if t["lo"] is None else (t["lo"], t["hi"])}
 
 
 def factorial_cells(records: list[dict], metric: str = "accuracy",
@@ -116,9 +111,8 @@ def factorial_cells(records: list[dict], metric: str = "accuracy",
     for (group, detector, treatment), by_seed in found.items():
         seeds = sorted(by_seed)
         values = [by_seed[s][0] for s in seeds]
-        n = len(values)
-        mean = sum(values) / n
-        std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
+        spread = t_interval(values)
+        mean, std = spread["mean"], spread["std"]
         vs_noisy = _interval([by_seed[s][0] - by_seed[s][1] for s in seeds])
         with_removal = [s for s in seeds if by_seed[s][2] is not None]
         vs_removal = (_interval([by_seed[s][0] - by_seed[s][2] for s in with_removal])

@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import html
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -71,11 +71,13 @@ def html_linked_image(src: str) -> str:
     return f'<img src="{html.escape(src)}" style="{PIXELATED}">'
 
 
-def html_inline_png(title: str, png: bytes) -> str:
-    """A PNG embedded in the page (base64), so the page is one self-contained file."""
+def html_inline_png(title: str, png: bytes, pixelated: bool = True) -> str:
+    """A PNG embedded in the page (base64), so the page is one self-contained file;
+    `pixelated` for small images shown scaled up (image grids), not for plots, which a narrow
+    window scales down."""
     data = base64.b64encode(png).decode()
-    return (f"<img alt='{html.escape(title)}' src='data:image/png;base64,{data}' "
-            f"style='{PIXELATED}'>")
+    style = f" style='{PIXELATED}'" if pixelated else ""
+    return f"<img alt='{html.escape(title)}' src='data:image/png;base64,{data}'{style}>"
 
 
 def html_page(title: str, body: Iterable[str], style: str = "") -> str:
@@ -85,9 +87,12 @@ def html_page(title: str, body: Iterable[str], style: str = "") -> str:
             f"<body>{''.join(body)}</body></html>")
 
 
-def markdown_to_html(markdown_text: str, title: str) -> str:
+def markdown_to_html(markdown_text: str, title: str,
+                     images: Mapping[str, bytes] | None = None) -> str:
     """A page from the markdown this project writes (headings, paragraphs, `| tables |`,
-    `![alt](file)` images; bold markers dropped), not general markdown."""
+    `![alt](file)` images; bold markers dropped), not general markdown. An image whose file is
+    a key of `images` (its PNG bytes) is embedded (base64); any other is linked by name."""
+    images = images or {}
     body: list[str] = []
     table: list[str] = []
 
@@ -105,7 +110,9 @@ def markdown_to_html(markdown_text: str, title: str) -> str:
         if line.startswith("#"):
             body.append(html_heading(len(line) - len(line.lstrip("#")), line.lstrip("# ")))
         elif line.startswith("!["):
-            body.append(html_linked_image(line[line.index("(") + 1:line.rindex(")")]))
+            src = line[line.index("(") + 1:line.rindex(")")]
+            body.append(html_inline_png(line[2:line.index("]")], images[src]) if src in images
+                        else html_linked_image(src))
         elif line.strip():
             body.append(html_paragraph(line.replace("**", "")))
     flush()
@@ -131,3 +138,20 @@ def figure_png(fig, dpi: int = 110) -> bytes:
     fig.savefig(buf, format="png", dpi=dpi)
     pyplot().close(fig)
     return buf.getvalue()
+
+
+def page_images(page: str) -> list[tuple[str, str]]:
+    """(alt, src) of every <img> in an HTML page, in order: how a check reads back what
+    `html_inline_png` and `html_linked_image` wrote."""
+    from html.parser import HTMLParser
+
+    found: list[tuple[str, str]] = []
+
+    class Images(HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            if tag == "img":
+                a = dict(attrs)
+                found.append((a.get("alt") or "", a.get("src") or ""))
+
+    Images().feed(page)
+    return found

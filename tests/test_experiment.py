@@ -290,7 +290,8 @@ def test_table_files_from_stand_in_runs(fake_stages, tmp_path):
         assert (out / png).read_bytes()[:4] == b"\x89PNG", png
         assert f"]({png})" in md
     page = (out / "table.html").read_text()
-    assert page.count("data:image/png;base64,") == 3 and "<table" in page and "±" in page
+    assert page.count("data:image/png;base64,") == 4 and "<table" in page and "±" in page
+    assert (out / "plots" / "treatments_age.png").read_bytes()[:4] == b"\x89PNG"
 
     # --table-only re-aggregates without running anything
     (out / "table.md").unlink()

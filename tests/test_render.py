@@ -92,7 +92,7 @@ def test_run_report_files_are_unchanged(tmp_path):
     run_report(cfg, root)
     out = tmp_path / "run" / "report"
     _check({"report.md": (out / "report.md").read_text(),
-            "report.html": (out / "report.html").read_text()}, tmp_path)
+            "report.html": _no_inline_images((out / "report.html").read_text())}, tmp_path)
 
 
 def test_experiment_table_files_are_unchanged(tmp_path):

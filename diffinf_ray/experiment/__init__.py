@@ -40,13 +40,19 @@ Out (`write_table`), under <root>/table/:
         ECE of the last epoch's model (the paper's protocol) and accuracy (%) of the
         best-validation checkpoint, as "mean ± std (n=seeds)" (sample std, ddof=1); "-" where
         nothing was measured.
-        A second table: per-class LPIPS of the edits (mean ± std over seeds of the per-seed
-        class means). The HTML embeds its images (base64): one self-contained file.
+        A second table: per task and condition, accuracy and its paired differences against
+        the noisy classifier and against removal (same seed), each "mean [95% t interval]
+        (n=seeds)"; a third: per-class LPIPS of the edits (mean ± std over seeds of the
+        per-seed class means). The HTML embeds its images (base64): one self-contained file.
     metrics_long.csv   one row per (task, run, condition, seed): the numbers behind the table
+    paired.csv         per (task, condition, vs): n, mean, std, lo, hi of the accuracy (vs
+                       empty) and of its paired differences (aggregate.condition_intervals)
     lpips_long.csv     one row per (task, seed, class)
     plots/detection_curves.png    precision@k per detector (influence/ and cleanlab/
                                   detection.json), k as a fraction of the training split,
                                   mean ± std over seeds
+    plots/treatments_<task>.png   accuracy per condition and its paired differences against
+                                  noisy and against removal, with their 95% t intervals
     plots/accuracy_vs_noise.png   noisy baseline per noise rate (0 = the clean ceiling), and
                                   DiffInf / removal at the task's rate
     grids/<task>_grid_<class>.png the before/after edit grids of the first seed's report

@@ -1,6 +1,6 @@
 """The numbers behind the table: every run's outputs read into long form (one row per task,
-run, condition and seed; per class for LPIPS; per k for detection). Runs not (yet) run add
-no rows."""
+run, condition and seed; per class for LPIPS; per k for detection), and from it the means and
+paired differences per condition with their 95% intervals. Runs not (yet) run add no rows."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import io
 
 import pandas as pd
 
+from diffinf_ray.detection_plot import detection_rows
 from diffinf_ray.detectors import detection_stages
 from diffinf_ray.experiment.plan import Run, plan
 from diffinf_ray.experiment.spec import METRICS, ExperimentConfig
@@ -81,14 +82,40 @@ def aggregate_detection(exp: ExperimentConfig,
             loc = root.child(folder, "detection.json")
             if not loc.exists():
                 continue
-            for detector, rep in loc.read_json().items():
-                if not (isinstance(rep, dict) and "precision_at_k" in rep and rep.get("n")):
-                    continue
-                curve = rep["precision_at_k"]
-                for k, p in zip(curve["k"], curve["precision"], strict=True):
-                    rows.append({"task": run.task, "seed": run.seed, "detector": detector,
-                                 "k": k, "fraction": k / rep["n"], "precision": p,
-                                 "base_rate": rep["n_corrupted"] / rep["n"]})
+            rows += [{"task": run.task, "seed": run.seed, **row}
+                     for row in detection_rows(loc.read_json())]
     return pd.DataFrame(rows, columns=["task", "seed", "detector", "k", "fraction", "precision",
                                        "base_rate"])
 
+
+
+INTERVAL_COLUMNS = ["task", "condition", "vs", "n", "mean", "std", "lo", "hi"]
+
+
+def condition_intervals(long: pd.DataFrame, against: tuple[str, ...] = ("noisy", "removal"),
+                        metric: str = "accuracy") -> pd.DataFrame:
+    """From `aggregate`'s long form, per task and condition at the task's own noise rate (the
+    methods runs) and the clean ceiling: `metric`'s mean and 95% t interval over seeds
+    (`vs` empty), and its paired difference against each condition of `against` (same seed =
+    same noisy labels and flagged set; `vs` that condition; none against itself). Columns:
+    task, condition, vs, n (seeds), mean, std, lo, hi (None where undefined)."""
+    from diffinf_ray.intervals import t_interval
+
+    own = long[long["run"].isin(["methods", "clean"])] if "run" in long else long
+    rows = []
+    for task in dict.fromkeys(own["task"]):
+        part = own[own["task"] == task]
+        by_seed = {c: g.set_index("seed")[metric].dropna()
+                   for c, g in part.groupby("condition", sort=False)}
+        for cond, values in by_seed.items():
+            rows.append({"task": task, "condition": cond, "vs": "",
+                         **t_interval(values.tolist())})
+            for ref in against:
+                if ref == cond or ref not in by_seed:
+                    continue
+                seeds = values.index.intersection(by_seed[ref].index)
+                if len(seeds):
+                    diffs = (values[seeds] - by_seed[ref][seeds]).tolist()
+                    rows.append({"task": task, "condition": cond, "vs": ref,
+                                 **t_interval(diffs)})
+    return pd.DataFrame(rows, columns=INTERVAL_COLUMNS)

@@ -1,53 +1,19 @@
-"""The experiment's plots (PNG bytes): detection curves and accuracy against the noise rate."""
+"""The experiment's plots (PNG bytes): detection curves, accuracy and paired differences per
+treatment with their intervals, and accuracy against the noise rate."""
 
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
 
+from diffinf_ray.detection_plot import detection_curves_png  # noqa: F401  (re-exported)
 from diffinf_ray.experiment.spec import CONDITIONS
+from diffinf_ray.intervals import Panel, intervals_png
 from diffinf_ray.render import figure_png, pyplot
 
 
 def _subplots(n: int):
     fig, axes = pyplot().subplots(1, n, figsize=(5 * n, 3.8), squeeze=False)
     return fig, list(axes[0])
-
-
-def detection_curves_png(detection: pd.DataFrame, tasks: list[str]) -> bytes | None:
-    """precision@k against the flagged fraction of the training split, per detector; the mean
-    over seeds, each seed's curve interpolated onto the union of their fractions."""
-    tasks = [t for t in tasks if (detection["task"] == t).any()]
-    if not tasks:
-        return None
-    fig, axes = _subplots(len(tasks))
-    for ax, task in zip(axes, tasks, strict=True):
-        part = detection[detection["task"] == task]
-        for detector in dict.fromkeys(part["detector"]):
-            d = part[part["detector"] == detector]
-            grid = np.unique(d["fraction"].to_numpy(float))
-            curves = []
-            for _, s in d.groupby("seed"):
-                s = s.sort_values("fraction")
-                x, y = s["fraction"].to_numpy(float), s["precision"].to_numpy(float)
-                curves.append(np.interp(grid, x, y, left=np.nan, right=np.nan))
-            curves = np.asarray(curves)
-            mean = np.nanmean(curves, axis=0)
-            line, = ax.plot(grid, mean, marker="o", ms=3,
-                            label=f"{detector} ({len(curves)} seeds)")
-            if len(curves) > 1:
-                # a fraction some seeds' k grids do not reach has fewer values
-                std = np.array([np.std(c[np.isfinite(c)], ddof=1) if np.isfinite(c).sum() > 1
-                                else 0.0 for c in curves.T])
-                ax.fill_between(grid, mean - std, mean + std, alpha=0.2, color=line.get_color())
-        ax.axhline(part["base_rate"].mean(), color="grey", linestyle=":", label="base rate")
-        ax.set_xscale("log")
-        ax.set_xlabel("flagged fraction of the training split (k / n)")
-        ax.set_ylabel("precision@k")
-        ax.set_ylim(0, 1.02)
-        ax.set_title(task)
-        ax.legend(fontsize=8)
-    return figure_png(fig)
 
 
 def accuracy_vs_noise_png(long: pd.DataFrame, tasks: list[str]) -> bytes | None:
@@ -77,3 +43,28 @@ def accuracy_vs_noise_png(long: pd.DataFrame, tasks: list[str]) -> bytes | None:
         ax.legend(fontsize=8)
     return figure_png(fig)
 
+
+
+def treatment_intervals_png(intervals: pd.DataFrame, task: str,
+                            order: list[str]) -> bytes | None:
+    """One task's `aggregate.condition_intervals` rows as three panels: accuracy per
+    condition, and its paired difference against the noisy classifier and against removal,
+    each a mean over seeds with its 95% t interval; one row per condition (in `order`,
+    labelled as in Table 1) across the panels. None when the task has no row."""
+    part = intervals[intervals["task"] == task]
+    if part.empty:
+        return None
+    rank = {c: i for i, c in enumerate(order)}
+    part = part.assign(rank=part["condition"].map(lambda c: rank.get(c, len(rank))))
+    part = part.sort_values("rank", kind="stable")
+    panels = []
+    for vs, title, xlabel in (
+            ("", f"{task}: accuracy", "clean-test accuracy (%)"),
+            ("noisy", f"{task}: paired difference vs noisy", "minus the noisy classifier (points)"),
+            ("removal", f"{task}: paired difference vs removal", "minus removal (points)")):
+        rows = part[part["vs"] == vs]
+        panels.append(Panel(title, pd.DataFrame({
+            "label": [CONDITIONS.get(c, c) for c in rows["condition"]],
+            "mean": rows["mean"].to_numpy(float), "lo": rows["lo"].to_numpy(float),
+            "hi": rows["hi"].to_numpy(float)}), xlabel, zero_line=bool(vs)))
+    return intervals_png(panels, share_labels=True)

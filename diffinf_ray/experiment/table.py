@@ -12,10 +12,15 @@ from diffinf_ray.experiment.aggregate import (
     aggregate,
     aggregate_detection,
     aggregate_lpips,
+    condition_intervals,
     run_root,
 )
 from diffinf_ray.experiment.plan import Run, experiment_location, plan
-from diffinf_ray.experiment.plots import accuracy_vs_noise_png, detection_curves_png
+from diffinf_ray.experiment.plots import (
+    accuracy_vs_noise_png,
+    detection_curves_png,
+    treatment_intervals_png,
+)
 from diffinf_ray.experiment.spec import CONDITIONS, METRICS, PAPER_ROWS, ExperimentConfig
 from diffinf_ray.render import (
     html_heading,
@@ -30,6 +35,9 @@ from diffinf_ray.storage import Location
 
 NOTHING_MEASURED = "(nothing measured yet)"  # an empty table
 LPIPS_TITLE = "LPIPS between originals and edits, per class (label)"
+PAIRED_TITLE = "Accuracy and paired differences per treatment (95% t intervals over seeds)"
+PAIRED_NOTE = ("The last epoch's clean-test accuracy; a paired difference is taken seed by seed "
+               "(same seed = same noisy labels and flagged set), in percentage points.")
 
 def mean_std_cell(values, digits: int) -> str:
     """"mean ± std (n=N)" over the finite values (sample std, ddof=1); "-" when there are none."""
@@ -64,6 +72,37 @@ def format_table(long: pd.DataFrame, tasks: list[str] | None = None) -> pd.DataF
                 row[f"{task} {label}"] = mean_std_cell(part[metric].tolist(), digits)
         out.append(row)
     return pd.DataFrame(out)
+
+
+def interval_cell(row: dict, signed: bool) -> str:
+    """"mean [lo, hi] (n=N)" of a `condition_intervals` row ("mean (n=1)" for one seed, "-"
+    for none); `signed`: with a + or - sign (differences)."""
+    if not row or row.get("n", 0) == 0 or row["mean"] is None or pd.isna(row["mean"]):
+        return "-"
+    fmt = "{:+.2f}" if signed else "{:.2f}"
+    if row["lo"] is None or pd.isna(row["lo"]):
+        return f"{fmt.format(row['mean'])} (n={row['n']})"
+    return (f"{fmt.format(row['mean'])} [{fmt.format(row['lo'])}, {fmt.format(row['hi'])}] "
+            f"(n={row['n']})")
+
+
+def format_paired_table(intervals: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
+    """Per task and condition (Table 1's order): accuracy (%) and its paired differences
+    against the noisy classifier and against removal (points), each "mean [95% t interval]
+    (n=seeds)"."""
+    columns = ["task", "method", "acc (%)", "minus noisy", "minus removal"]
+    out = []
+    for task in tasks:
+        part = intervals[intervals["task"] == task]
+        for cond in condition_order(part["condition"]):
+            rows = {r["vs"]: r for r in part[part["condition"] == cond].to_dict(orient="records")}
+            if not rows:
+                continue
+            out.append({"task": task, "method": CONDITIONS.get(cond, cond),
+                        "acc (%)": interval_cell(rows.get(""), False),
+                        "minus noisy": interval_cell(rows.get("noisy"), True),
+                        "minus removal": interval_cell(rows.get("removal"), True)})
+    return pd.DataFrame(out, columns=columns)
 
 
 def format_lpips_table(lpips: pd.DataFrame, tasks: list[str] | None = None) -> pd.DataFrame:
@@ -120,11 +159,16 @@ def write_table(exp: ExperimentConfig, runs: list[Run] | None = None) -> dict[st
     lpips = aggregate_lpips(exp, runs)
     table = format_table(long, tasks)
     lp_table = format_lpips_table(lpips, tasks)
+    intervals = condition_intervals(long)
+    paired = format_paired_table(intervals, tasks)
     status = _run_status(location)
 
     images: list[tuple[str, str, bytes]] = []  # (title, relative file, PNG)
     plots = (("Detection: precision@k per detector", "plots/detection_curves.png",
               detection_curves_png(aggregate_detection(exp, runs), tasks)),
+             *((f"{PAIRED_TITLE}: {task}", f"plots/treatments_{task}.png",
+                treatment_intervals_png(intervals, task, condition_order(long["condition"])))
+               for task in tasks),
              ("Accuracy vs noise rate", "plots/accuracy_vs_noise.png",
               accuracy_vs_noise_png(long, tasks)))
     for title, rel, png in plots:
@@ -143,30 +187,35 @@ def write_table(exp: ExperimentConfig, runs: list[Run] | None = None) -> dict[st
              f"model (the paper's protocol), and the accuracy of the checkpoint with the best "
              f"validation accuracy on the assigned labels; - = not measured.")
     md = [f"# Experiment {exp.name}: Table 1\n\n", intro, "\n\n", _markdown(table),
+          f"\n## {PAIRED_TITLE}\n\n{PAIRED_NOTE}\n\n", _markdown(paired),
           f"\n## {LPIPS_TITLE}\n\n", _markdown(lp_table)]
     md += [f"\n## {title}\n\n{markdown_image(title, rel)}\n" for title, rel, _ in images]
     md += ["\n## Runs\n\n", _markdown(status)]
     files = {
         "table.md": "".join(md).encode(),
         "table.csv": table.to_csv(index=False).encode(),
+        "paired.csv": intervals.to_csv(index=False).encode(),
         "metrics_long.csv": long.to_csv(index=False).encode(),
         "lpips_long.csv": lpips.to_csv(index=False).encode(),
-        "table.html": _html(exp.name, intro, table, lp_table, images, status).encode(),
+        "table.html": _html(exp.name, intro, table, paired, lp_table, images, status).encode(),
     }
     for name, data in files.items():
         out.child(name).write_bytes(data)
     return {name: out.child(name).display for name in [*files, *(rel for _, rel, _ in images)]}
 
 
-def _html(name: str, intro: str, table: pd.DataFrame, lp_table: pd.DataFrame,
-          images: list[tuple[str, str, bytes]], status: pd.DataFrame) -> str:
+def _html(name: str, intro: str, table: pd.DataFrame, paired: pd.DataFrame,
+          lp_table: pd.DataFrame, images: list[tuple[str, str, bytes]],
+          status: pd.DataFrame) -> str:
     """One self-contained page: the tables and every image inlined as base64."""
     def tbl(df: pd.DataFrame) -> str:
         return html_table(df, empty=NOTHING_MEASURED)
 
     parts = [html_heading(1, f"Experiment {name}: Table 1"), html_paragraph(intro), tbl(table),
+             html_heading(2, PAIRED_TITLE), html_paragraph(PAIRED_NOTE), tbl(paired),
              html_heading(2, LPIPS_TITLE), tbl(lp_table)]
-    parts += [html_heading(2, title) + html_inline_png(title, png) for title, _, png in images]
+    parts += [html_heading(2, title) + html_inline_png(title, png, rel.startswith("grids/"))
+              for title, rel, png in images]
     parts += [html_heading(2, "Runs"), tbl(status)]
-    return html_page(name, parts, style="td,th{padding:4px 8px}")
+    return html_page(name, parts, style="td,th{padding:4px 8px} img{max-width:100%}")
 

@@ -9,18 +9,23 @@ Out: report/metrics.csv        one row per training condition: accuracy, AUROC (
      report/grid_<class>.png   originals (top row of each pair) above their edits
      report/gate_grid_accepted.png, gate_grid_rejected.png  the same, per verdict of the
                                edit gate (edit.gate; when the edits have its columns)
+     report/score_hist.png     TracIn's score histogram, clean vs corrupted (the influence
+                               stage's influence/score_hist.png)
+     report/precision_at_k.png precision@k of every detector the run scored (detection.json)
      report/subgroup_audit.csv per `group` of the training rows: flag rate and ratio, detection
                                precision/recall, edit success and identity retention by the
                                judges, gate acceptance, test accuracy per condition
                                (subgroup_audit.py; warnings in the report)
      report/report.md, report/report.html  the tables, the oracle and identity figures, the
                                distances used (LPIPS or the stated fallback), the gate's counts
-                               (accepted / fallen back, and to what), stage wall times
+                               (accepted / fallen back, and to what), stage wall times; the
+                               HTML embeds every image above (base64): one self-contained file
 """
 
 from __future__ import annotations
 
 import io
+import re
 
 import pandas as pd
 
@@ -182,6 +187,27 @@ def detection_section(root: RunRoot, tau: float, summary: dict,
     return md
 
 
+def detection_plots(cfg: Config, root: RunRoot, out) -> list[str]:
+    """Markdown lines of the detection pictures, written to `out`: TracIn's score histogram
+    (copied from influence/) and precision@k of every detector the run scored (drawn from
+    their detection.json); none for what the run lacks."""
+    from diffinf_ray.detection_plot import detection_curves_png, detection_rows
+
+    md = []
+    hist = root.child("influence", "score_hist.png")
+    if hist.exists():
+        out.child("score_hist.png").write_bytes(hist.read_bytes())
+        md.append("\n**TracIn self-influence**, injected-corruption rows against the rest\n\n"
+                  "![score histogram](score_hist.png)\n")
+    rows = detection_rows(read_detection(root))
+    if rows:
+        frame = pd.DataFrame(rows).assign(task=cfg.data.task, seed=cfg.run.seed)
+        out.child("precision_at_k.png").write_bytes(detection_curves_png(frame, [cfg.data.task]))
+        md.append("\n**precision@k** of every detector (k as a fraction of the training rows)"
+                  "\n\n![precision at k](precision_at_k.png)\n")
+    return md
+
+
 def oracle_section(root: RunRoot, summary: dict) -> list[str]:
     """Markdown lines of the independent judges' verdicts on the edits (oracle/report.json;
     into `summary` too)."""
@@ -278,6 +304,7 @@ def run_report(cfg: Config, root: RunRoot) -> dict:
     summary: dict = {"conditions": metrics.to_dict(orient="records")}
 
     md += detection_section(root, cfg.influence.tau, summary, cfg.influence.flag_by)
+    md += detection_plots(cfg, root, out)
     predictor = _read_json(root.child("predictor", "report.json"))
     if predictor:
         md.append(f"\nInfluence predictor h_w: held-out AUROC {predictor['heldout_auroc']:.3f} "
@@ -320,12 +347,15 @@ def run_report(cfg: Config, root: RunRoot) -> dict:
     md += ["\n## Stage wall times (s)\n", _table_md(times, 1)]
     text = "".join(md)
     out.child("report.md").write_bytes(text.encode())
-    out.child("report.html").write_bytes(_html(text, cfg.run.name).encode())
+    out.child("report.html").write_bytes(_html(text, cfg.run.name, out).encode())
     return summary
 
 
-def _html(markdown_text: str, title: str) -> str:
-    """A self-contained HTML page of the report (tables and images; no external assets)."""
+def _html(markdown_text: str, title: str, out) -> str:
+    """A self-contained HTML page of the report: its tables, and every image it names (files
+    in `out`) embedded as base64, so the page needs no other file."""
     from diffinf_ray.render import markdown_to_html
 
-    return markdown_to_html(markdown_text, title)
+    names = dict.fromkeys(re.findall(r"^!\[[^\]]*\]\(([^)]+)\)", markdown_text, re.M))
+    images = {n: out.child(n).read_bytes() for n in names if out.child(n).exists()}
+    return markdown_to_html(markdown_text, title, images)
