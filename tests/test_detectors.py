@@ -23,7 +23,8 @@ def _run_root(tmp_path, truth):
     labels = rng.integers(0, 3, n)
     root = RunRoot(str(tmp_path))
     influence = {"sample_id": ids, "label": labels, "is_corrupted": truth,
-                 "score": rng.random(n), "loss_last": rng.random(n)}
+                 "score": rng.random(n), "score_last": rng.random(n),
+                 "score_early": rng.random(n), "loss_last": rng.random(n)}
     root.child("influence", "influence.parquet").write_table(pa.table(influence))
     cleanlab = {"sample_id": ids, "label": labels, "is_corrupted": truth,
                 "self_confidence": rng.random(n)}
@@ -32,8 +33,10 @@ def _run_root(tmp_path, truth):
 
 
 def test_the_detectors_are_registered_where_their_scores_live():
-    assert list(DETECTORS) == ["tracin", "loss", "cleanlab", "oracle"]
-    assert [d.name for d in detectors_of("influence")] == ["tracin", "loss", "oracle"]
+    assert list(DETECTORS) == ["tracin", "tracin_last", "tracin_early", "loss", "cleanlab",
+                               "oracle"]
+    assert [d.name for d in detectors_of("influence")] == ["tracin", "tracin_last",
+                                                           "tracin_early", "loss", "oracle"]
     assert detection_stages() == ["influence", "cleanlab"]
 
 
@@ -103,6 +106,9 @@ def test_reports_equal_the_detection_core_on_each_score(tmp_path):
     assert got["tracin"] == detection_report(influence["score"][order], y, tau=0.1, labels=labels)
     assert got["loss"] == detection_report(influence["loss_last"][order], y, tau=0.1,
                                            labels=labels)
+    for name, column in (("tracin_last", "score_last"), ("tracin_early", "score_early")):
+        assert got[name] == detection_report(influence[column][order], y, tau=0.1,
+                                             labels=labels)
     # low self-confidence is suspicious: the same ranking as 1 - self_confidence
     got = detection_reports(root, "cleanlab", tau=0.2, per_class=True)
     assert got["cleanlab"] == detection_report(1 - cleanlab["self_confidence"][order], y,
@@ -120,4 +126,36 @@ def test_read_detection_merges_every_detection_file(tmp_path):
         detection_reports(root, "influence", 0.1, False))
     root.child("cleanlab", "detection.json").write_json(
         {**detection_reports(root, "cleanlab", 0.1, False), "note": "ignored: not a report"})
-    assert set(read_detection(root)) == {"tracin", "loss", "cleanlab", "oracle"}
+    assert set(read_detection(root)) == {"tracin", "tracin_last", "tracin_early", "loss",
+                                         "cleanlab", "oracle"}
+
+
+def test_a_detector_without_scores_in_this_run_is_left_out(tmp_path):
+    """tracin_early needs each checkpoint's validation figures: without them its column is NaN
+    and the report omits it instead of ranking NaNs."""
+    truth = [bool(i % 3 == 0) for i in range(30)]
+    root, influence, _ = _run_root(tmp_path, truth)
+    influence["score_early"] = np.full(30, np.nan)
+    root.child("influence", "influence.parquet").write_table(pa.table(influence))
+    assert "tracin_early" not in detection_reports(root, "influence", 0.1, False)
+    assert "tracin" in detection_reports(root, "influence", 0.1, False)
+
+
+def test_scores_before_the_validation_peak(tmp_path):
+    from diffinf_ray.models.checkpoint import CHECKPOINT_FILE, checkpoint_dir_name
+    from diffinf_ray.stages.influence import scores_before_peak, validation_peak
+    from diffinf_ray.storage import Location
+
+    weighted = [[1.0, 2.0, 4.0], [8.0, 16.0, 32.0]]
+    assert scores_before_peak(weighted, 1).tolist() == [3.0, 24.0]
+    assert scores_before_peak(weighted, 2).tolist() == [7.0, 56.0]
+    assert np.isnan(scores_before_peak(weighted, None)).all()
+    folder = tmp_path / "checkpoints"
+    for epoch, val in ((2, 50.0), (4, 61.0), (6, 61.0), (8, 55.0)):
+        (folder / checkpoint_dir_name(epoch)).mkdir(parents=True)
+        (folder / checkpoint_dir_name(epoch) / CHECKPOINT_FILE).write_bytes(b"x")
+        (folder / checkpoint_dir_name(epoch) / "metrics.json").write_text(
+            f'{{"epoch": {epoch}, "val_accuracy": {val}}}')
+    assert validation_peak(Location(str(folder))) == 1  # the earliest of a tie
+    (folder / checkpoint_dir_name(8) / "metrics.json").unlink()
+    assert validation_peak(Location(str(folder))) is None

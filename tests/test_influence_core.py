@@ -349,6 +349,14 @@ def test_scorer_loads_checkpoints_in_epoch_order_and_weights_by_learning_rate(mo
     images, labels = batch[0].float(), batch[1]
     norms = [per_sample_grad_sq_norms(m, images, labels).double() for m in fp32]
     losses = F.cross_entropy(fp32[2](images), labels, reduction="none").detach()
+    # last-layer TracIn's norms by plain autograd, one sample at a time: the output layer only
+    last_layer = np.zeros((len(labels), 3))
+    for t, m in enumerate(fp32):
+        params = list(m.head[2].parameters())
+        for i in range(len(labels)):
+            loss = F.cross_entropy(m(images[i:i + 1]), labels[i:i + 1])
+            last_layer[i, t] = sum(g.pow(2).sum().item()
+                                   for g in torch.autograd.grad(loss, params))
     for keep_models in (True, False):
         scorer = SelfInfluenceScorer(str(root), device="cpu", keep_models=keep_models)
         out = scorer(images.numpy(), labels.numpy())
@@ -357,6 +365,7 @@ def test_scorer_loads_checkpoints_in_epoch_order_and_weights_by_learning_rate(mo
             assert_close(out["per_checkpoint"][:, t], norms[t], 1e-6)
         assert_close(out["score"], sum(lr * n for lr, n in zip(LRS, norms, strict=True)), 1e-6)
         np.testing.assert_allclose(out["loss"][:, 2], losses.numpy(), rtol=1e-5)
+        np.testing.assert_allclose(out["per_checkpoint_last"], last_layer, rtol=1e-5)
     assert scorer.epochs == [1, 2, 3]
     assert scorer.learning_rates.tolist() == list(LRS)
 

@@ -86,13 +86,20 @@ def test_influence_and_removal_stages(tiny_run):
     assert scores.is_high.sum() == round(more.influence.tau * len(train))
     assert (scores.score[scores.is_high].min() >= scores.score[~scores.is_high].max())
 
-    direct = SelfInfluenceScorer(str(root / "checkpoints"), device="cpu")(
-        to_tensor_batch(list(train.image)), train.label.to_numpy(np.int64))
+    scorer = SelfInfluenceScorer(str(root / "checkpoints"), device="cpu")
+    direct = scorer(to_tensor_batch(list(train.image)), train.label.to_numpy(np.int64))
     np.testing.assert_allclose(scores.loc[train.index, "score"], direct["score"], rtol=1e-4)
     assert len(scores.per_checkpoint.iloc[0]) == 2
+    np.testing.assert_allclose(scores.loc[train.index, "score_last"],
+                               direct["per_checkpoint_last"] @ scorer.learning_rates, rtol=1e-4)
+    # the checkpoints up to the best validation accuracy on the assigned labels, by epoch
+    peak = results["influence"]["validation_peak_checkpoint"]
+    weighted = np.stack(scores.loc[train.index, "per_checkpoint"].to_numpy())
+    np.testing.assert_allclose(scores.loc[train.index, "score_early"],
+                               weighted[:, :peak + 1].sum(1), rtol=1e-12)
 
     detection = json.loads((root / "influence" / "detection.json").read_text())
-    assert set(detection) == {"tracin", "loss", "oracle"}
+    assert set(detection) == {"tracin", "tracin_last", "tracin_early", "loss", "oracle"}
     assert (root / "influence" / "score_hist.png").stat().st_size > 0
     removal = json.loads((root / "removal" / "evaluation" / "metrics.json").read_text())
     assert removal["removed_rows"] == scores.is_high.sum()

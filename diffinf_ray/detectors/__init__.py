@@ -13,6 +13,8 @@ from diffinf_ray.detectors.base import Detector
 
 REGISTERED = (
     "diffinf_ray.detectors.tracin:TRACIN",
+    "diffinf_ray.detectors.tracin_variants:TRACIN_LAST",
+    "diffinf_ray.detectors.tracin_variants:TRACIN_EARLY",
     "diffinf_ray.detectors.loss:LOSS",
     "diffinf_ray.detectors.cleanlab:CLEANLAB",
     "diffinf_ray.detectors.oracle:ORACLE",
@@ -60,6 +62,8 @@ def detection_reports(root, stage: str, tau: float, per_class: bool) -> dict:
     reports: dict = {}
     for detector in detectors_of(stage):
         rows = detector.scores(root)
+        if np.isnan(rows["score"]).all():
+            continue  # not scored in this run (tracin_early without per-epoch val figures)
         known = np.array([v is not None for v in rows["is_corrupted"]])
         if not known.all():
             return {"note": "is_corrupted unknown for some rows (no injected noise); "

@@ -472,6 +472,8 @@ class SelfInfluenceScorer:
     labels)` returns numpy arrays:
         "score"           (B,)   float64  sum_t lr_t * ||grad||^2
         "per_checkpoint"  (B, T) float64  ||grad loss_i(theta_t)||^2, unweighted (lr = 1 variant)
+        "per_checkpoint_last" (B, T) float64  the same over the output layer's parameters only
+                                              (last-layer TracIn; the last selected layer)
         "loss"            (B, T) float32  per-sample cross-entropy at each checkpoint
     `checkpoints`: the run's `checkpoints/` folder (URI or Location, ordered by epoch), or a
     sequence of checkpoint files (URIs/Locations) or loaded `ClassifierCheckpoint`s.
@@ -533,17 +535,20 @@ class SelfInfluenceScorer:
         labels = torch.as_tensor(labels)
         _check_batch(images, labels)
         labels = labels.to(self.device).long()
-        norms, losses = [], []
+        norms, last, losses = [], [], []
         for t in range(len(self)):
             result = compute_grad_sq_norms(
                 self._model(t), images, labels, layers=self.layers, conv_mode=self.conv_mode
             )
             norms.append(result.sq_norms.double().cpu().numpy())
+            # the last selected layer in module order: the classifier's output layer (head.2)
+            last.append(list(result.per_layer.values())[-1].double().cpu().numpy())
             losses.append(result.losses.cpu().numpy())
         per_ckpt = np.stack(norms, axis=1)
         return {
             "score": per_ckpt @ self.learning_rates,
             "per_checkpoint": per_ckpt,
+            "per_checkpoint_last": np.stack(last, axis=1),
             "loss": np.stack(losses, axis=1).astype(np.float32),
         }
 

@@ -4,7 +4,10 @@ In:  manifest_noisy/ train rows (sample_id, image, label, label_clean, is_corrup
      checkpoints/ (weights + learning rate per saved epoch); influence.flag_by; with
      flag_by=cleanlab, cleanlab/label_issues.parquet (self_confidence per sample_id).
 Out: influence/influence.parquet  sample_id, label, score, is_high, per_checkpoint (list of
-                                  lr_t * ||grad||^2), loss_last (the loss detector), is_corrupted;
+                                  lr_t * ||grad||^2), score_last (TracIn over the output layer),
+                                  score_early (TracIn over the checkpoints up to the validation
+                                  peak; NaN without per-epoch figures), loss_last (the loss
+                                  detector), is_corrupted;
                                   is_high = the top tau of the `influence.flag_by` detector's
                                   score (TracIn's `score` by default; `oracle`: is_corrupted;
                                   `cleanlab`: 1 - out-of-sample self-confidence)
@@ -55,6 +58,7 @@ class InfluenceScorer:
             "is_corrupted": batch["is_corrupted"],
             "score": out["score"],
             "per_checkpoint": weighted,
+            "score_last": out["per_checkpoint_last"] @ self.scorer.learning_rates,
             "loss_last": out["loss"][:, -1].astype(np.float64),
         }
 
@@ -123,6 +127,26 @@ def plot_detection(df, detection: dict, out: Location) -> None:
     out.child("precision_at_k.png").write_bytes(buf.getvalue())
 
 
+def validation_peak(checkpoints: Location) -> int | None:
+    """Index (in epoch order) of the saved checkpoint with the best validation accuracy on the
+    assigned labels, or None when a checkpoint lacks its epoch's figures (older runs)."""
+    from diffinf_ray.models.checkpoint import best_validation_checkpoint, list_checkpoints
+
+    found = list_checkpoints(checkpoints)
+    best = best_validation_checkpoint(found)
+    return None if best is None else next(i for i, c in enumerate(found) if c is best[0])
+
+
+def scores_before_peak(per_checkpoint, peak: int | None) -> np.ndarray:
+    """TracIn over the checkpoints up to and including the validation peak (`per_checkpoint`:
+    rows of lr-weighted squared norms in epoch order): later checkpoints have begun to memorise
+    the wrong labels, which shrinks those rows' gradients. NaN everywhere without a peak."""
+    weighted = np.asarray([list(r) for r in per_checkpoint], dtype=np.float64)
+    if peak is None:
+        return np.full(len(weighted), np.nan)
+    return weighted[:, :peak + 1].sum(axis=1)
+
+
 def flagging_scores(df, flag_by: str, root: RunRoot | None = None) -> np.ndarray:
     """The score the flagged set ranks by, per row of the influence table `df`, suspicious =
     high: the `flag_by` detector's column of `df`, or, for a detector of an earlier stage
@@ -154,6 +178,8 @@ def run_influence(cfg: Config, root: RunRoot) -> dict:
     check_manifest(root.noisy_manifest, "influence", MANIFEST_COLUMNS)
     df = score_training_set(cfg, root.noisy_manifest, root.checkpoints)
     labels = df["label"].to_numpy(np.int64)
+    peak = validation_peak(root.checkpoints)
+    df["score_early"] = scores_before_peak(df["per_checkpoint"], peak)
     is_high = flag_top_fraction(flagging_scores(df, cfg.influence.flag_by, root),
                                 cfg.influence.tau,
                                 labels=labels, per_class=cfg.influence.per_class)
@@ -163,6 +189,8 @@ def run_influence(cfg: Config, root: RunRoot) -> dict:
         "score": df["score"].to_numpy(np.float64),
         "is_high": is_high,
         "per_checkpoint": [list(map(float, r)) for r in df["per_checkpoint"]],
+        "score_last": df["score_last"].to_numpy(np.float64),
+        "score_early": df["score_early"].to_numpy(np.float64),
         "loss_last": df["loss_last"].to_numpy(np.float64),
         "is_corrupted": pa.array(df["is_corrupted"].tolist(), pa.bool_()),
     }))
@@ -171,7 +199,8 @@ def run_influence(cfg: Config, root: RunRoot) -> dict:
     out.child("detection.json").write_json(detection)
     plot_detection(df, detection, out)
     summary = {"train_rows": len(df), "high_influence_rows": int(is_high.sum()),
-               "tau": cfg.influence.tau, "flag_by": cfg.influence.flag_by}
+               "tau": cfg.influence.tau, "flag_by": cfg.influence.flag_by,
+               "validation_peak_checkpoint": peak}
     for name, rep in detection.items():
         if isinstance(rep, dict):
             summary[name] = {k: rep[k] for k in ("precision", "recall", "auroc")}
