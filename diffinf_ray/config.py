@@ -142,9 +142,9 @@ class InfluenceSection(_Section):
     tau: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1  # high-influence set = top tau of scores
     per_class: bool = False  # top tau within each assigned class
     # whose score ranks the flagged set: tracin (the paper), tracin_last (output layer only),
-    # tracin_early (checkpoints up to the validation peak), loss, cleanlab (K-fold confident
-    # learning; needs the cleanlab stage among the stages) or oracle (the injected corruption
-    # itself, a control); every one is scored and reported either way (detectors/)
+    # tracin_early (checkpoints up to the validation peak), loss, aum (margins), cleanlab
+    # (K-fold confident learning; needs the cleanlab stage among the stages) or oracle (the
+    # injected corruption itself, a control); every one is scored and reported either way
     flag_by: str = "tracin"
     layers: list[str] | None = None  # module names, e.g. [head]; None = all parameters
     batch_size: int = Field(64, ge=1)

@@ -24,7 +24,8 @@ def _run_root(tmp_path, truth):
     root = RunRoot(str(tmp_path))
     influence = {"sample_id": ids, "label": labels, "is_corrupted": truth,
                  "score": rng.random(n), "score_last": rng.random(n),
-                 "score_early": rng.random(n), "loss_last": rng.random(n)}
+                 "score_early": rng.random(n), "aum": rng.normal(size=n),
+                 "loss_last": rng.random(n)}
     root.child("influence", "influence.parquet").write_table(pa.table(influence))
     cleanlab = {"sample_id": ids, "label": labels, "is_corrupted": truth,
                 "self_confidence": rng.random(n)}
@@ -33,10 +34,10 @@ def _run_root(tmp_path, truth):
 
 
 def test_the_detectors_are_registered_where_their_scores_live():
-    assert list(DETECTORS) == ["tracin", "tracin_last", "tracin_early", "loss", "cleanlab",
-                               "oracle"]
+    assert list(DETECTORS) == ["tracin", "tracin_last", "tracin_early", "loss", "aum",
+                               "cleanlab", "oracle"]
     assert [d.name for d in detectors_of("influence")] == ["tracin", "tracin_last",
-                                                           "tracin_early", "loss", "oracle"]
+                                                           "tracin_early", "loss", "aum", "oracle"]
     assert detection_stages() == ["influence", "cleanlab"]
 
 
@@ -80,12 +81,12 @@ def test_flag_by_cleanlab_ranks_by_the_cleanlab_stage_table(tmp_path):
     # a detector of a stage the influence stage never reads cannot rank its flagged set
     import diffinf_ray.detectors as registered
 
-    registered.DETECTORS["aum"] = Detector("aum", "train", "aum.parquet", "margin", "margins")
+    registered.DETECTORS["per_epoch"] = Detector("per_epoch", "train", "m.parquet", "m", "m")
     try:
-        with pytest.raises(ValueError, match="'aum' is not one of"):
-            flagging_detector("aum")
+        with pytest.raises(ValueError, match="'per_epoch' is not one of"):
+            flagging_detector("per_epoch")
     finally:
-        del registered.DETECTORS["aum"]
+        del registered.DETECTORS["per_epoch"]
 
 
 def test_flag_by_is_checked_on_load():
@@ -109,6 +110,8 @@ def test_reports_equal_the_detection_core_on_each_score(tmp_path):
     for name, column in (("tracin_last", "score_last"), ("tracin_early", "score_early")):
         assert got[name] == detection_report(influence[column][order], y, tau=0.1,
                                              labels=labels)
+    # a low margin is suspicious
+    assert got["aum"] == detection_report(-influence["aum"][order], y, tau=0.1, labels=labels)
     # low self-confidence is suspicious: the same ranking as 1 - self_confidence
     got = detection_reports(root, "cleanlab", tau=0.2, per_class=True)
     assert got["cleanlab"] == detection_report(1 - cleanlab["self_confidence"][order], y,
@@ -126,7 +129,7 @@ def test_read_detection_merges_every_detection_file(tmp_path):
         detection_reports(root, "influence", 0.1, False))
     root.child("cleanlab", "detection.json").write_json(
         {**detection_reports(root, "cleanlab", 0.1, False), "note": "ignored: not a report"})
-    assert set(read_detection(root)) == {"tracin", "tracin_last", "tracin_early", "loss",
+    assert set(read_detection(root)) == {"tracin", "tracin_last", "tracin_early", "loss", "aum",
                                          "cleanlab", "oracle"}
 
 

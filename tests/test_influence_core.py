@@ -366,6 +366,12 @@ def test_scorer_loads_checkpoints_in_epoch_order_and_weights_by_learning_rate(mo
         assert_close(out["score"], sum(lr * n for lr, n in zip(LRS, norms, strict=True)), 1e-6)
         np.testing.assert_allclose(out["loss"][:, 2], losses.numpy(), rtol=1e-5)
         np.testing.assert_allclose(out["per_checkpoint_last"], last_layer, rtol=1e-5)
+        # the margin: the label's logit minus the largest other one
+        logits = fp32[1](images).detach().numpy()
+        others = np.where(np.eye(logits.shape[1], dtype=bool)[labels.numpy()], -np.inf, logits)
+        np.testing.assert_allclose(out["margin"][:, 1],
+                                   logits[np.arange(len(labels)), labels.numpy()]
+                                   - others.max(1), rtol=1e-5, atol=1e-6)
     assert scorer.epochs == [1, 2, 3]
     assert scorer.learning_rates.tolist() == list(LRS)
 

@@ -99,7 +99,9 @@ def test_influence_and_removal_stages(tiny_run):
                                weighted[:, :peak + 1].sum(1), rtol=1e-12)
 
     detection = json.loads((root / "influence" / "detection.json").read_text())
-    assert set(detection) == {"tracin", "tracin_last", "tracin_early", "loss", "oracle"}
+    assert set(detection) == {"tracin", "tracin_last", "tracin_early", "loss", "aum", "oracle"}
+    np.testing.assert_allclose(scores.loc[train.index, "aum"], direct["margin"].mean(1),
+                               rtol=1e-5)
     assert (root / "influence" / "score_hist.png").stat().st_size > 0
     removal = json.loads((root / "removal" / "evaluation" / "metrics.json").read_text())
     assert removal["removed_rows"] == scores.is_high.sum()

@@ -16,6 +16,7 @@ REGISTERED = (
     "diffinf_ray.detectors.tracin_variants:TRACIN_LAST",
     "diffinf_ray.detectors.tracin_variants:TRACIN_EARLY",
     "diffinf_ray.detectors.loss:LOSS",
+    "diffinf_ray.detectors.aum:AUM",
     "diffinf_ray.detectors.cleanlab:CLEANLAB",
     "diffinf_ray.detectors.oracle:ORACLE",
 )

@@ -77,6 +77,7 @@ class GradNormResult:
     per_layer: dict[str, Tensor]  # module name -> (B,) its parameters' share of `sq_norms`
     losses: Tensor  # (B,) per-sample cross-entropy
     conv_branches: dict[str, str] = field(default_factory=dict)  # name -> "ghost"|"materialize"
+    margins: Tensor | None = None  # (B,) logit of the label minus the largest other logit
 
 
 # -- per-layer formulas -------------------------------------------------------------------------
@@ -378,7 +379,16 @@ def compute_grad_sq_norms(
     per_layer = {r.name: r.sq_norm for r in recorders}
     total = torch.stack(list(per_layer.values())).sum(0)
     branches = {r.name: r.branch for r in recorders if r.branch is not None}
-    return GradNormResult(total, per_layer, losses.detach(), branches)
+    return GradNormResult(total, per_layer, losses.detach(), branches,
+                          _assigned_label_margins(logits.detach(), labels))
+
+
+def _assigned_label_margins(logits: Tensor, labels: Tensor) -> Tensor:
+    """(B,) logit of each row's label minus its largest other logit (Pleiss et al.'s margin)."""
+    logits = _half_to_float(logits)
+    assigned = logits.gather(1, labels[:, None]).squeeze(1)
+    others = logits.scatter(1, labels[:, None], float("-inf"))
+    return assigned - others.max(dim=1).values
 
 
 def per_sample_grad_sq_norms(
@@ -475,6 +485,7 @@ class SelfInfluenceScorer:
         "per_checkpoint_last" (B, T) float64  the same over the output layer's parameters only
                                               (last-layer TracIn; the last selected layer)
         "loss"            (B, T) float32  per-sample cross-entropy at each checkpoint
+        "margin"          (B, T) float64  logit of the label minus the largest other logit
     `checkpoints`: the run's `checkpoints/` folder (URI or Location, ordered by epoch), or a
     sequence of checkpoint files (URIs/Locations) or loaded `ClassifierCheckpoint`s.
     keep_models=True holds one model per checkpoint on `device`; False holds the weights on the
@@ -535,7 +546,7 @@ class SelfInfluenceScorer:
         labels = torch.as_tensor(labels)
         _check_batch(images, labels)
         labels = labels.to(self.device).long()
-        norms, last, losses = [], [], []
+        norms, last, losses, margins = [], [], [], []
         for t in range(len(self)):
             result = compute_grad_sq_norms(
                 self._model(t), images, labels, layers=self.layers, conv_mode=self.conv_mode
@@ -544,12 +555,14 @@ class SelfInfluenceScorer:
             # the last selected layer in module order: the classifier's output layer (head.2)
             last.append(list(result.per_layer.values())[-1].double().cpu().numpy())
             losses.append(result.losses.cpu().numpy())
+            margins.append(result.margins.double().cpu().numpy())
         per_ckpt = np.stack(norms, axis=1)
         return {
             "score": per_ckpt @ self.learning_rates,
             "per_checkpoint": per_ckpt,
             "per_checkpoint_last": np.stack(last, axis=1),
             "loss": np.stack(losses, axis=1).astype(np.float32),
+            "margin": np.stack(margins, axis=1),
         }
 
 

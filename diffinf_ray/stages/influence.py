@@ -6,8 +6,9 @@ In:  manifest_noisy/ train rows (sample_id, image, label, label_clean, is_corrup
 Out: influence/influence.parquet  sample_id, label, score, is_high, per_checkpoint (list of
                                   lr_t * ||grad||^2), score_last (TracIn over the output layer),
                                   score_early (TracIn over the checkpoints up to the validation
-                                  peak; NaN without per-epoch figures), loss_last (the loss
-                                  detector), is_corrupted;
+                                  peak; NaN without per-epoch figures), aum (the assigned
+                                  label's margin averaged over the checkpoints), loss_last (the
+                                  loss detector), is_corrupted;
                                   is_high = the top tau of the `influence.flag_by` detector's
                                   score (TracIn's `score` by default; `oracle`: is_corrupted;
                                   `cleanlab`: 1 - out-of-sample self-confidence)
@@ -59,6 +60,7 @@ class InfluenceScorer:
             "score": out["score"],
             "per_checkpoint": weighted,
             "score_last": out["per_checkpoint_last"] @ self.scorer.learning_rates,
+            "aum": out["margin"].mean(axis=1),
             "loss_last": out["loss"][:, -1].astype(np.float64),
         }
 
@@ -191,6 +193,7 @@ def run_influence(cfg: Config, root: RunRoot) -> dict:
         "per_checkpoint": [list(map(float, r)) for r in df["per_checkpoint"]],
         "score_last": df["score_last"].to_numpy(np.float64),
         "score_early": df["score_early"].to_numpy(np.float64),
+        "aum": df["aum"].to_numpy(np.float64),
         "loss_last": df["loss_last"].to_numpy(np.float64),
         "is_corrupted": pa.array(df["is_corrupted"].tolist(), pa.bool_()),
     }))
