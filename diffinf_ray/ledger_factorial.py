@@ -200,5 +200,6 @@ def format_factorial(rows: list[dict], metric: str = "accuracy") -> str:
         columns=["task", "noise", "detector", "treatment", "seeds", metric, "vs noisy",
                  "vs removal", "share of noisy→clean gap", "commits"])
     return (f"detector x treatment, {metric} on the clean test split (mean ± std over seeds; "
-            "differences paired by seed within a record, 95% t interval)\n\n"
+            "differences paired by seed within a record, 95% t interval; the share of the "
+            "noisy→clean gap over the seeds with a clean-ceiling record)\n\n"
             + markdown_table(table, empty="(no record in the ledger)"))
