@@ -143,7 +143,8 @@ class InfluenceSection(_Section):
     per_class: bool = False  # top tau within each assigned class
     # whose score ranks the flagged set: tracin (the paper), tracin_last (output layer only),
     # tracin_early (checkpoints up to the validation peak), loss, aum (margins), cleanlab
-    # (K-fold confident learning; needs the cleanlab stage among the stages) or oracle (the
+    # (K-fold confident learning; needs the cleanlab stage among the stages), ekfac
+    # (second-order self-influence; needs the ekfac stage among the stages) or oracle (the
     # injected corruption itself, a control); every one is scored and reported either way
     flag_by: str = "tracin"
     layers: list[str] | None = None  # module names, e.g. [head]; None = all parameters
@@ -162,6 +163,19 @@ class InfluenceSection(_Section):
 
 class CleanlabSection(_Section):
     folds: int = Field(3, ge=2)  # K-fold out-of-sample probabilities for find_label_issues
+
+
+class EkfacSection(_Section):
+    """Second-order self-influence g^T (G + damping I)^-1 g of every training row (stage
+    `ekfac`, kronfluence; influence/ekfac.py says what each setting does)."""
+
+    strategy: Literal["ekfac", "kfac", "diagonal", "identity"] = "ekfac"  # identity: ||g||^2
+    damping: Annotated[float, Field(gt=0)] | None = None  # None: 0.1 x mean eigenvalue per layer
+    batch_size: int = Field(64, ge=1)
+    checkpoint: Literal["last", "all"] = "last"  # all: sum_t lr_t I_t(z) over the checkpoints
+    fisher: Literal["true", "empirical"] = "true"  # G from labels the model draws, or assigned
+    layers: list[str] | None = None  # module names, e.g. [head]; None = every Linear and Conv2d
+    use_gpu: bool = False
 
 
 class AutoencoderSection(_Section):
@@ -451,6 +465,7 @@ class Config(_Section):
     evaluate: EvaluateSection = EvaluateSection()
     influence: InfluenceSection = InfluenceSection()
     cleanlab: CleanlabSection = CleanlabSection()
+    ekfac: EkfacSection = EkfacSection()
     autoencoder: AutoencoderSection = AutoencoderSection()
     baselines: BaselinesSection = BaselinesSection()
     predictor: PredictorSection = PredictorSection()

@@ -54,7 +54,7 @@ class Stage:
     before it runs with a new fingerprint). `tolerant`: it runs on whatever its upstream stages
     left, even when one of them failed (the report). `upstream_when`: stages read only under
     one setting, {stage: (dotted setting, value)} (the influence stage reads the cleanlab stage's
-    scores when `influence.flag_by` is cleanlab): upstream, and in the fingerprint, only then."""
+    scores when `influence.flag_by` is cleanlab, the ekfac stage's when it is ekfac): upstream, and in the fingerprint, only then."""
 
     name: str
     entry: str  # "module:function", imported only when the stage runs
@@ -100,10 +100,15 @@ REGISTRY: dict[str, Stage] = {s.name: s for s in (
     # K classifiers trained like the baseline; detection figures at the influence budget tau
     _stage("cleanlab", "detectors:run_cleanlab",
            ["train", "evaluate", "cleanlab", "influence.tau", "influence.per_class"], ["noise"]),
+    # second-order (EK-FAC) self-influence under the trained classifier; detection figures at
+    # the influence budget tau
+    _stage("ekfac", "detectors:run_ekfac", ["ekfac", "influence.tau", "influence.per_class"],
+           ["train"]),
     # flags the top tau by TracIn (the paper) or another detector (influence.flag_by); by
-    # cleanlab's self-confidence only after the cleanlab stage
+    # cleanlab's self-confidence or EK-FAC only after the cleanlab or ekfac stage
     _stage("influence", "influence:run_influence", ["influence"], ["train"],
-           upstream_when={"cleanlab": ("influence.flag_by", "cleanlab")}),
+           upstream_when={"cleanlab": ("influence.flag_by", "cleanlab"),
+                          "ekfac": ("influence.flag_by", "ekfac")}),
     # the baseline recipe retrained without the flagged set
     _stage("removal", "detectors:run_removal", ["train", "evaluate"], ["influence"]),
     # the baseline recipe with the flagged rows' labels set to the truth (a control)

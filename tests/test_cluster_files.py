@@ -301,9 +301,9 @@ def test_ffhq_config(path):
     assert lossnets.lpips_net == "alex" and lossnets.lpips_backbone_uri
     assert cfg.edit.use_gpu and cfg.edit.actors > 1 and cfg.edit.gpus_per_actor == 0.5
     assert cfg.baselines.options["small_loss"]["noise_rate"] == cfg.noise.rate
-    # every stage but the synthfaces-only judges and the oracle relabel (a control that needs
-    # the truth of every label)
-    assert cfg.stages == [s for s in STAGES if s not in ("judges", "oracle", "relabel")]
+    # every stage but the synthfaces-only judges, the oracle relabel (a control that needs
+    # the truth of every label) and the opt-in ekfac detector
+    assert cfg.stages == [s for s in STAGES if s not in ("judges", "oracle", "relabel", "ekfac")]
 
 
 def test_ffhq_configs_differ_only_in_task():

@@ -266,3 +266,16 @@ def test_one_step_count_governs_inversion_and_decode(tmp_path):
 def test_step_counts_without_an_official_grid_are_refused(tmp_path, override):
     with pytest.raises(ConfigError, match=override.split("=")[0]):
         load_config(write(tmp_path, ""), [override])
+
+
+def test_ekfac_settings_are_checked_on_load(tmp_path):
+    cfg = load_config(write(tmp_path, "ekfac: {damping: 0.001, checkpoint: all}\n"))
+    assert cfg.ekfac.damping == 0.001 and cfg.ekfac.checkpoint == "all"
+    assert load_config(write(tmp_path, "")).ekfac.model_dump() == {
+        "strategy": "ekfac", "damping": None, "batch_size": 64, "checkpoint": "last",
+        "fisher": "true", "layers": None, "use_gpu": False}
+    for bad, key in (("ekfac.strategy=ekfc", "ekfac.strategy"), ("ekfac.damping=0", "ekfac.damping"),
+                     ("ekfac.checkpoint=first", "ekfac.checkpoint"),
+                     ("ekfac.fisher=exact", "ekfac.fisher"), ("ekfac.batch_size=0", "ekfac.batch_size")):
+        with pytest.raises(ConfigError, match=key):
+            load_config(write(tmp_path, ""), [bad])

@@ -35,10 +35,11 @@ def _run_root(tmp_path, truth):
 
 def test_the_detectors_are_registered_where_their_scores_live():
     assert list(DETECTORS) == ["tracin", "tracin_last", "tracin_early", "loss", "aum",
-                               "cleanlab", "oracle"]
+                               "cleanlab", "ekfac", "oracle"]
     assert [d.name for d in detectors_of("influence")] == ["tracin", "tracin_last",
                                                            "tracin_early", "loss", "aum", "oracle"]
-    assert detection_stages() == ["influence", "cleanlab"]
+    assert detection_stages() == ["influence", "cleanlab", "ekfac"]
+    assert [d.name for d in detectors_of("ekfac")] == ["ekfac"]
 
 
 def test_the_oracle_detector_is_the_injected_corruption(tmp_path):
@@ -78,6 +79,12 @@ def test_flag_by_cleanlab_ranks_by_the_cleanlab_stage_table(tmp_path):
     with pytest.raises(ValueError, match="flag_by=cleanlab: 1 training rows have no score in "
                                          "cleanlab/label_issues.parquet"):
         flagging_scores(pd.concat([df, df.iloc[:1].assign(sample_id="s999")]), "cleanlab", root)
+    # the ekfac stage's table the same way: high second-order self-influence first
+    ekfac = {"sample_id": list(confidence)[::-1], "label": np.zeros(12, np.int32),
+             "is_corrupted": truth[::-1], "score": np.arange(12.0)}
+    root.child("ekfac", "ekfac.parquet").write_table(pa.table(ekfac))
+    by_id = dict(zip(ekfac["sample_id"], ekfac["score"], strict=True))
+    assert flagging_scores(df, "ekfac", root).tolist() == [by_id[i] for i in ids]
     # a detector of a stage the influence stage never reads cannot rank its flagged set
     import diffinf_ray.detectors as registered
 

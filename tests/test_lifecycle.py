@@ -196,6 +196,45 @@ def test_flag_by_cleanlab_runs_cleanlab_first_and_flags_its_least_confident_rows
     assert after["influence"]["summary"]["flag_by"] == "cleanlab"
 
 
+def test_flag_by_ekfac_runs_the_ekfac_stage_first_and_flags_its_top_rows(
+        finished_run, run_copy, capsys):
+    """influence.flag_by=ekfac: the ekfac stage (one Ray task; only the output head tracked, to
+    stay quick) runs before the influence stage, which flags the top tau by EK-FAC
+    self-influence; the stage's scores are the core's on the same rows under the last
+    checkpoint (computed here in-process), and ekfac/detection.json reports them."""
+    from diffinf_ray.datasets import read_split
+    from diffinf_ray.influence.detection import fraction_count
+    from diffinf_ray.influence.ekfac import EncodedImages, self_influence
+    from diffinf_ray.models.checkpoint import load_all
+    from diffinf_ray.storage import Location
+
+    wanted = [*STAGES[:4], "ekfac", "influence"]
+    before = records(run_copy)
+    code, err = diffinf(capsys, "run", TINY, *overrides(run_copy, wanted, "ekfac.layers=[head]",
+                                                       "influence.flag_by=ekfac"))
+    assert code == 0, err
+    after = records(run_copy)
+    assert reran(before, after) == {"influence"}
+    ekfac_record = RunRoot(str(run_copy)).stage_record("ekfac")
+    assert ekfac_record["status"] == "done"
+    assert ekfac_record["finished_at"] <= after["influence"]["finished_at"]
+    assert ekfac_record["summary"]["epochs"] == [1]
+    table = pq.read_table(run_copy / "influence" / "influence.parquet").to_pandas()
+    scores = pq.read_table(run_copy / "ekfac" / "ekfac.parquet").to_pandas()
+    assert sorted(scores.sample_id) == sorted(table.sample_id)
+    top = scores.sort_values("score", ascending=False).sample_id[:fraction_count(0.1, len(scores))]
+    assert set(table.sample_id[table.is_high]) == set(top)
+    assert after["influence"]["summary"]["flag_by"] == "ekfac"
+    detection = json.loads((run_copy / "ekfac" / "detection.json").read_text())
+    assert detection["ekfac"]["n"] == len(scores) and 0 <= detection["ekfac"]["auroc"] <= 1
+    rows = read_split(Location(str(run_copy / "manifest_noisy")), "train", ["image", "label"])
+    model = load_all(Location(str(run_copy / "checkpoints")))[-1].build_model()
+    want = self_influence(model, EncodedImages(rows["image"].tolist(), rows["label"].to_numpy()),
+                          layers=["head"], seed=0)
+    got = scores.set_index("sample_id").score.reindex(rows.sample_id).to_numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
 def test_relabel_trains_with_the_flagged_corrupted_rows_clean_labels(run_copy, capsys,
                                                                       monkeypatch):
     """The oracle relabel (a control): the fit sees every train row, with exactly the flagged

@@ -219,3 +219,35 @@ def test_flag_by_cleanlab_puts_the_cleanlab_stage_upstream_of_influence():
         _ = config_for_stage(cfg, "influence").cleanlab
     with pytest.raises(ConfigError, match="add cleanlab to stages"):
         load_config(TINY, ["stages=[ingest,noise,train,influence]", "influence.flag_by=cleanlab"])
+
+
+def test_flag_by_ekfac_puts_the_ekfac_stage_upstream_of_influence():
+    """As for cleanlab: only under flag_by=ekfac does the influence stage (and what reads its
+    flagged set) wait for and hash the ekfac stage and its settings; without the ekfac stage
+    among the stages the config is refused on load, naming the setting."""
+    from diffinf_ray.config import ConfigError
+
+    stages = "stages=[ingest,noise,train,ekfac,influence,removal]"
+    cfg = load_config(TINY, [stages])
+    by_ekfac = load_config(TINY, [stages, "influence.flag_by=ekfac"])
+    assert REGISTRY["ekfac"].upstream == ("train",)
+    assert STAGES.index("ekfac") < STAGES.index("influence")
+    assert "ekfac" not in upstream_stages("removal", cfg)
+    assert "ekfac" in upstream_stages("removal", by_ekfac)
+    assert "ekfac" not in covered_settings("influence", cfg)
+    assert "ekfac" in covered_settings("influence", by_ekfac)
+    damped = load_config(TINY, [stages, "influence.flag_by=ekfac", "ekfac.damping=0.01"])
+    assert fingerprint(damped, "removal") != fingerprint(by_ekfac, "removal")
+    assert fingerprint(damped, "ekfac") != fingerprint(by_ekfac, "ekfac")
+    assert fingerprint(load_config(TINY, [stages, "ekfac.damping=0.01"]), "removal") == \
+        fingerprint(cfg, "removal")
+    # the ekfac stage hashes the budget its detection figures use, not the influence batch size
+    assert fingerprint(load_config(TINY, [stages, "influence.tau=0.2"]), "ekfac") != \
+        fingerprint(cfg, "ekfac")
+    assert fingerprint(load_config(TINY, [stages, "influence.batch_size=8"]), "ekfac") == \
+        fingerprint(cfg, "ekfac")
+    assert config_for_stage(by_ekfac, "influence").ekfac.strategy == "ekfac"
+    with pytest.raises(UndeclaredSettingError):
+        _ = config_for_stage(cfg, "influence").ekfac
+    with pytest.raises(ConfigError, match="influence.flag_by='ekfac'.*add ekfac to stages"):
+        load_config(TINY, ["stages=[ingest,noise,train,influence]", "influence.flag_by=ekfac"])

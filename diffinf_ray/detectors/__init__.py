@@ -18,6 +18,7 @@ REGISTERED = (
     "diffinf_ray.detectors.loss:LOSS",
     "diffinf_ray.detectors.aum:AUM",
     "diffinf_ray.detectors.cleanlab:CLEANLAB",
+    "diffinf_ray.detectors.ekfac:EKFAC",
     "diffinf_ray.detectors.oracle:ORACLE",
 )
 
@@ -37,7 +38,7 @@ def detectors_of(stage: str) -> list[Detector]:
 
 def flagging_detector(name: str) -> Detector:
     """The detector `influence.flag_by` names: one whose score the influence stage computes, or
-    one of a stage the influence stage can read first (cleanlab: stage_registry's
+    one of a stage the influence stage can read first (cleanlab, ekfac: stage_registry's
     `upstream_when`), since the flagged set is the influence stage's output; anything else is a
     ValueError."""
     from diffinf_ray.stage_registry import REGISTRY

@@ -1,11 +1,15 @@
-"""Detector stages beside TracIn: cleanlab on K-fold out-of-sample probabilities, and the
-removal baseline (retrain without the high-influence set).
+"""Detector stages beside TracIn: cleanlab on K-fold out-of-sample probabilities, EK-FAC
+second-order self-influence, and the removal baseline (retrain without the high-influence set).
 
 cleanlab
   In:  manifest_noisy/ train rows; the train section (each fold's classifier is trained like
        the baseline, with Ray Train).
   Out: cleanlab/fold_k/checkpoints/, cleanlab/label_issues.parquet (sample_id, label,
        self_confidence, is_label_issue, is_corrupted), cleanlab/detection.json.
+ekfac
+  In:  manifest_noisy/ train rows; checkpoints/ (the last, or all with ekfac.checkpoint=all).
+  Out: ekfac/ekfac.parquet (sample_id, label, is_corrupted, score, per_checkpoint: the
+       lr-weighted terms, one for `last`), ekfac/detection.json.
 removal
   In:  manifest_noisy/, influence/influence.parquet (is_high).
   Out: removal/checkpoints/, removal/evaluation/metrics.json (clean test split).
@@ -72,6 +76,38 @@ def run_cleanlab(cfg: Config, root: RunRoot) -> dict:
         summary["cleanlab"] = {"precision": precision, "recall": recall, "auroc": report["auroc"],
                                "top_tau_precision": report["precision"],
                                "top_tau_recall": report["recall"]}
+    return summary
+
+
+def run_ekfac(cfg: Config, root: RunRoot) -> dict:
+    """EK-FAC self-influence of every training row (influence/ekfac.py) in ONE Ray task: the
+    factors are a reduction over the whole split (covariances, then eigendecompositions) that
+    one process holds, so there is nothing for an actor pool to share; a task, not the driver,
+    so that on a cluster it runs where a GPU is (ekfac.use_gpu) and not on the head node. It
+    reads the manifest and checkpoints itself; only the per-row scores come back."""
+    import ray
+
+    from diffinf_ray.influence.ekfac import score_training_split
+
+    check_manifest(root.noisy_manifest, "ekfac", ("sample_id", "split", "image", "label",
+                                                  "is_corrupted"))
+    s = cfg.ekfac
+    task = ray.remote(num_cpus=1, num_gpus=1 if s.use_gpu else 0)(score_training_split)
+    df, used = ray.get(task.remote(
+        root.noisy_manifest, root.checkpoints, checkpoint=s.checkpoint, strategy=s.strategy,
+        damping=s.damping, batch_size=s.batch_size, fisher=s.fisher, layers=s.layers,
+        seed=cfg.run.seed, device="cuda" if s.use_gpu else "cpu"))
+    out = root.child("ekfac")
+    out.child("ekfac.parquet").write_table(pa.table({
+        "sample_id": df["sample_id"].astype(str), "label": df["label"].astype(np.int32),
+        "is_corrupted": pa.array(df["is_corrupted"].tolist(), pa.bool_()),
+        "score": df["score"].to_numpy(np.float64),
+        "per_checkpoint": pa.array(df["per_checkpoint"].tolist(), pa.list_(pa.float64()))}))
+    detection = detection_reports(root, "ekfac", cfg.influence.tau, cfg.influence.per_class)
+    out.child("detection.json").write_json(detection)
+    summary = {"train_rows": len(df), "strategy": s.strategy, **used}
+    if "ekfac" in detection:
+        summary["ekfac"] = {k: detection["ekfac"][k] for k in ("precision", "recall", "auroc")}
     return summary
 
 
