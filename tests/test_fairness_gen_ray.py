@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+# kronfluence's wheel installs a top-level `tests` package, so not `from tests.test_fairness_gen`
+from test_fairness_gen import pngs, tiny_model
+
 from diffinf_ray.diffae.family import save_family
 from diffinf_ray.fairness_gen.settings import BaseModel, FinetuneSettings, SynthesisSettings
 from diffinf_ray.fairness_gen.synthesis import SYNTHETIC_SCHEMA
 from diffinf_ray.fairness_gen.variants import variant_by_name
 from diffinf_ray.manifest import SCHEMA
 from diffinf_ray.storage import Location
-from tests.test_fairness_gen import pngs, tiny_model
 
 
 def _manifest(folder) -> Location:
