@@ -36,7 +36,8 @@ demo: setup
 # submit`, an experiment through `ray job submit`, the Ray-overhead benchmark's smoke run).
 # On the 2-core build box at load average 2-4 the suite ran 45 minutes before classifier fits
 # decoded their data once (train.cache_decoded_images) and 28 to 34 after (2026-12-01); 23 minutes
-# on an idle box on 2026-12-05 (606 tests). CI's box has run it about twice as slowly. CI stops at 90.
+# on an idle box on 2026-12-05 (606 tests); 44 minutes for 633 tests on 2026-12-05 beside a running
+# experiment. CI's box has run it about twice as slowly. CI stops at 90.
 test: setup lint
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" --durations=25
 
