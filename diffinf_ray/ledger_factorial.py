@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 
+from diffinf_ray.detectors import DETECTORS
 from diffinf_ray.intervals import t_interval
 from diffinf_ray.ledger import SEED_KEYS, latest_per_seed
 
@@ -137,22 +138,21 @@ def factorial_cells(records: list[dict], metric: str = "accuracy",
 def detection_rows(records: list[dict], commit: str | None = None) -> list[dict]:
     """Per (group, detector): the flagged set's precision and recall at the budget tau and the
     AUROC against the injected corruption, mean over seeds (one record per group and seed: the
-    scores do not depend on which detector flagged). Read from the stage summaries that every
-    record keeps (influence: tracin, loss, oracle; cleanlab: its top-tau figures)."""
+    scores do not depend on which detector flagged). Read from the summary of each registered
+    detector's stage that every record keeps (cleanlab: its top-tau figures)."""
     if commit:
         records = [r for r in records if str(r.get("commit", "")).startswith(commit)]
     per_seed: dict[tuple, dict] = {}
     for r in latest_per_seed(records).values():
-        stages = r.get("stages", {})
-        found = {name: rep for name, rep in
-                 stages.get("influence", {}).get("summary", {}).items()
-                 if isinstance(rep, dict) and "auroc" in rep}
-        cleanlab = stages.get("cleanlab", {}).get("summary", {}).get("cleanlab")
-        if cleanlab:
-            found["cleanlab"] = {"precision": cleanlab["top_tau_precision"],
-                                 "recall": cleanlab["top_tau_recall"], "auroc": cleanlab["auroc"]}
-        for name, rep in found.items():
-            per_seed[(group_key(r), r["task"], r["noise"]["rate"], name, r["seed"])] = rep
+        for detector in DETECTORS.values():
+            rep = r.get("stages", {}).get(detector.stage, {}).get("summary", {}).get(
+                detector.name)
+            if not isinstance(rep, dict) or "auroc" not in rep:
+                continue
+            # cleanlab's own precision/recall are of find_label_issues' set: its top tau's apart
+            rep = {"precision": rep.get("top_tau_precision", rep["precision"]),
+                   "recall": rep.get("top_tau_recall", rep["recall"]), "auroc": rep["auroc"]}
+            per_seed[(group_key(r), r["task"], r["noise"]["rate"], detector.name, r["seed"])] = rep
     cells: dict[tuple, list[dict]] = {}
     for (group, task, rate, name, _), rep in per_seed.items():
         cells.setdefault((group, task, rate, name), []).append(rep)

@@ -169,6 +169,19 @@ def test_flag_by_oracle_flags_only_corrupted_rows(run_copy, capsys):
     assert after["influence"]["summary"]["flag_by"] == "oracle"
 
 
+def flag_by_another_stage(capsys, run_copy: Path, detector: str, *extra: str) -> dict:
+    """`diffinf run` of ingest..evaluate, the detector's own stage and influence with
+    influence.flag_by=detector; only influence re-runs among STAGES. The records after it."""
+    wanted = [*STAGES[:4], detector, "influence"]
+    before = records(run_copy)
+    code, err = diffinf(capsys, "run", TINY, *overrides(run_copy, wanted, *extra,
+                                                       f"influence.flag_by={detector}"))
+    assert code == 0, err
+    after = records(run_copy)
+    assert reran(before, after) == {"influence"}
+    return after
+
+
 def test_flag_by_cleanlab_runs_cleanlab_first_and_flags_its_least_confident_rows(
         finished_run, run_copy, capsys):
     """influence.flag_by=cleanlab (the factorial's best other detector): the cleanlab stage runs
@@ -176,13 +189,7 @@ def test_flag_by_cleanlab_runs_cleanlab_first_and_flags_its_least_confident_rows
     out-of-sample self-confidence; train, evaluate and the rest upstream are not re-run."""
     from diffinf_ray.influence.detection import fraction_count
 
-    wanted = [*STAGES[:4], "cleanlab", "influence"]
-    before = records(run_copy)
-    code, err = diffinf(capsys, "run", TINY, *overrides(run_copy, wanted, "cleanlab.folds=2",
-                                                       "influence.flag_by=cleanlab"))
-    assert code == 0, err
-    after = records(run_copy)
-    assert reran(before, after) == {"influence"}
+    after = flag_by_another_stage(capsys, run_copy, "cleanlab", "cleanlab.folds=2")
     cleanlab_done = RunRoot(str(run_copy)).stage_record("cleanlab")["finished_at"]
     assert cleanlab_done <= after["influence"]["finished_at"]
     table = pq.read_table(run_copy / "influence" / "influence.parquet").to_pandas()
@@ -208,13 +215,7 @@ def test_flag_by_ekfac_runs_the_ekfac_stage_first_and_flags_its_top_rows(
     from diffinf_ray.models.checkpoint import load_all
     from diffinf_ray.storage import Location
 
-    wanted = [*STAGES[:4], "ekfac", "influence"]
-    before = records(run_copy)
-    code, err = diffinf(capsys, "run", TINY, *overrides(run_copy, wanted, "ekfac.layers=[head]",
-                                                       "influence.flag_by=ekfac"))
-    assert code == 0, err
-    after = records(run_copy)
-    assert reran(before, after) == {"influence"}
+    after = flag_by_another_stage(capsys, run_copy, "ekfac", "ekfac.layers=[head]")
     ekfac_record = RunRoot(str(run_copy)).stage_record("ekfac")
     assert ekfac_record["status"] == "done"
     assert ekfac_record["finished_at"] <= after["influence"]["finished_at"]
