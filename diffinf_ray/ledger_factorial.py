@@ -10,6 +10,11 @@ seed: same noisy labels, same flagged set), which stays right when records of se
 are mixed. The clean-label ceiling is a record of the same setting at `noise.rate` 0 and the
 same seed; with it each cell says what share of the noisy -> clean gap it recovers.
 
+The noisy-label methods of Table 1 (stage `baselines`: Small-loss, ELR+, ProSelfLC, ProMix) train
+on all the noisy labels and flag nothing, so they are rows without a detector, paired with the
+noisy fit of the same record. Their settings (`baselines`) and the stage list stay out of the
+group key, so a baselines-only run of a setting joins that setting's factorial.
+
 Rows (columns of `factorial_cells`): task, group (the setting without detector, treatment and
 seeds), detector, treatment, seeds, values, mean, std, vs_noisy and vs_removal (paired
 differences: mean, ci95), gap_share, commits.
@@ -20,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 
+from diffinf_ray.baselines.registry import METHODS
 from diffinf_ray.detectors import DETECTORS
 from diffinf_ray.intervals import t_interval
 from diffinf_ray.ledger import SEED_KEYS, latest_per_seed
@@ -29,6 +35,8 @@ DEFAULT_DETECTOR = "tracin"
 TREATMENTS = ("removal", "oracle_relabel", "diffinf")
 # settings that say which cell of the factorial a record is (not which experiment it belongs to)
 CELL_KEYS = (("influence", "flag_by"), ("edit", "method"), ("edit", "gate", "enabled"))
+# what only the noisy-label methods' rows depend on (they are rows of every cell's table)
+BASELINE_KEYS = (("baselines",),)
 
 
 def _without(config: dict, paths) -> dict:
@@ -49,16 +57,17 @@ def _hash(config: dict) -> str:
 def group_key(record: dict) -> str:
     """The experiment a record belongs to: its config without seeds, stage list, run root and
     name, and the settings that pick its cell (CELL_KEYS); the noise setting stays in."""
-    config = _without(record.get("config", {}), [*SEED_KEYS, *CELL_KEYS, ("stages",),
-                                                 ("run", "root"), ("run", "name")])
+    config = _without(record.get("config", {}), [*SEED_KEYS, *CELL_KEYS, *BASELINE_KEYS,
+                                                 ("stages",), ("run", "root"), ("run", "name")])
     return _hash(config)
 
 
 def ceiling_key(record: dict) -> str:
     """What a clean-label run shares with the noisy runs it is the ceiling of: the group key
     without the noise section."""
-    config = _without(record.get("config", {}), [*SEED_KEYS, *CELL_KEYS, ("stages",),
-                                                 ("run", "root"), ("run", "name"), ("noise",)])
+    config = _without(record.get("config", {}), [*SEED_KEYS, *CELL_KEYS, *BASELINE_KEYS,
+                                                 ("stages",), ("run", "root"), ("run", "name"),
+                                                 ("noise",)])
     return _hash(config)
 
 
@@ -98,13 +107,19 @@ def factorial_cells(records: list[dict], metric: str = "accuracy",
         noisy = m["noisy"][metric]
         removal = m.get("removal", {}).get(metric)
         clean = ceilings.get((ceiling_key(r), r["seed"]))
-        cells = [("-", "noisy")] + [(detector, diffinf if t == "diffinf" else t)
-                                    for t in TREATMENTS if m.get(t, {}).get(metric) is not None]
+        cells = ([("-", "noisy")]
+                 + [("-", name) for name in METHODS if m.get(name, {}).get(metric) is not None]
+                 + [(detector, diffinf if t == "diffinf" else t)
+                    for t in TREATMENTS if m.get(t, {}).get(metric) is not None])
         for det, treatment in cells:
             source = "diffinf" if treatment.startswith("diffinf") else treatment
             value = m[source][metric]
+            if det == "-" and treatment in METHODS:
+                removal_of_row = None  # a noisy-label method has no flagged set to remove
+            else:
+                removal_of_row = removal
             found.setdefault((group, det, treatment), {})[r["seed"]] = (
-                value, noisy, removal, clean, r.get("commit", "")[:7])
+                value, noisy, removal_of_row, clean, r.get("commit", "")[:7])
         if clean is not None:
             found.setdefault((group, "-", "clean ceiling"), {})[r["seed"]] = (
                 clean, noisy, None, clean, "")
@@ -128,7 +143,8 @@ def factorial_cells(records: list[dict], metric: str = "accuracy",
                      "std": std, "vs_noisy": vs_noisy if treatment != "noisy" else None,
                      "vs_removal": vs_removal, "gap_share": gap_share,
                      "commits": sorted({by_seed[s][4] for s in seeds} - {""})})
-    order = {"noisy": 0, "clean ceiling": 9, **{t: i + 1 for i, t in enumerate(TREATMENTS)}}
+    order = {"noisy": 0, "clean ceiling": 9, **{t: i + 1 for i, t in enumerate(METHODS)},
+             **{t: i + 1 for i, t in enumerate(TREATMENTS)}}
     detectors = {"-": 0, "tracin": 1, "oracle": 9}
     return sorted(rows, key=lambda r: (r["task"], r["run"], r["group"],
                                        detectors.get(r["detector"], 5), r["detector"],

@@ -10,10 +10,11 @@ from diffinf_ray.ledger_factorial import detection_rows, factorial_cells, format
 
 
 def record(seed, flag_by, metrics, *, rate=0.3, epochs=8, method="oracle_repair", gate=False,
-           commit="aaaaaaa1", stages=None):
+           commit="aaaaaaa1", stages=None, baselines=None, stage_list=("train",)):
     config = {"run": {"seed": seed}, "noise": {"rate": rate, "seed": seed, "kind": "symmetric"},
               "train": {"epochs": epochs}, "influence": {"flag_by": flag_by, "tau": 0.1},
-              "edit": {"method": method, "gate": {"enabled": gate}}, "stages": ["train"]}
+              "edit": {"method": method, "gate": {"enabled": gate}}, "stages": list(stage_list),
+              "baselines": baselines or {"methods": ["small_loss"], "options": {}}}
     return {"schema": 1, "config": config, "setting": ledger.setting_hash(config), "seed": seed,
             "noise": {"rate": rate}, "task": "age", "run": "f", "commit": commit,
             "date": f"2026-12-05T00:0{seed}:00Z", "stages": stages or {},
@@ -61,6 +62,29 @@ def test_the_share_of_the_gap_comes_from_the_ceiling_of_the_same_setting_and_see
     assert cell(rows, "-", "noisy")["gap_share"] == 0.0
     text = format_factorial(rows)
     assert "| age | 0.3 | oracle | diffinf guided + gate | 0,1 | 60.00 ± 0.00 |" in text
+
+
+def test_noisy_label_methods_are_rows_without_a_detector_paired_with_the_noisy_fit():
+    # a baselines-only run (other stage list, ProMix's warm-up set) joins the factorial's setting
+    records = [record(s, "tracin", {"noisy": 50.0 + s, "removal": 49.0}) for s in range(2)]
+    records += [record(s, "tracin", {"noisy": 50.0 + s, "small_loss": 55.0 + 2 * s,
+                                     "promix": 52.0},
+                       stage_list=("ingest", "noise", "train", "baselines"),
+                       baselines={"methods": ["small_loss", "promix"],
+                                  "options": {"promix": {"pretrain_epochs": 3}}})
+                for s in range(2)]
+    records += [record(s, "tracin", {"noisy": 60.0 + s}, rate=0.0) for s in range(2)]  # ceiling
+    rows = factorial_cells(records)
+    small = cell(rows, "-", "small_loss")
+    assert small["values"] == [55.0, 57.0]
+    assert small["vs_noisy"]["mean"] == pytest.approx(5.5)  # 5, 6
+    assert small["vs_removal"] is None  # it removes nothing
+    assert small["gap_share"] == pytest.approx(11 / 20)
+    assert cell(rows, "-", "promix")["vs_noisy"]["mean"] == pytest.approx(1.5)  # 2, 1
+    assert cell(rows, "tracin", "removal")["values"] == [49.0, 49.0]  # the same group
+    order = [(r["detector"], r["treatment"]) for r in rows]
+    assert order[:4] == [("-", "noisy"), ("-", "small_loss"), ("-", "promix"),
+                         ("-", "clean ceiling")]
 
 
 def test_a_rerun_supersedes_its_record_and_does_not_add_a_seed():
