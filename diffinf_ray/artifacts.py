@@ -160,22 +160,24 @@ def perceptual_distance(cfg, identity_net, options, device: str = "cpu"):
 def load_edit_losses(cfg, root: RunRoot, device: str = "cpu"):
     """(EditLosses, perceptual distance name) from a finished lossnets stage."""
     from diffinf_ray.config import ConfigError
-    from diffinf_ray.edit.losses import EditLosses, LossWeights
+    from diffinf_ray.edit.editor import loss_weights_from_section
+    from diffinf_ray.edit.losses import EditLosses
 
     record = root.child(LOSSNETS_FOLDER, LOSSNETS_RECORD).read_json()
     identity = load_identity(record["identity"], root.options, device,
                              recorded_location(record["identity"], root))
-    e = cfg.edit
-    if record["parsing"] is None and e.l_struct > 0:
-        raise ConfigError("the structure loss needs lossnets.parsing_uri (a BiSeNet "
-                          "face-parsing checkpoint) or a `mask` column to train a parser on; "
-                          "or set edit.l_struct=0")
     parsing = load_parsing(record["parsing"], root.options, device,
                            record["parsing"] and recorded_location(record["parsing"], root))
     perceptual = perceptual_distance(cfg, identity, root.options, device)
-    weights = LossWeights(w_id=e.w_id, w_reg=e.w_reg, l_struct=e.l_struct, l_perc=e.l_perc,
-                          l_pixel=e.l_pixel)
-    return EditLosses(identity, parsing, perceptual, weights), perceptual.name
+    losses = EditLosses(identity, parsing, perceptual, loss_weights_from_section(cfg.edit))
+    if "struct" in losses.missing():
+        raise ConfigError("the structure loss needs lossnets.parsing_uri (a BiSeNet "
+                          "face-parsing checkpoint) or a `mask` column to train a parser on; "
+                          "or set edit.loss_terms.struct=0")
+    if losses.missing():
+        raise ConfigError(f"edit.loss_terms weighs {losses.missing()}, whose networks the "
+                          "lossnets stage did not provide; set their weights to 0")
+    return losses, perceptual.name
 
 
 # -- edits and judges -------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    create_model,
     field_validator,
     model_validator,
 )
@@ -29,6 +30,7 @@ from pydantic_core import PydanticCustomError
 from diffinf_ray.baselines.registry import METHODS as NOISY_LABEL_METHODS
 from diffinf_ray.baselines.registry import check_options, fits
 from diffinf_ray.diffae.timesteps import ddim_timesteps
+from diffinf_ray.edit.loss_terms import REGISTERED as LOSS_TERMS
 from diffinf_ray.edit.methods import edit_method
 
 # The stage table lives in stage_registry; these names are re-exported for the config's users.
@@ -350,6 +352,16 @@ class GuidedEditSection(_Section):
     alpha: float = Field(0.3, ge=0.0, le=10.0)
 
 
+# keys a config may still carry from an earlier version -> where the setting lives now
+RENAMED_KEYS = {f"edit.l_{name}": f"edit.loss_terms.{name}" for name in ("struct", "perc", "pixel")}
+
+# edit.loss_terms: one weight per registered image term of the edit (edit/loss_terms.py), so a
+# new term is a config key with its default weight without touching this file
+LossTermsSection = create_model(
+    "LossTermsSection", __base__=_Section,
+    **{t.name: (float, Field(t.default, ge=0, allow_inf_nan=False)) for t in LOSS_TERMS})
+
+
 class EditSection(_Section):
     """The generative correction (stage `edit`, METHOD.md stage 6). `method` (edit/methods.py):
     `latent` optimises the latents of each high-influence sample through the frozen autoencoder's
@@ -357,6 +369,10 @@ class EditSection(_Section):
     w_id*L_id + w_reg*(l_struct*L_struct + l_perc*L_perc + l_pixel*L_pixel) + w_si*h_w(g(x), y);
     `guided` edits without gradients (`guided` sub-section) and keeps the candidate with the
     lowest w_id*L_id + w_reg*(...) term.
+
+    `loss_terms` holds one weight l per registered image term (edit/loss_terms.py: id, struct,
+    perc, pixel; 0 turns a term off), e.g. `edit.loss_terms.perc=0`; w_id and w_reg scale the
+    identity and regulariser groups.
     """
 
     method: str = "latent"  # latent | guided
@@ -376,9 +392,7 @@ class EditSection(_Section):
     w_id: float = Field(1.0, ge=0)
     w_reg: float = Field(1.0, ge=0)
     w_si: float = Field(1.0, ge=0)
-    l_struct: float = Field(1.0, ge=0)
-    l_perc: float = Field(1.0, ge=0)
-    l_pixel: float = Field(1.0, ge=0)
+    loss_terms: LossTermsSection = LossTermsSection()
     stop_p_high: Fraction = 0.2  # a sample stops once h_w's p_high falls below this
     checkpoint: bool = True  # per-step gradient checkpointing in the decode
     batch_size: int = Field(16, ge=1)
@@ -388,6 +402,15 @@ class EditSection(_Section):
     max_attempts: int = Field(3, ge=1)  # per row, then quarantined with its reason
     seed: int = 0
     gate: GateSection = GateSection()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_term_weights(cls, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            for key in data:
+                if f"edit.{key}" in RENAMED_KEYS:
+                    raise ValueError(f"edit.{key} is now {RENAMED_KEYS[f'edit.{key}']}")
+        return data
 
     @field_validator("method")
     @classmethod
@@ -543,6 +566,8 @@ def _check_key(schema: type[BaseModel], dotted: str, source: str) -> None:
     """A ConfigError unless `dotted` names a field of `schema` (below a free-form mapping field,
     such as autoencoder.overrides or baselines.options, any key passes here and the field's own
     validator judges it)."""
+    if schema is Config and dotted in RENAMED_KEYS:
+        raise ConfigError(f"{source}: {dotted!r} is now {RENAMED_KEYS[dotted]!r}")
     model: type[BaseModel] | None = schema
     parts = dotted.split(".")
     for i, part in enumerate(parts):

@@ -129,11 +129,12 @@ def editor() -> LatentEditor:
 
 
 def test_edit_settings_mirror_the_config_section():
-    section = EditSection(optimize="z", iterations=7, lr=0.1, stop_p_high=0.3, l_perc=2.0)
+    section = EditSection(optimize="z", iterations=7, lr=0.1, stop_p_high=0.3,
+                          loss_terms={"perc": 2.0})
     settings = EditSettings.from_section(section)
     assert (settings.optimize, settings.iterations, settings.lr, settings.stop_p_high) == (
         "z", 7, 0.1, 0.3)
-    assert loss_weights_from_section(section).l_perc == 2.0
+    assert loss_weights_from_section(section).terms["perc"] == 2.0
 
 
 @pytest.mark.parametrize("term", ["id", "struct", "perc", "pixel", "si"])

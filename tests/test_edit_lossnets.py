@@ -422,3 +422,30 @@ def test_self_trained_loss_networks_are_read_from_the_run_root_that_holds_them(t
     trained = ident.load_identity_embedder(str(tmp_path / "new" / "lossnets" / "identity"))
     assert _same_weights(losses.identity, trained)
     assert losses.parsing is not None
+
+
+def test_without_a_parser_the_structure_term_is_refused_unless_its_weight_is_zero(tmp_path):
+    """No BiSeNet checkpoint and no `mask` column: lossnets trains no parser, and the edit stage's
+    losses refuse a weighted structure term (it would silently count as zero) and name the fix."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from diffinf_ray.artifacts import load_edit_losses
+    from diffinf_ray.config import ConfigError, load_config
+    from diffinf_ray.data import synthfaces as sf
+    from diffinf_ray.run_root import RunRoot
+    from diffinf_ray.stages.lossnets import run_lossnets
+
+    spec = sf.SynthFacesSpec(task="age", resolution=32, seed=0, num_identities=12)
+    rows = sf.generate_batch(spec, np.arange(48))
+    (tmp_path / "manifest").mkdir(parents=True)
+    pq.write_table(pa.table({k: rows[k] for k in ("sample_id", "split", "image", "identity")}),
+                   tmp_path / "manifest" / "part-0.parquet")
+    overrides = [f"run.root={tmp_path}", "lossnets.identity_epochs=1"]
+    cfg = load_config("jobs/configs/tiny.yaml", overrides)
+    assert run_lossnets(cfg, RunRoot(str(tmp_path)))["parsing"] is None
+    with pytest.raises(ConfigError, match="edit.loss_terms.struct=0"):
+        load_edit_losses(cfg, RunRoot(str(tmp_path)))
+    cfg = load_config("jobs/configs/tiny.yaml", [*overrides, "edit.loss_terms.struct=0"])
+    losses, _ = load_edit_losses(cfg, RunRoot(str(tmp_path)))
+    assert losses.parsing is None and losses.missing() == []

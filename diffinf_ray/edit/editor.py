@@ -94,7 +94,7 @@ class EditSettings:
 
 def loss_weights_from_section(section) -> LossWeights:
     """The image-term weights of a `config.EditSection` (w_si goes to `LatentEditor`)."""
-    return LossWeights(**{f.name: getattr(section, f.name) for f in fields(LossWeights)})
+    return LossWeights(w_id=section.w_id, w_reg=section.w_reg, terms=dict(section.loss_terms))
 
 
 def straight_through_clamp(x: torch.Tensor) -> torch.Tensor:
@@ -108,14 +108,6 @@ def freeze_loss_networks(losses: EditLosses, device: torch.device) -> None:
         net = getattr(losses, name)
         if isinstance(net, nn.Module):
             freeze(net, device)
-
-
-def _select(ref: Reference, rows: torch.Tensor) -> Reference:
-    return Reference(
-        images=ref.images[rows],
-        identity=ref.identity[rows] if ref.identity is not None else None,
-        parsing=ref.parsing[rows] if ref.parsing is not None else None,
-    )
 
 
 def freeze(module: nn.Module, device: torch.device) -> nn.Module:
@@ -235,7 +227,7 @@ class LatentEditor:
             last = step == s.iterations
             with torch.set_grad_enabled(not last):
                 x_raw, terms = self.objective(z[active], x_T[active], y[active],
-                                              _select(ref, active))
+                                              ref.select(active))
             if step == 0:
                 reconstruction_mse = (x_raw.detach() - x).pow(2).flatten(1).mean(dim=1)
                 total_initial = terms["total"].detach().clone()
