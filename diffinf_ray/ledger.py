@@ -142,15 +142,55 @@ def write_record(record: dict, folder: str | Path = DEFAULT_FOLDER) -> Path:
     return path
 
 
+def _merge(defaults: dict, given: dict) -> dict:
+    out = dict(defaults)
+    for key, value in given.items():
+        out[key] = (_merge(out[key], value) if isinstance(value, dict)
+                    and isinstance(out.get(key), dict) else value)
+    return out
+
+
+def comparable_config(config: dict) -> dict:
+    """A pipeline record's config as the current schema reads it, so that records of several
+    commits land in one setting when they ran the same settings: keys renamed since are moved
+    to their new names (`config.RENAMED_KEYS`; edit.l_perc -> edit.loss_terms.perc) and
+    settings added since (a new section, a new term's weight) take their current defaults,
+    which by this project's rule keep the earlier behaviour. Keys the schema no longer has stay,
+    so a setting that was removed still tells its records apart."""
+    from diffinf_ray.config import RENAMED_KEYS, Config
+
+    config = json.loads(json.dumps(config))
+    for old, new in RENAMED_KEYS.items():
+        *parents, leaf = old.split(".")
+        node = config
+        for key in parents:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node:
+            value = node.pop(leaf)
+            *new_parents, new_leaf = new.split(".")
+            target = config
+            for key in new_parents:
+                target = target.setdefault(key, {})
+            target[new_leaf] = value
+    defaults = Config().model_dump(mode="json")
+    defaults["run"].pop("root", None)
+    return _merge(defaults, config)
+
+
 def read_ledger(folder: str | Path = DEFAULT_FOLDER) -> list[dict]:
     """Every record in `folder`, oldest first; a file that is not a schema-1 record is an error
-    naming it."""
+    naming it. A pipeline record's config and setting are read as the current schema reads them
+    (`comparable_config`; the file keeps what was written, `recorded_setting` its setting)."""
     records = []
     for path in sorted(Path(folder).glob("*.json")):
         record = json.loads(path.read_text())
         if record.get("schema") != SCHEMA:
             raise ValueError(f"{path}: not a ledger record of schema {SCHEMA}")
         record["_file"] = path.name
+        if record.get("kind", "pipeline") == "pipeline":
+            record["recorded_setting"] = record["setting"]
+            record["config"] = comparable_config(record.get("config", {}))
+            record["setting"] = setting_hash(record["config"])
         records.append(record)
     return sorted(records, key=lambda r: r["date"])
 

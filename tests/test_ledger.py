@@ -66,6 +66,29 @@ def test_seeds_share_a_setting_and_other_settings_do_not(tmp_path):
     assert a["setting"] == b["setting"] != c["setting"]
 
 
+def test_records_of_an_earlier_schema_join_the_setting_they_ran(tmp_path):
+    """A record written before a setting was renamed (edit.l_perc -> edit.loss_terms.perc) or a
+    section added (ekfac) is read as the current schema reads it: same settings, same setting."""
+    now = record_of(*finished_run(tmp_path / "a", 0, 50.0, 55.0))
+    older = json.loads(json.dumps(record_of(*finished_run(tmp_path / "b", 1, 51.0, 56.0))))
+    terms = older["config"]["edit"].pop("loss_terms")
+    older["config"]["edit"].update({f"l_{k}": v for k, v in terms.items() if k != "id"})
+    del older["config"]["ekfac"]
+    older["setting"] = "written-then"
+    other = json.loads(json.dumps(older))  # the same earlier schema, another perceptual weight
+    other["config"]["edit"]["l_perc"] = 0.0
+    for i, r in enumerate((now, older, other)):
+        ledger.write_record({**r, "date": f"2026-12-0{i + 1}T00:00:00Z"}, tmp_path / "ledger")
+    back = ledger.read_ledger(tmp_path / "ledger")
+    assert back[0]["setting"] == back[1]["setting"] != back[2]["setting"]
+    assert back[1]["recorded_setting"] == "written-then"
+    assert back[2]["config"]["edit"]["loss_terms"]["perc"] == 0.0
+    assert "l_perc" not in back[2]["config"]["edit"]
+    [row] = [r for r in ledger.paired_differences(back, "removal", "noisy")
+             if r["setting"] == back[0]["setting"]]
+    assert row["seeds"] == [0, 1]
+
+
 def test_stale_stages_and_empty_roots_are_refused(tmp_path):
     cfg, run = finished_run(tmp_path / "run", 0, 50.0, 55.0)
     changed = load_config(TINY, [f"run.root={tmp_path / 'run'}", STAGES, "train.epochs=3"])
