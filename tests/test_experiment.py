@@ -306,3 +306,56 @@ def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path, capsys):
     assert "6 runs" in out and "age/clean/seed_2" in out and "expression" not in out
     assert not (tmp_path / "r").exists()
     assert ex.main([str(path), "--task", "nope"]) == 2
+
+
+def test_a_ledger_holds_finished_runs_and_the_table_marks_older_code(fake_stages, tmp_path,
+                                                                      monkeypatch, capsys):
+    """With `ledger:` every finished run is recorded; a later invocation (here: on a machine
+    without the run roots, at a newer commit) runs nothing the ledger holds, takes the figures
+    from the records and marks them as older code's; a changed setting is not held."""
+    import shutil
+
+    import diffinf_ray.ledger as ledger
+    import diffinf_ray.pipeline as pipeline
+
+    text = (GOOD.format(root=tmp_path / "r") + "seeds: [0, 1]\n"
+            f"ledger: {tmp_path / 'ledger'}\n"
+            "stages: [ingest, noise, train, evaluate, influence, removal]\n")
+    path = write_experiment(tmp_path, text)
+    exp = ex.load_experiment(path)
+    commit = {"commit": "a" * 40, "dirty": False}
+    monkeypatch.setattr(ledger, "git_commit", lambda cwd=None: dict(commit))
+    first = ex.run_experiment(exp, only_tasks=["age"])
+    assert [o.status for o in first.outcomes] == ["done"] * 4  # methods + clean, 2 seeds
+    assert len(list((tmp_path / "ledger").glob("*.json"))) == 4
+    table = pd.read_csv(tmp_path / "r" / "table" / "table.csv").set_index("method")
+    removal = table.loc["self-influence removal", "age acc (%)"]
+    assert "†" not in removal  # the records are this checkout's
+
+    shutil.rmtree(tmp_path / "r")
+    commit["commit"] = "b" * 40
+    ran = []
+    real = pipeline.stage_function
+    monkeypatch.setattr(pipeline, "stage_function",
+                        lambda stage: (ran.append(stage), real(stage))[1])
+    again = ex.run_experiment(exp, only_tasks=["age"])
+    assert [o.status for o in again.outcomes] == ["held"] * 4 and ran == []
+    assert again.failures == []
+    out = tmp_path / "r" / "table"
+    table = pd.read_csv(out / "table.csv").set_index("method")
+    assert table.loc["self-influence removal", "age acc (%)"] == removal + " †"
+    acc = [90 - 30 + 1 + s for s in range(2)]  # the stand-in removal's, seeds 0 and 1
+    assert removal == f"{np.mean(acc):.2f} ± {np.std(acc, ddof=1):.2f} (n=2)"
+    assert table.loc["clean labels (ceiling)", "age acc (%)"].endswith(" †")
+    md = (out / "table.md").read_text()
+    assert "commits aaaaaaa" in md
+    state = json.loads((tmp_path / "r" / "experiment.json").read_text())
+    assert {r["status"] for r in state["runs"].values()} == {"held"}
+    assert ex.main([str(path), "--task", "age", "--dry-run"]) == 0
+    assert "4 runs, 4 held by the ledger (not run):" in capsys.readouterr().out
+
+    # another setting: its fingerprints differ, so the ledger does not hold it
+    changed = write_experiment(tmp_path, text + "overrides: {train.epochs: 3}\n")
+    third = ex.run_experiment(ex.load_experiment(changed), only_tasks=["age"])
+    assert [o.status for o in third.outcomes] == ["done"] * 4 and "train" in ran
+    assert len(list((tmp_path / "ledger").glob("*.json"))) == 8

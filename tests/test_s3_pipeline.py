@@ -1,5 +1,7 @@
 """The tiny pipeline with its run root on s3:// (moto's S3 server on 127.0.0.1): the production
-code path, Ray started by the pipeline itself (as `diffinf run` does)."""
+code path, Ray started by the pipeline itself (as `diffinf run` does). The endpoint reaches the
+code in each of the ways a user names it: the run root's URI query, `AWS_ENDPOINT_URL_S3`, and
+`storage.endpoint_override` (the whole method, every stage)."""
 
 import pyarrow.parquet as pq
 import pytest
@@ -9,12 +11,13 @@ from diffinf_ray.models.checkpoint import list_checkpoints, load_all
 from diffinf_ray.pipeline import open_run_root, run_pipeline
 
 
-def test_pipeline_on_s3(s3_endpoint, tmp_path):
+def test_pipeline_on_s3(s3_endpoint, tmp_path, monkeypatch):
     pytest.importorskip("ray")
-    root_uri = s3_endpoint.bucket("runs")
-    base, query = root_uri.split("?")
+    s3_endpoint.bucket("runs")
+    # the endpoint from the environment only (the fixture clears it; Ray's workers inherit it)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_endpoint.endpoint)
     cfg = load_config("jobs/configs/tiny.yaml",
-                      [f"run.root={base}/tiny?{query}", "ray.num_cpus=2",
+                      ["run.root=s3://runs/tiny", "ray.num_cpus=2",
                        "stages=[ingest,noise,train,evaluate,influence]"])
     results = run_pipeline(cfg)
 
@@ -46,3 +49,37 @@ def test_pipeline_on_s3(s3_endpoint, tmp_path):
     # a second run finds every stage done on S3 and skips it
     again = run_pipeline(cfg)
     assert again["evaluate"]["accuracy"] == results["evaluate"]["accuracy"]
+
+
+@pytest.mark.timeout(2400)
+def test_the_whole_method_on_s3(s3_endpoint):
+    """Every stage of the method (autoencoder, edit actors, refine, retrain, judges, report) with
+    the run root on S3 and the endpoint from `storage.endpoint_override`."""
+    pytest.importorskip("ray")
+    from test_diffinf_pipeline import tiny_diffinf
+
+    s3_endpoint.bucket("runs")
+    cfg = tiny_diffinf("s3://runs/whole", f"storage.endpoint_override={s3_endpoint.endpoint}",
+                       "ray.num_cpus=2", "train.epochs=1", "autoencoder.steps=10",
+                       "predictor.epochs=5", "edit.iterations=1")
+    results = run_pipeline(cfg)
+    assert list(results) == list(cfg.stages)
+    root = open_run_root(cfg)
+    assert root.display == "s3://runs/whole"
+    flagged = results["influence"]["high_influence_rows"]
+    edits = root.child("edits", "edits.parquet").read_table()
+    quarantined = root.child("edits", "quarantine.parquet").read_table().num_rows
+    assert edits.num_rows + quarantined == flagged > 0  # every flagged row, edited or quarantined
+    # refined/ on S3: every noisy row kept (edited or not) or listed as removed
+    refined = pq.read_table(root.child("refined").path, filesystem=root.fs).to_pandas()
+    removed = root.child("refined", "_removed.parquet").read_table().to_pandas()
+    noisy = pq.read_table(root.noisy_manifest.path, filesystem=root.fs, columns=["sample_id"])
+    assert sorted([*refined.sample_id, *removed.sample_id]) == sorted(
+        noisy.column("sample_id").to_pylist())
+    assert int(refined.is_edited.sum()) == results["refine"]["edited_rows"] > 0
+    metrics = root.child("retrain", "evaluation", "metrics.json").read_json()
+    assert 0.0 <= metrics["accuracy"] <= 100.0
+    assert root.child("report", "report.md").exists()
+    keys = {o["Key"] for o in s3_endpoint.client.list_objects_v2(
+        Bucket="runs", Prefix="whole/")["Contents"]}
+    assert any(k.startswith("whole/retrain/checkpoints/") for k in keys)

@@ -22,6 +22,7 @@ Experiment YAML (ExperimentConfig; an unknown key is an error naming it):
     stages: [ingest, noise, ...]    # what each task run executes
     clean_ceiling: true             # + per task and seed: noise.rate=0, ingest..evaluate
     noise_rates: [0.1, 0.4]         # + per task, rate and seed: noisy baseline only
+    ledger: benchmarks/ledger       # optional: the results ledger (below)
 
 Runs (`plan`, deterministic: seed, then task, then methods / clean / noisy_<rate>):
     <root>/<task>/methods/seed_<s>     the task's noise rate, `stages`
@@ -32,6 +33,13 @@ and repeating the command resumes. A failing stage is recorded with its error; t
 do not read its outputs still run (`report` always does: it shows what exists), then the next
 run starts. Progress: <root>/experiment.json {"runs": {run_id: {status, stages_ran, errors,
 ...}}}.
+
+With `ledger` (experiment/held.py): a run that the ledger already holds (a record of its seed
+whose every stage has the fingerprint the run's config gives it now) is not run again, and the
+table takes its figures from the record; every run that finishes is recorded there. Table
+cells that include a record of another commit than the checkout's are marked † and the
+table names those commits: Table 1 accumulates across sessions and machines without any row
+passing for fresher than the code that produced it.
 
 Out (`write_table`), under <root>/table/:
     table.md, table.csv, table.html  rows: noisy, Small-loss, ELR+, removal, DiffInf,

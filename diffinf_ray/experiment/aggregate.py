@@ -23,13 +23,23 @@ def run_root(run: Run):
 
 def aggregate(exp: ExperimentConfig, runs: list[Run] | None = None) -> pd.DataFrame:
     """Long form of every run's clean-test metrics: task, run (kind), condition, seed,
-    noise_rate, accuracy (%), auroc (x100), kappa, ece. The clean run's condition is "clean";
-    a noise-rate run's is "noisy". Runs not (yet) run contribute no rows."""
+    noise_rate, accuracy (%), auroc (x100), kappa, ece, and `commit`: None for figures read
+    from the run root, the record's commit for a run the ledger holds (experiment/held.py)
+    whose root has none. The clean run's condition is "clean"; a noise-rate run's is "noisy".
+    Runs not (yet) run contribute no rows."""
+    from diffinf_ray.experiment.held import held_records
     from diffinf_ray.stages.report import condition_metrics
 
+    runs = runs or plan(exp)
+    held = held_records(exp, runs)
     rows = []
-    for run in runs or plan(exp):
-        metrics = condition_metrics(run_root(run))
+    for run in runs:
+        metrics, commit = condition_metrics(run_root(run)), None
+        if metrics.empty and run.id in held:
+            record = held[run.id]
+            commit = record.get("commit")
+            metrics = pd.DataFrame([{"condition": c, **m}
+                                    for c, m in record.get("metrics", {}).items()])
         if metrics.empty:
             continue
         if run.kind != "methods":  # baseline-only runs: their one condition is the noisy model
@@ -38,8 +48,8 @@ def aggregate(exp: ExperimentConfig, runs: list[Run] | None = None) -> pd.DataFr
         for m in metrics.to_dict(orient="records"):
             rows.append({"task": run.task, "run": run.kind, "condition": m["condition"],
                          "seed": run.seed, "noise_rate": run.noise_rate,
-                         **{k: m.get(k) for k in METRICS}})
-    columns = ["task", "run", "condition", "seed", "noise_rate", *METRICS]
+                         **{k: m.get(k) for k in METRICS}, "commit": commit})
+    columns = ["task", "run", "condition", "seed", "noise_rate", *METRICS, "commit"]
     return pd.DataFrame(rows, columns=columns).astype({k: float for k in METRICS})
 
 

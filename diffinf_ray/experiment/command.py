@@ -5,17 +5,21 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from diffinf_ray.experiment.held import held_records
 from diffinf_ray.experiment.plan import Run, experiment_location, load_experiment
 from diffinf_ray.experiment.run import run_experiment
 from diffinf_ray.experiment.table import write_table
 from diffinf_ray.storage import display_uri
 
 
-def _print_plan(runs: list[Run]) -> None:
-    print(f"{len(runs)} runs:")
+def _print_plan(runs: list[Run], held: dict[str, dict]) -> None:
+    print(f"{len(runs)} runs" + (f", {len(held)} held by the ledger (not run):" if held else ":"))
     for r in runs:
         print(f"  {r.id:<32} noise {r.noise_rate:<5g} {display_uri(r.root)}\n"
               f"  {'':<32} stages {', '.join(r.stages)}")
+        if r.id in held:
+            print(f"  {'':<32} held by {held[r.id].get('_file')} "
+                  f"(commit {str(held[r.id].get('commit'))[:7]})")
 
 
 def run_command(args) -> int:
@@ -30,7 +34,7 @@ def run_command(args) -> int:
         return 0
     result = run_experiment(exp, only_tasks=args.tasks, dry_run=args.dry_run)
     if args.dry_run:
-        _print_plan(result.runs)
+        _print_plan(result.runs, held_records(exp, result.runs))
         return 0
     print(f"\ntable: {experiment_location(exp).child('table', 'table.md').display}")
     if result.table_error:

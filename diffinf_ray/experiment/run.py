@@ -6,9 +6,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 from diffinf_ray.config import ConfigError
+from diffinf_ray.experiment.held import held_records, record_run
 from diffinf_ray.experiment.plan import Run, experiment_location, plan
 from diffinf_ray.experiment.spec import ExperimentConfig
 from diffinf_ray.experiment.table import write_table
@@ -19,7 +21,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class RunOutcome:
     run: Run
-    status: str  # "done" | "failed"
+    status: str  # "done" | "failed" | "held" (the ledger holds it: not run)
     stages_ran: list[str]
     errors: dict[str, str]  # stage (or "run") -> message
     wall_seconds: float
@@ -33,7 +35,7 @@ class ExperimentResult:
 
     @property
     def failures(self) -> list[RunOutcome]:
-        return [o for o in self.outcomes if o.status != "done"]
+        return [o for o in self.outcomes if o.status == "failed"]
 
 
 def execute_run(run: Run) -> RunOutcome:
@@ -88,7 +90,8 @@ def run_experiment(exp: ExperimentConfig, only_tasks: Iterable[str] | None = Non
     """Run every planned run (of `only_tasks`, if given) and write the table.
 
     Ray is joined or started once for all runs (ray_session with the first run's config). A
-    failed run is recorded and the next one starts; see `ExperimentResult.failures`."""
+    failed run is recorded and the next one starts; see `ExperimentResult.failures`. With a
+    ledger, the runs it holds are not run and each run that finishes is recorded."""
     from diffinf_ray.ray_session import ray_session
 
     runs = plan(exp)
@@ -103,16 +106,29 @@ def run_experiment(exp: ExperimentConfig, only_tasks: Iterable[str] | None = Non
         return result
     location = experiment_location(exp, runs)
     progress = _Progress(location.child("experiment.json"), exp)
-    with ray_session(runs[0].config):
-        for i, run in enumerate(runs, 1):
-            log.info("experiment %s: run %d/%d %s (%s)", exp.name, i, len(runs), run.id, run.root)
+    held = held_records(exp, runs)
+    to_run = [r for r in runs if r.id not in held]
+    for run in runs:
+        if run.id in held:
+            record = held[run.id]
+            log.info("experiment %s: run %s is held by the ledger (%s, commit %s): not run",
+                     exp.name, run.id, record.get("_file"), str(record.get("commit"))[:7])
+            result.outcomes.append(RunOutcome(run, "held", [], {}, 0.0))
+            progress.update(run, status="held", ledger_record=record.get("_file"),
+                            commit=record.get("commit"), errors={})
+    with ray_session(to_run[0].config) if to_run else nullcontext():
+        for i, run in enumerate(to_run, 1):
+            log.info("experiment %s: run %d/%d %s (%s)", exp.name, i, len(to_run), run.id,
+                     run.root)
             progress.update(run, status="running",
                             started_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), errors={})
             outcome = execute_run(run)
             result.outcomes.append(outcome)
+            recorded = record_run(exp, run) if outcome.status == "done" else None
             progress.update(run, status=outcome.status, stages_ran=outcome.stages_ran,
                             errors=outcome.errors, wall_seconds=outcome.wall_seconds,
-                            finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+                            finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                            **({"ledger_record": recorded.name} if recorded else {}))
     try:
         write_table(exp, plan(exp))
     except Exception as err:  # the runs' outputs are safe; say why the table is missing

@@ -53,6 +53,9 @@ class ExperimentConfig(BaseModel):
     stages: list[Literal[STAGES]] = Field(DEFAULT_STAGES, min_length=1)
     clean_ceiling: bool = True
     noise_rates: list[Annotated[float, Field(ge=0.0, le=1.0)]] = []
+    # a results-ledger folder (e.g. benchmarks/ledger; relative: to the working directory):
+    # runs it holds are not run again, finished runs are recorded (experiment/held.py)
+    ledger: str | None = None
 
     @field_validator("seeds")
     @classmethod

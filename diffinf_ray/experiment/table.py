@@ -15,6 +15,7 @@ from diffinf_ray.experiment.aggregate import (
     condition_intervals,
     run_root,
 )
+from diffinf_ray.experiment.held import head_commit
 from diffinf_ray.experiment.plan import Run, experiment_location, plan
 from diffinf_ray.experiment.plots import (
     accuracy_vs_noise_png,
@@ -56,10 +57,24 @@ def condition_order(present: Iterable[str]) -> list[str]:
     return [*PAPER_ROWS, *extra, "clean"]
 
 
-def format_table(long: pd.DataFrame, tasks: list[str] | None = None) -> pd.DataFrame:
+OLDER_MARK = " †"  # a cell that includes a ledger record of another commit than the checkout's
+
+
+def older_commits(long: pd.DataFrame, head: str | None) -> list[str]:
+    """The commits (short) of the ledger records behind `long` that are not `head` (all of
+    them when the checkout's commit is unknown)."""
+    if "commit" not in long:
+        return []
+    commits = long["commit"].dropna()
+    return sorted({str(c)[:7] for c in commits if head is None or c != head})
+
+
+def format_table(long: pd.DataFrame, tasks: list[str] | None = None,
+                 head: str | None = None) -> pd.DataFrame:
     """Table 1 from the long form of `aggregate`: one row per condition (label in `method`),
     per task the columns "<task> acc (%)", "<task> AUROC", "<task> kappa", "<task> ECE" (the last
-    epoch's) and "<task> acc, best val (%)" (the best-validation checkpoint's)."""
+    epoch's) and "<task> acc, best val (%)" (the best-validation checkpoint's). A cell with a
+    figure from a ledger record of another commit than `head` ends in OLDER_MARK."""
     # Only the runs at each task's own rate (and the ceiling) belong in Table 1.
     table_rows = long[long["run"].isin(["methods", "clean"])] if "run" in long else long
     tasks = tasks or list(dict.fromkeys(long["task"]))
@@ -68,8 +83,10 @@ def format_table(long: pd.DataFrame, tasks: list[str] | None = None) -> pd.DataF
         row = {"method": CONDITIONS.get(cond, cond)}
         for task in tasks:
             part = table_rows[(table_rows["task"] == task) & (table_rows["condition"] == cond)]
+            mark = OLDER_MARK if older_commits(part, head) else ""
             for metric, (label, digits) in METRICS.items():
-                row[f"{task} {label}"] = mean_std_cell(part[metric].tolist(), digits)
+                cell = mean_std_cell(part[metric].tolist(), digits)
+                row[f"{task} {label}"] = cell + (mark if cell != "-" else "")
         out.append(row)
     return pd.DataFrame(out)
 
@@ -143,9 +160,10 @@ def _run_status(location: Location) -> pd.DataFrame:
     loc = location.child("experiment.json")
     runs = loc.read_json().get("runs", {}) if loc.exists() else {}
     rows = [{"run": rid, "status": r.get("status", "?"),
+             "ledger record": r.get("ledger_record") or "-",
              "errors": "; ".join(f"{k}: {v}" for k, v in (r.get("errors") or {}).items()) or "-"}
             for rid, r in sorted(runs.items())]
-    return pd.DataFrame(rows, columns=["run", "status", "errors"])
+    return pd.DataFrame(rows, columns=["run", "status", "ledger record", "errors"])
 
 
 def write_table(exp: ExperimentConfig, runs: list[Run] | None = None) -> dict[str, str]:
@@ -157,7 +175,8 @@ def write_table(exp: ExperimentConfig, runs: list[Run] | None = None) -> dict[st
     tasks = list(exp.tasks)
     long = aggregate(exp, runs)
     lpips = aggregate_lpips(exp, runs)
-    table = format_table(long, tasks)
+    head = head_commit()
+    table = format_table(long, tasks, head)
     lp_table = format_lpips_table(lpips, tasks)
     intervals = condition_intervals(long)
     paired = format_paired_table(intervals, tasks)
@@ -186,6 +205,10 @@ def write_table(exp: ExperimentConfig, runs: list[Run] | None = None) -> dict[st
              f"measured); accuracy in %, AUROC x100, linear kappa, ECE of the last epoch's "
              f"model (the paper's protocol), and the accuracy of the checkpoint with the best "
              f"validation accuracy on the assigned labels; - = not measured.")
+    older = older_commits(long, head)
+    if older:
+        intro += (f" {OLDER_MARK.strip()} = includes figures from ledger records written by other "
+                  f"code than this checkout's (commits {', '.join(older)}; {exp.ledger}).")
     md = [f"# Experiment {exp.name}: Table 1\n\n", intro, "\n\n", _markdown(table),
           f"\n## {PAIRED_TITLE}\n\n{PAIRED_NOTE}\n\n", _markdown(paired),
           f"\n## {LPIPS_TITLE}\n\n", _markdown(lp_table)]
