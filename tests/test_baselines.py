@@ -383,6 +383,31 @@ def test_promix_scans_then_selects_per_class_for_each_network():
     assert not torch.equal(method.selected[0], method.selected[1])  # each network its own
 
 
+def test_promix_trains_a_batch_norm_network_when_a_single_row_of_a_batch_is_chosen():
+    """A batch whose chosen set is one row (seen at 32 px, seed 1): its mixup term is 0 (a row
+    mixed with itself is no mixup, and BatchNorm cannot train on one sample)."""
+
+    class BNNet(TinyNet):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 64),
+                                      nn.BatchNorm1d(64), nn.ReLU())
+
+    torch.manual_seed(0)
+    n = 30
+    data = blobs(n, seed=5, noise_rate=0.3)
+    cfg = {"epochs": 4, "pretrain_epochs": 1}
+    method = build_method("promix", K, n, cfg, BNNet, 1e-2)
+    run_epoch(method, loader(data, 10), 1)
+    for net in method.models():
+        net.train()
+        one = data["image"][:1]
+        with pytest.raises(ValueError, match="more than 1 value per channel"):
+            net(one)  # what the step used to do
+        assert float(method._mixup_loss(net, one, F.one_hot(data["label"][:1], K).float(),
+                                        method.pi[0], "primary")) == 0.0
+
+
 def test_promix_pseudo_head_needs_features_and_head():
     with pytest.raises(MethodError, match="pseudo head"):
         build_method("promix", K, 4, {"epochs": 2}, lambda: nn.Linear(4, K), 1e-3)

@@ -244,7 +244,9 @@ class ProMix(MethodBase):
         return {"loss": float(loss.detach()), "chosen_fraction": 1.0}
 
     def _mixup_loss(self, net: DualHeadNet, x, targets, pi, head: str) -> torch.Tensor:
-        if x.shape[0] == 0:
+        # one chosen row mixes with itself (no mixup at all), and BatchNorm cannot train on a
+        # batch of one: seen at 32 px when a batch held a single selected row
+        if x.shape[0] < 2:
             return x.new_zeros(())
         lam = mixup_coefficient(self.config["mixup_alpha"])
         perm = torch.randperm(x.shape[0]).to(x.device)
