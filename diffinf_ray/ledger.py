@@ -38,6 +38,10 @@ SCHEMA = 1
 DEFAULT_FOLDER = Path("benchmarks/ledger")
 # settings that say which repeat a run is, not what it measures
 SEED_KEYS = (("run", "seed"), ("noise", "seed"))
+# the stage whose outputs each condition's metrics are (stages/report.condition_metrics); any
+# other condition is a noisy-label method of the `baselines` stage
+CONDITION_STAGES = {"noisy": "evaluate", "removal": "removal", "oracle_relabel": "relabel",
+                    "diffinf": "retrain"}
 
 
 def git_commit(cwd: str | Path | None = None) -> dict:
@@ -107,6 +111,10 @@ def run_record(cfg, root, *, now: float | None = None, commit: dict | None = Non
         raise ValueError(f"{root.base.display}: stages {', '.join(stale)} finished with other "
                          "settings than this config's; run the config first")
     metrics = condition_metrics(root)
+    # only what a done stage of this config produced (a stage that failed half-way, e.g. one
+    # baseline method of four, or outputs of an earlier config are left out)
+    metrics = metrics[[CONDITION_STAGES.get(c, "baselines") in stages
+                       for c in metrics["condition"]]] if not metrics.empty else metrics
     config = _config_without_root(cfg)
     return {
         "schema": SCHEMA,

@@ -59,6 +59,17 @@ def test_a_record_holds_what_the_run_measured_and_is_never_rewritten(tmp_path):
     assert back["metrics"] == record["metrics"]
 
 
+def test_a_record_leaves_out_conditions_whose_stage_is_not_done(tmp_path):
+    """A stage that failed half-way (one noisy-label method of four evaluated, say) leaves
+    outputs in the run root; they are not the stage's results, so the record leaves them out."""
+    cfg, run = finished_run(tmp_path / "run", 0, noisy=50.0, removal=55.0)
+    run.child("baselines", "promix", "evaluation", "metrics.json").write_json(
+        {"accuracy": 60.0, "auroc_macro_ovr": 70.0, "kappa_linear": 0.5, "ece": 0.1})
+    assert set(record_of(cfg, run)["metrics"]) == {"noisy", "removal"}
+    run.base.child("stages", "removal.json").write_json({"status": "failed"})
+    assert set(record_of(cfg, run)["metrics"]) == {"noisy"}
+
+
 def test_seeds_share_a_setting_and_other_settings_do_not(tmp_path):
     a = record_of(*finished_run(tmp_path / "a", 0, 50.0, 55.0))
     b = record_of(*finished_run(tmp_path / "b", 1, 50.0, 55.0, "noise.seed=7"))
