@@ -291,6 +291,8 @@ def test_table_files_from_stand_in_runs(fake_stages, tmp_path):
         assert f"]({png})" in md
     page = (out / "table.html").read_text()
     assert page.count("data:image/png;base64,") == 4 and "<table" in page and "±" in page
+    # the stand-in runs have no best-validation figures: its paired columns and plot are empty
+    assert "| best val: acc (%) |" in md and not (out / "plots" / "treatments_age_best_val.png").exists()
     assert (out / "plots" / "treatments_age.png").read_bytes()[:4] == b"\x89PNG"
 
     # --table-only re-aggregates without running anything

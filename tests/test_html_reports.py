@@ -22,7 +22,9 @@ NAMED = {
                    "gate accepted", "gate rejected"],
     "experiment": ["Detection: precision@k per detector",
                    "Accuracy and paired differences per treatment (95% t intervals over "
-                   "seeds): age", "Accuracy vs noise rate",
+                   "seeds): age",
+                   "Accuracy and paired differences per treatment (95% t intervals over "
+                   "seeds): age, best-validation checkpoint", "Accuracy vs noise rate",
                    "Before/after edits, age, label young (seed 0)"],
     "ledger": ["paired differences: diffinf - noisy"],
 }

@@ -53,13 +53,15 @@ Out (`write_table`), under <root>/table/:
         (n=seeds)"; a third: per-class LPIPS of the edits (mean ± std over seeds of the
         per-seed class means). The HTML embeds its images (base64): one self-contained file.
     metrics_long.csv   one row per (task, run, condition, seed): the numbers behind the table
-    paired.csv         per (task, condition, vs): n, mean, std, lo, hi of the accuracy (vs
+    paired.csv         per (metric, task, condition, vs): n, mean, std, lo, hi of the
+                       accuracy and of the best-validation accuracy (vs
                        empty) and of its paired differences (aggregate.condition_intervals)
     lpips_long.csv     one row per (task, seed, class)
     plots/detection_curves.png    precision@k per detector (influence/ and cleanlab/
                                   detection.json), k as a fraction of the training split,
                                   mean ± std over seeds
-    plots/treatments_<task>.png   accuracy per condition and its paired differences against
+    plots/treatments_<task>[_best_val].png   (last epoch; best-validation checkpoint)
+                                  accuracy per condition and its paired differences against
                                   noisy and against removal, with their 95% t intervals
     plots/accuracy_vs_noise.png   noisy baseline per noise rate (0 = the clean ceiling), and
                                   DiffInf / removal at the task's rate

@@ -37,8 +37,10 @@ from diffinf_ray.storage import Location
 NOTHING_MEASURED = "(nothing measured yet)"  # an empty table
 LPIPS_TITLE = "LPIPS between originals and edits, per class (label)"
 PAIRED_TITLE = "Accuracy and paired differences per treatment (95% t intervals over seeds)"
-PAIRED_NOTE = ("The last epoch's clean-test accuracy; a paired difference is taken seed by seed "
-               "(same seed = same noisy labels and flagged set), in percentage points.")
+PAIRED_NOTE = ("The last epoch's clean-test accuracy (the paper's protocol), then the accuracy "
+               "of the checkpoint with the best validation accuracy (best val); a paired "
+               "difference is taken seed by seed (same seed = same noisy labels and flagged "
+               "set), in percentage points.")
 
 def mean_std_cell(values, digits: int) -> str:
     """"mean ± std (n=N)" over the finite values (sample std, ddof=1); "-" when there are none."""
@@ -103,22 +105,30 @@ def interval_cell(row: dict, signed: bool) -> str:
             f"(n={row['n']})")
 
 
-def format_paired_table(intervals: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
+def format_paired_table(intervals: pd.DataFrame, tasks: list[str],
+                        best_val: pd.DataFrame | None = None) -> pd.DataFrame:
     """Per task and condition (Table 1's order): accuracy (%) and its paired differences
     against the noisy classifier and against removal (points), each "mean [95% t interval]
-    (n=seeds)"."""
+    (n=seeds)"; with `best_val` (condition_intervals of accuracy_best_val) the same three
+    under best-validation selection."""
     columns = ["task", "method", "acc (%)", "minus noisy", "minus removal"]
+    sources = [("", intervals)]
+    if best_val is not None:
+        columns += ["best val: acc (%)", "best val: minus noisy", "best val: minus removal"]
+        sources.append(("best val: ", best_val))
     out = []
     for task in tasks:
-        part = intervals[intervals["task"] == task]
-        for cond in condition_order(part["condition"]):
-            rows = {r["vs"]: r for r in part[part["condition"] == cond].to_dict(orient="records")}
-            if not rows:
-                continue
-            out.append({"task": task, "method": CONDITIONS.get(cond, cond),
-                        "acc (%)": interval_cell(rows.get(""), False),
-                        "minus noisy": interval_cell(rows.get("noisy"), True),
-                        "minus removal": interval_cell(rows.get("removal"), True)})
+        conditions = intervals[intervals["task"] == task]["condition"]
+        for cond in condition_order(conditions):
+            row = {"task": task, "method": CONDITIONS.get(cond, cond)}
+            for prefix, source in sources:
+                part = source[(source["task"] == task) & (source["condition"] == cond)]
+                rows = {r["vs"]: r for r in part.to_dict(orient="records")}
+                row.update({f"{prefix}acc (%)": interval_cell(rows.get(""), False),
+                            f"{prefix}minus noisy": interval_cell(rows.get("noisy"), True),
+                            f"{prefix}minus removal": interval_cell(rows.get("removal"), True)})
+            if row["acc (%)"] != "-" or row.get("best val: acc (%)", "-") != "-":
+                out.append(row)
     return pd.DataFrame(out, columns=columns)
 
 
@@ -179,15 +189,18 @@ def write_table(exp: ExperimentConfig, runs: list[Run] | None = None) -> dict[st
     table = format_table(long, tasks, head)
     lp_table = format_lpips_table(lpips, tasks)
     intervals = condition_intervals(long)
-    paired = format_paired_table(intervals, tasks)
+    best_val = condition_intervals(long, metric="accuracy_best_val")
+    paired = format_paired_table(intervals, tasks, best_val)
     status = _run_status(location)
 
     images: list[tuple[str, str, bytes]] = []  # (title, relative file, PNG)
     plots = (("Detection: precision@k per detector", "plots/detection_curves.png",
               detection_curves_png(aggregate_detection(exp, runs), tasks)),
-             *((f"{PAIRED_TITLE}: {task}", f"plots/treatments_{task}.png",
-                treatment_intervals_png(intervals, task, condition_order(long["condition"])))
-               for task in tasks),
+             *((f"{PAIRED_TITLE}: {task}{label}", f"plots/treatments_{task}{suffix}.png",
+                treatment_intervals_png(source, task, condition_order(long["condition"])))
+               for task in tasks for label, suffix, source in (
+                   ("", "", intervals),
+                   (", best-validation checkpoint", "_best_val", best_val))),
              ("Accuracy vs noise rate", "plots/accuracy_vs_noise.png",
               accuracy_vs_noise_png(long, tasks)))
     for title, rel, png in plots:
@@ -217,7 +230,9 @@ def write_table(exp: ExperimentConfig, runs: list[Run] | None = None) -> dict[st
     files = {
         "table.md": "".join(md).encode(),
         "table.csv": table.to_csv(index=False).encode(),
-        "paired.csv": intervals.to_csv(index=False).encode(),
+        "paired.csv": pd.concat([intervals.assign(metric="accuracy"),
+                                 best_val.assign(metric="accuracy_best_val")]
+                                ).to_csv(index=False).encode(),
         "metrics_long.csv": long.to_csv(index=False).encode(),
         "lpips_long.csv": lpips.to_csv(index=False).encode(),
         "table.html": _html(exp.name, intro, table, paired, lp_table, images, status).encode(),
