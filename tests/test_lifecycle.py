@@ -89,7 +89,7 @@ class TrainingSetSpy:
     def _fit(self, train_loop, loop_config, datasets, cfg, checkpoints):
         folder = str(Path(checkpoints.path).relative_to(self.root))
         self.fits[folder] = {"excluded": self._excluded, "relabel": self._relabel,
-                             "rows": datasets["train"].count()}
+                             "rows": datasets["train"].count(), "tag": loop_config["tag"]}
         return self._real_fit(train_loop, loop_config, datasets, cfg, checkpoints)
 
 
@@ -252,6 +252,7 @@ def test_relabel_trains_with_the_flagged_corrupted_rows_clean_labels(run_copy, c
     assert set(relabelled.sample_id) == flagged and relabelled.is_corrupted.all()
     assert (relabelled.label != relabelled.label_clean).all()
     fit = spy.fits["relabel/checkpoints"]
+    assert fit["tag"] == "relabel"  # its console lines read "[relabel] epoch ..."
     assert fit["relabel"] == dict(zip(relabelled.sample_id, relabelled.label_clean.tolist(),
                                       strict=True))
     assert fit["excluded"] == set() and fit["rows"] == len(table)
@@ -321,9 +322,10 @@ def test_removal_retrained_without_exactly_the_flagged_rows(finished_run):
 
     assert set(fits) == {"checkpoints", "removal/checkpoints"}
     baseline, removal = fits["checkpoints"], fits["removal/checkpoints"]
-    assert baseline == {"excluded": set(), "relabel": {}, "rows": len(train_ids)}
+    assert baseline == {"excluded": set(), "relabel": {}, "rows": len(train_ids), "tag": "train"}
     # the retrain's data set left out the flagged rows, and only those
-    assert removal == {"excluded": flagged, "relabel": {}, "rows": len(train_ids) - len(flagged)}
+    assert removal == {"excluded": flagged, "relabel": {}, "rows": len(train_ids) - len(flagged),
+                       "tag": "removal"}
     metrics = json.loads((root / "removal" / "evaluation" / "metrics.json").read_text())
     assert metrics["removed_rows"] == len(flagged)
 

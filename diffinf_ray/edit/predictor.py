@@ -107,7 +107,8 @@ def _auroc(is_high: np.ndarray, scores: np.ndarray) -> float:
 def _as_tensor(values: np.ndarray | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if torch.is_tensor(values):
         return values.detach().to("cpu", dtype)
-    return torch.as_tensor(np.asarray(values), dtype=dtype)
+    # a copy: Ray Data hands read-only arrays, which torch warns about sharing
+    return torch.tensor(np.array(values), dtype=dtype)
 
 
 def fit_predictor(

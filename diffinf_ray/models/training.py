@@ -105,7 +105,7 @@ class ClassifierCore:
 
 def _train_loop(loop_config: dict) -> None:
     """Runs on every Ray Train worker: the classifier's core through the harness."""
-    worker = TrainWorker.current("train")
+    worker = TrainWorker.current(loop_config.get("tag", "train"))
     core = ClassifierCore(loop_config, worker)
     run_epochs(core, worker, core.train)
 
@@ -130,10 +130,11 @@ def fit_with_ray_train(train_loop, loop_config: dict, datasets: dict, cfg: Confi
 def train_classifier(cfg: Config, manifest: Location, checkpoints: Location, num_classes: int,
                      exclude_ids: frozenset | None = None,
                      fold: tuple[int, int, bool] | None = None,
-                     relabel: dict[str, int] | None = None) -> dict:
+                     relabel: dict[str, int] | None = None, tag: str = "train") -> dict:
     """Fit on the train split of `manifest` (minus `exclude_ids`, or one side of a K-fold
     partition; `relabel`: {sample_id: label} replacing those train rows' labels), validate on
-    its val split, checkpoint to `checkpoints`.
+    its val split, checkpoint to `checkpoints`. `tag` prefixes the fit's console lines
+    (`[removal] epoch 2/8 ...`): which of a run's several fits a line is about.
 
     Returns the metrics of the last epoch.
     """
@@ -152,5 +153,6 @@ def train_classifier(cfg: Config, manifest: Location, checkpoints: Location, num
         "num_classes": num_classes,
         "seed": cfg.run.seed,
         "init_state": load_init_backbone(cfg.train, checkpoints.options),
+        "tag": tag,
     }
     return fit_with_ray_train(_train_loop, loop_config, datasets, cfg, checkpoints)

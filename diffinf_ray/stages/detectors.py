@@ -50,7 +50,8 @@ def run_cleanlab(cfg: Config, root: RunRoot) -> dict:
     parts = []
     for k in range(K):
         checkpoints = out.child(f"fold_{k}", "checkpoints")
-        train_classifier(cfg, root.noisy_manifest, checkpoints, num_classes, fold=(k, K, False))
+        train_classifier(cfg, root.noisy_manifest, checkpoints, num_classes, fold=(k, K, False),
+                         tag=f"cleanlab:fold{k + 1}of{K}")
         parts.append(predict_split(cfg, root.noisy_manifest, list_checkpoints(checkpoints)[-1],
                                    "train", fold=(k, K, True)))
     import pandas as pd
@@ -116,7 +117,7 @@ def run_removal(cfg: Config, root: RunRoot) -> dict:
     flagged = high_influence_ids(root)
     out = root.child("removal")
     train_classifier(cfg, root.noisy_manifest, out.child("checkpoints"), len(cfg.class_names),
-                     exclude_ids=flagged)
+                     exclude_ids=flagged, tag="removal")
     return evaluate_checkpoints(cfg, root.noisy_manifest, out.child("checkpoints"),
                                 out.child("evaluation"), extra={"removed_rows": len(flagged)})
 
@@ -151,7 +152,7 @@ def run_relabel(cfg: Config, root: RunRoot) -> dict:
         "label_clean": rows["label_clean"].astype(np.int32),
         "is_corrupted": rows["is_corrupted"].astype(bool)}))
     train_classifier(cfg, root.noisy_manifest, out.child("checkpoints"), len(cfg.class_names),
-                     relabel=relabel)
+                     relabel=relabel, tag="relabel")
     return evaluate_checkpoints(cfg, root.noisy_manifest, out.child("checkpoints"),
                                 out.child("evaluation"),
                                 extra={"flagged_rows": len(flagged), "relabelled_rows": len(relabel)})

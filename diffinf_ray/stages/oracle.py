@@ -29,6 +29,8 @@ Out: oracle/judgements.parquet  per edit: oracle_pred_before/after, identity_sim
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
@@ -128,7 +130,8 @@ def run_judges(cfg: Config, root: RunRoot) -> dict:
     jroot.quarantine.child("quarantine.parquet").write_table(QUARANTINE_SCHEMA.empty_table())
 
     # attribute oracle: the project's classifier on the draw's clean labels
-    train_classifier(ocfg, jroot.manifest, jroot.checkpoints, len(cfg.class_names))
+    train_classifier(ocfg, jroot.manifest, jroot.checkpoints, len(cfg.class_names),
+                     tag="judges:attribute")
     attribute_metrics = evaluate_checkpoints(ocfg, jroot.manifest, jroot.checkpoints,
                                              jroot.child("evaluation"))
 
@@ -138,7 +141,8 @@ def run_judges(cfg: Config, root: RunRoot) -> dict:
         torch.from_numpy(to_tensor_batch(list(train["image"]))), train["identity"].tolist(),
         embed_dim=cfg.lossnets.identity_embed_dim, epochs=cfg.lossnets.identity_epochs,
         lr=cfg.lossnets.lr, batch_size=cfg.lossnets.batch_size,
-        seed=cfg.run.seed + cfg.oracle.seed_offset)
+        seed=cfg.run.seed + cfg.oracle.seed_offset,
+        log=lambda line: logging.getLogger(__name__).info("judges: %s", line))
     embedder.eval()
     save_identity_embedder(embedder, jroot.child("identity"))
     test = read_split(jroot.manifest, "test", ["image", "identity"])

@@ -140,5 +140,5 @@ def run_retrain(cfg: Config, root: RunRoot) -> dict:
     refined = root.child(REFINED)
     check_manifest(refined, "retrain", TRAIN_COLUMNS + PREDICT_COLUMNS)
     out = root.child("retrain")
-    train_classifier(cfg, refined, out.child("checkpoints"), len(cfg.class_names))
+    train_classifier(cfg, refined, out.child("checkpoints"), len(cfg.class_names), tag="retrain")
     return evaluate_checkpoints(cfg, refined, out.child("checkpoints"), out.child("evaluation"))

@@ -71,7 +71,7 @@ def train_objective(cfg: Config, root: RunRoot, setup: TrialSetup) -> dict:
         chunk.train.epochs = end
         # A Train run on the same checkpoints folder resumes after its latest epoch.
         trained = train_classifier(chunk, manifest, out.child("checkpoints"),
-                                   len(cfg.class_names), exclude_ids=exclude_ids)
+                                   len(cfg.class_names), exclude_ids=exclude_ids, tag="retrain")
         metrics = {k: float(trained[k]) for k in OBJECTIVE_METRICS if k in trained}
         if end != ends[-1]:
             _report({**base_metrics, **metrics, "epoch": end})
