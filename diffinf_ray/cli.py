@@ -96,9 +96,13 @@ def _print_metrics(results: dict) -> None:
     detectors = {k: v for stage in detection_stages() for k, v in results.get(stage, {}).items()}
     found = {k: v for k, v in detectors.items() if isinstance(v, dict) and "auroc" in v}
     if found:
-        print("\nlabel-noise detection (flagged set vs injected corruption):")
+        print("\nlabel-noise detection (top tau flagged vs injected corruption):")
+        width = max(len(name) for name in found)
         for name, rep in found.items():
-            print(f"  {name:<10} precision {rep['precision']:.3f}  recall {rep['recall']:.3f}  "
+            # cleanlab's own precision/recall are of find_label_issues' set: its top tau's here
+            precision = rep.get("top_tau_precision", rep["precision"])
+            recall = rep.get("top_tau_recall", rep["recall"])
+            print(f"  {name:<{width}}  precision {precision:.3f}  recall {recall:.3f}  "
                   f"AUROC {rep['auroc']:.3f}")
 
 

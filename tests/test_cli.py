@@ -126,3 +126,18 @@ def test_overrides_may_follow_the_options():
         parse(build_parser(), ["experiment", "e.yaml", "train.epochs=2"])  # takes no overrides
     with pytest.raises(SystemExit):
         parse(build_parser(), ["run", "c.yaml", "--forse"])
+
+
+def test_the_run_summary_gives_every_detector_its_top_tau_figures(capsys):
+    """cleanlab's own precision/recall are of find_label_issues' set (any size): the summary
+    shows its top tau's, as for every other detector, in one aligned column."""
+    from diffinf_ray.cli import _print_metrics
+
+    _print_metrics({
+        "influence": {"flag_by": "tracin", "tracin": {"precision": 0.4, "recall": 0.13,
+                                                      "auroc": 0.67}},
+        "cleanlab": {"cleanlab": {"precision": 0.465, "recall": 0.733, "top_tau_precision": 0.682,
+                                  "top_tau_recall": 0.227, "auroc": 0.756}}})
+    out = capsys.readouterr().out
+    assert "  tracin    precision 0.400  recall 0.130  AUROC 0.670" in out
+    assert "  cleanlab  precision 0.682  recall 0.227  AUROC 0.756" in out
