@@ -103,8 +103,11 @@ def saved(store: Path, epoch: int):
     return load_checkpoint(Location(str(store / checkpoint_dir_name(epoch) / CHECKPOINT_FILE)))
 
 
-def test_resume_continues_at_the_next_epoch_with_the_saved_state_and_lr(monkeypatch, tmp_path):
-    train = train_section()
+@pytest.mark.parametrize("augment", [False, True])
+def test_resume_continues_at_the_next_epoch_with_the_saved_state_and_lr(monkeypatch, tmp_path,
+                                                                         augment):
+    # with flips: an epoch trained again after a restart draws the flips of the first time
+    train = train_section(augment=augment)
     whole = LocalTrain(monkeypatch, tmp_path / "whole")
     run_epochs(ClassifierCore(classifier_config(train), worker()), worker(), train)
     assert [m["epoch"] for m in whole.reports] == [1, 2, 3, 4]

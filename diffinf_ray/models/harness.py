@@ -214,6 +214,13 @@ class ShardInMemory:
             yield {k: v[idx].to(device) for k, v in self.columns.items()}
 
 
+def epoch_seed(seed: int, rank: int, epoch: int) -> int:
+    """The seed of one worker's random draws in one epoch (augmentation): a function of the
+    run's seed, the worker and the epoch alone, so that an epoch trained again after a
+    failover (harness resume) draws what it drew the first time."""
+    return (seed * 1_000_003 + rank * 10_007 + epoch) % (2**63)
+
+
 def random_hflip(images, generator=None):
     """Each image flipped left-right with probability 1/2 (the cores' augmentation); the draws
     come from `generator` (on the CPU) when given, else from the images' device."""

@@ -21,6 +21,7 @@ from diffinf_ray.models.harness import (
     Placement,
     ShardInMemory,
     TrainWorker,
+    epoch_seed,
     fit,
     numeric_metrics,
     random_hflip,
@@ -43,7 +44,7 @@ class ClassifierCore:
         from diffinf_ray.models.classifier import build_classifier
 
         self.train = train = TrainSection.model_validate(loop_config["train"])
-        self.seed, self.device = loop_config["seed"], worker.device
+        self.seed, self.device, self.rank = loop_config["seed"], worker.device, worker.rank
         self.in_memory = ShardInMemory() if train.cache_decoded_images else None
         torch.manual_seed(self.seed + worker.rank)
         model = build_classifier(loop_config["num_classes"], train.head_hidden)
@@ -62,6 +63,7 @@ class ClassifierCore:
             self.optimizer.load_state_dict(ckpt.optimizer_state)
 
     def train_epoch(self, shard, epoch: int, lr: float) -> dict[str, float]:
+        import torch
         import torch.nn.functional as F
 
         for group in self.optimizer.param_groups:
@@ -75,12 +77,15 @@ class ClassifierCore:
             batches = shard.iter_torch_batches(batch_size=bs, device=self.device,
                                                local_shuffle_buffer_size=4 * bs,
                                                local_shuffle_seed=self.seed + epoch)
+        # the flips drawn from (seed, rank, epoch), not from the process's RNG: an epoch
+        # trained again after a lost worker resumed from its checkpoint is the same epoch
+        flips = torch.Generator().manual_seed(epoch_seed(self.seed, self.rank, epoch))
         for batch in batches:
             images, labels = batch["image"], batch["label"]
             if len(labels) < 2:  # BatchNorm cannot train on one sample (a last batch of 1)
                 continue
             if self.train.augment:
-                images = random_hflip(images)
+                images = random_hflip(images, flips)
             logits = self.model(images)
             loss = F.cross_entropy(logits, labels)
             self.optimizer.zero_grad(set_to_none=True)
