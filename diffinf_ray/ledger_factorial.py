@@ -17,7 +17,8 @@ group key, so a baselines-only run of a setting joins that setting's factorial.
 
 Rows (columns of `factorial_cells`): task, group (the setting without detector, treatment and
 seeds), detector, treatment, seeds, values, mean, std, vs_noisy and vs_removal (paired
-differences: mean, ci95), gap_share, commits.
+differences: mean, ci95), gap_share, commits, and on the noisy row noisy_fits_differ: the seeds
+whose records hold different noisy fits (averaged there).
 """
 
 from __future__ import annotations
@@ -97,6 +98,7 @@ def factorial_cells(records: list[dict], metric: str = "accuracy",
     # (group, detector, treatment) -> {seed: (value, noisy, removal, clean, commit)}
     found: dict[tuple, dict[int, tuple]] = {}
     meta: dict[str, dict] = {}
+    noisy_fits: dict[tuple, set] = {}  # (group, seed) -> the distinct noisy figures
     for r in latest:
         m = r["metrics"]
         if r["noise"]["rate"] == 0 or m.get("noisy", {}).get(metric) is None:
@@ -105,6 +107,7 @@ def factorial_cells(records: list[dict], metric: str = "accuracy",
         meta[group] = {"task": r["task"], "run": r["run"], "noise_rate": r["noise"]["rate"]}
         detector, diffinf = _cell_of(r.get("config", {}))
         noisy = m["noisy"][metric]
+        noisy_fits.setdefault((group, r["seed"]), set()).add(noisy)
         removal = m.get("removal", {}).get(metric)
         clean = ceilings.get((ceiling_key(r), r["seed"]))
         cells = ([("-", "noisy")]
@@ -123,6 +126,14 @@ def factorial_cells(records: list[dict], metric: str = "accuracy",
         if clean is not None:
             found.setdefault((group, "-", "clean ceiling"), {})[r["seed"]] = (
                 clean, noisy, None, clean, "")
+    # Records of one seed whose noisy fits differ (other code, a failed-over fit): the noisy
+    # row averages them; every other row stays paired with its own record's noisy fit.
+    differ = {}
+    for (group, seed), values in noisy_fits.items():
+        if len(values) > 1:
+            differ.setdefault(group, []).append(seed)
+            found[(group, "-", "noisy")][seed] = (sum(values) / len(values),
+                                                   *found[(group, "-", "noisy")][seed][1:])
     rows = []
     for (group, detector, treatment), by_seed in found.items():
         seeds = sorted(by_seed)
@@ -142,6 +153,8 @@ def factorial_cells(records: list[dict], metric: str = "accuracy",
                      "treatment": treatment, "seeds": seeds, "values": values, "mean": mean,
                      "std": std, "vs_noisy": vs_noisy if treatment != "noisy" else None,
                      "vs_removal": vs_removal, "gap_share": gap_share,
+                     "noisy_fits_differ": sorted(differ.get(group, []))
+                     if treatment == "noisy" else [],
                      "commits": sorted({by_seed[s][4] for s in seeds} - {""})})
     order = {"noisy": 0, "clean ceiling": 9, **{t: i + 1 for i, t in enumerate(METHODS)},
              **{t: i + 1 for i, t in enumerate(TREATMENTS)}}
@@ -215,7 +228,12 @@ def format_factorial(rows: list[dict], metric: str = "accuracy") -> str:
         "commits": ",".join(r["commits"]) or "-"} for r in rows],
         columns=["task", "noise", "detector", "treatment", "seeds", metric, "vs noisy",
                  "vs removal", "share of noisy→clean gap", "commits"])
+    differ = sorted({s for r in rows for s in r.get("noisy_fits_differ", [])})
+    note = ("" if not differ else
+            f"\nAt seed(s) {', '.join(map(str, differ))} the records' noisy fits differ (other "
+            "code, or a fit that failed over): the noisy row averages them; every other row is "
+            "paired with the noisy fit of its own record.\n")
     return (f"detector x treatment, {metric} on the clean test split (mean ± std over seeds; "
             "differences paired by seed within a record, 95% t interval; the share of the "
             "noisy→clean gap over the seeds with a clean-ceiling record)\n\n"
-            + markdown_table(table, empty="(no record in the ledger)"))
+            + markdown_table(table, empty="(no record in the ledger)") + note)

@@ -82,9 +82,21 @@ def test_noisy_label_methods_are_rows_without_a_detector_paired_with_the_noisy_f
     assert small["gap_share"] == pytest.approx(11 / 20)
     assert cell(rows, "-", "promix")["vs_noisy"]["mean"] == pytest.approx(1.5)  # 2, 1
     assert cell(rows, "tracin", "removal")["values"] == [49.0, 49.0]  # the same group
+    assert cell(rows, "-", "noisy")["noisy_fits_differ"] == []
     order = [(r["detector"], r["treatment"]) for r in rows]
     assert order[:4] == [("-", "noisy"), ("-", "small_loss"), ("-", "promix"),
                          ("-", "clean ceiling")]
+
+
+def test_a_seed_whose_records_hold_different_noisy_fits_is_averaged_and_named():
+    records = [record(0, "tracin", {"noisy": 50.0, "removal": 52.0}),
+               record(0, "oracle", {"noisy": 54.0, "removal": 60.0}, commit="bbbbbbb2"),
+               record(1, "tracin", {"noisy": 40.0, "removal": 41.0})]
+    rows = factorial_cells(records)
+    noisy = cell(rows, "-", "noisy")
+    assert noisy["values"] == [52.0, 40.0] and noisy["noisy_fits_differ"] == [0]
+    assert cell(rows, "oracle", "removal")["vs_noisy"]["mean"] == pytest.approx(6.0)  # own fit
+    assert "At seed(s) 0 the records' noisy fits differ" in format_factorial(rows)
 
 
 def test_a_rerun_supersedes_its_record_and_does_not_add_a_seed():
