@@ -92,13 +92,13 @@ def factorial_cells(records: list[dict], metric: str = "accuracy",
     `commit` (a prefix) keeps only the records of that commit."""
     if commit:
         records = [r for r in records if str(r.get("commit", "")).startswith(commit)]
-    latest = list(latest_per_seed(records).values())
+    # oldest first: where records of several settings fill one cell and seed, the newest wins
+    latest = sorted(latest_per_seed(records).values(), key=lambda r: r["date"])
     ceilings = {(ceiling_key(r), r["seed"]): r["metrics"]["noisy"][metric] for r in latest
                 if r["noise"]["rate"] == 0 and r["metrics"].get("noisy", {}).get(metric) is not None}
     # (group, detector, treatment) -> {seed: (value, noisy, removal, clean, commit)}
     found: dict[tuple, dict[int, tuple]] = {}
     meta: dict[str, dict] = {}
-    noisy_fits: dict[tuple, set] = {}  # (group, seed) -> the distinct noisy figures
     for r in latest:
         m = r["metrics"]
         if r["noise"]["rate"] == 0 or m.get("noisy", {}).get(metric) is None:
@@ -107,7 +107,6 @@ def factorial_cells(records: list[dict], metric: str = "accuracy",
         meta[group] = {"task": r["task"], "run": r["run"], "noise_rate": r["noise"]["rate"]}
         detector, diffinf = _cell_of(r.get("config", {}))
         noisy = m["noisy"][metric]
-        noisy_fits.setdefault((group, r["seed"]), set()).add(noisy)
         removal = m.get("removal", {}).get(metric)
         clean = ceilings.get((ceiling_key(r), r["seed"]))
         cells = ([("-", "noisy")]
@@ -128,12 +127,18 @@ def factorial_cells(records: list[dict], metric: str = "accuracy",
                 clean, noisy, None, clean, "")
     # Records of one seed whose noisy fits differ (other code, a failed-over fit): the noisy
     # row averages them; every other row stays paired with its own record's noisy fit.
+    noisy_fits: dict[tuple, set] = {}  # (group, seed) -> the noisy fits the rows are paired with
+    for (group, _, treatment), by_seed in found.items():
+        if treatment not in ("noisy", "clean ceiling"):
+            for seed, entry in by_seed.items():
+                noisy_fits.setdefault((group, seed), set()).add(entry[1])
     differ = {}
     for (group, seed), values in noisy_fits.items():
         if len(values) > 1:
             differ.setdefault(group, []).append(seed)
-            found[(group, "-", "noisy")][seed] = (sum(values) / len(values),
-                                                   *found[(group, "-", "noisy")][seed][1:])
+            mean = sum(values) / len(values)
+            found[(group, "-", "noisy")][seed] = (mean, mean,
+                                                   *found[(group, "-", "noisy")][seed][2:])
     rows = []
     for (group, detector, treatment), by_seed in found.items():
         seeds = sorted(by_seed)
