@@ -64,7 +64,10 @@ def start_local_ray(num_cpus: int | None, attempts: int = START_ATTEMPTS,
         if attempt_dir is not None:
             init_kwargs["_temp_dir"] = attempt_dir
         try:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, **init_kwargs)
+            # address "local": always a new Ray. Without it ray.init joins whatever cluster it
+            # finds running on this machine (another run's, a test's), whose loss then fails
+            # this run; a cluster is joined only when named (RAY_ADDRESS, ray.address).
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **init_kwargs)
             return attempt
         except Exception as err:  # noqa: BLE001 - Ray raises a bare Exception on this timeout
             ray.shutdown()

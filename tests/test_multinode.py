@@ -205,3 +205,17 @@ def test_editing_survives_the_loss_of_its_node(cluster, tmp_path):
     images = dict(zip(manifest["sample_id"], manifest["image"], strict=True))
     assert all(bytes(e) == bytes(images[s])[::-1] for s, e in zip(df["sample_id"], df["edited"],
                                                                    strict=True))
+
+
+def test_a_local_run_starts_its_own_ray_beside_a_running_cluster(cluster):
+    """`diffinf run` without RAY_ADDRESS starts a Ray of its own even when another cluster runs
+    on the machine: it once joined a test's two-node cluster and failed when that went away."""
+    from diffinf_ray.ray_session import start_local_ray
+
+    ray.shutdown()  # the fixture's driver: this process now starts as `diffinf run` does
+    start_local_ray(1)  # Ray's default temp dir, as `diffinf run` starts it
+    try:
+        assert ray.get_runtime_context().gcs_address != cluster.address
+        assert len([n for n in ray.nodes() if n["Alive"]]) == 1
+    finally:
+        ray.shutdown()
