@@ -37,7 +37,8 @@ demo: setup
 # On the 2-core build box at load average 2-4 the suite ran 45 minutes before classifier fits
 # decoded their data once (train.cache_decoded_images) and 28 to 34 after (2026-12-01); 23 minutes
 # on an idle box on 2026-12-05 (606 tests); 44 minutes for 633 tests on 2026-12-05 beside a running
-# experiment. CI's box has run it about twice as slowly. CI stops at 90.
+# experiment (CI: 29 minutes); 48 minutes for 646 tests beside two experiments the same day, the
+# multi-node and whole-method-on-S3 tests (about 2 and 7 minutes) included. CI stops at 90.
 test: setup lint
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" --durations=25
 
