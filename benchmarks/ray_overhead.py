@@ -225,7 +225,7 @@ def start_ray(cfg, attempts: int = 5) -> int:
     from diffinf_ray.ray_session import start_local_ray, worker_env
 
     attempt = start_local_ray(cfg.ray.num_cpus, attempts, tempfile.mkdtemp(prefix="ro_ray_"),
-                              address="local", log_to_driver=True,
+                              log_to_driver=True,
                               runtime_env={"env_vars": worker_env()})
     ray.data.DataContext.get_current().enable_progress_bars = True
     return attempt

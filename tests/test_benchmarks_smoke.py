@@ -47,6 +47,15 @@ def bench_ray(ray_overhead, tiny_cfg):
     ray.shutdown()
 
 
+def test_ray_overhead_starts_a_ray_of_its_own(bench_ray):
+    """Not slow, so that CI catches a start_ray the slow test below would only find in make
+    test-all (a duplicated ray.init keyword once broke it)."""
+    import ray
+
+    assert ray.is_initialized()
+    assert ray.cluster_resources().get("CPU") == 2
+
+
 @pytest.mark.slow  # 1-3 minutes of Ray Train for a benchmark's own check: make test-all
 def test_ray_overhead_runs_both_paths_with_equal_steps(bench_ray, ray_overhead, tiny_cfg,
                                                         tmp_path):
