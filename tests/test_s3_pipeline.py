@@ -1,71 +1,34 @@
-"""The tiny pipeline with its run root on s3:// (moto's S3 server on 127.0.0.1): the production
+"""The whole method with its run root on s3:// (moto's S3 server on 127.0.0.1): the production
 code path, Ray started by the pipeline itself (as `diffinf run` does). The endpoint reaches the
-code in each of the ways a user names it: the run root's URI query, `AWS_ENDPOINT_URL_S3`, and
-`storage.endpoint_override` (the whole method, every stage)."""
+code from `AWS_ENDPOINT_URL_S3` and from `storage.endpoint_override` here, from the run root's
+URI query in test_ingest.py and test_experiment.py."""
 
 import pyarrow.parquet as pq
 import pytest
 
-from diffinf_ray.config import load_config
 from diffinf_ray.models.checkpoint import list_checkpoints, load_all
 from diffinf_ray.pipeline import open_run_root, run_pipeline
 
-
-def test_pipeline_on_s3(s3_endpoint, tmp_path, monkeypatch):
-    pytest.importorskip("ray")
-    s3_endpoint.bucket("runs")
-    # the endpoint from the environment only (the fixture clears it; Ray's workers inherit it)
-    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_endpoint.endpoint)
-    cfg = load_config("jobs/configs/tiny.yaml",
-                      ["run.root=s3://runs/tiny", "ray.num_cpus=2",
-                       "stages=[ingest,noise,train,evaluate,influence]"])
-    results = run_pipeline(cfg)
-
-    root = open_run_root(cfg)
-    assert root.display == "s3://runs/tiny"
-    # checkpoints are listed and loaded back from S3, with epoch and learning rate
-    found = list_checkpoints(root.checkpoints)
-    assert [c.display for c in found] == [
-        "s3://runs/tiny/checkpoints/epoch_0001/checkpoint.pt",
-        "s3://runs/tiny/checkpoints/epoch_0002/checkpoint.pt",
-    ]
-    loaded = load_all(root.checkpoints)
-    assert [(c.epoch, c.learning_rate) for c in loaded] == [(1, cfg.train.lr), (2, cfg.train.lr)]
-    model = loaded[-1].build_model()
-    assert model.num_classes == 4
-
-    keys = {o["Key"] for o in s3_endpoint.client.list_objects_v2(Bucket="runs")["Contents"]}
-    assert "tiny/evaluation/metrics.json" in keys
-    assert any(k.startswith("tiny/manifest/") and k.endswith(".parquet") for k in keys)
-    assert root.evaluation.child("metrics.json").read_json()["accuracy"] == results["evaluate"]["accuracy"]
-    manifest = pq.read_table(root.manifest.path, filesystem=root.fs)
-    assert manifest.num_rows == cfg.data.synthfaces.num_samples
-
-    # the influence stage read its checkpoints from S3 and wrote its table there
-    scores = root.child("influence", "influence.parquet").read_table().to_pandas()
-    assert len(scores) == results["influence"]["train_rows"] > 0
-    assert scores.is_high.sum() == results["influence"]["high_influence_rows"]
-
-    # a second run finds every stage done on S3 and skips it
-    again = run_pipeline(cfg)
-    assert again["evaluate"]["accuracy"] == results["evaluate"]["accuracy"]
+STAGES = ("[ingest,noise,train,evaluate,influence,removal,autoencoder,predictor,lossnets,edit,"
+          "refine,retrain,report]")
 
 
 @pytest.mark.timeout(2400)
-def test_the_whole_method_on_s3(s3_endpoint):
+def test_the_whole_method_on_s3(s3_endpoint, monkeypatch):
     """Every stage of the method (noisy baseline, TracIn, removal, autoencoder, predictor, loss
-    networks, edit actors, refine, retrain, report) with the run root on S3 and the endpoint
-    from `storage.endpoint_override`. The synthfaces-only judges are left out: they read and
-    write S3 as the other Ray Train stages do, and cost two more fits."""
+    networks, edit actors, refine, retrain, report) with the run root on S3, the endpoint from
+    `AWS_ENDPOINT_URL_S3` alone (Ray's workers inherit it); then the same run again with the
+    endpoint from `storage.endpoint_override` alone finds every stage done on S3 and skips it.
+    The synthfaces-only judges are left out: they read and write S3 as the other Ray Train
+    stages do, and cost two more fits."""
     pytest.importorskip("ray")
     from test_diffinf_pipeline import tiny_diffinf
 
     s3_endpoint.bucket("runs")
-    cfg = tiny_diffinf("s3://runs/whole", f"storage.endpoint_override={s3_endpoint.endpoint}",
-                       "ray.num_cpus=2", "train.epochs=1", "autoencoder.steps=10",
-                       "predictor.epochs=5", "edit.iterations=1",
-                       "stages=[ingest,noise,train,evaluate,influence,removal,autoencoder,"
-                       "predictor,lossnets,edit,refine,retrain,report]")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_endpoint.endpoint)
+    settings = ["ray.num_cpus=2", "train.epochs=1", "autoencoder.steps=10", "predictor.epochs=5",
+                "edit.iterations=1", f"stages={STAGES}"]
+    cfg = tiny_diffinf("s3://runs/whole", *settings)
     results = run_pipeline(cfg)
     assert list(results) == list(cfg.stages)
     root = open_run_root(cfg)
@@ -87,3 +50,29 @@ def test_the_whole_method_on_s3(s3_endpoint):
     keys = {o["Key"] for o in s3_endpoint.client.list_objects_v2(
         Bucket="runs", Prefix="whole/")["Contents"]}
     assert any(k.startswith("whole/retrain/checkpoints/") for k in keys)
+    assert "whole/evaluation/metrics.json" in keys
+    assert any(k.startswith("whole/manifest/") and k.endswith(".parquet") for k in keys)
+
+    # checkpoints are listed and loaded back from S3, with epoch and learning rate
+    found = list_checkpoints(root.checkpoints)
+    assert [c.display for c in found] == ["s3://runs/whole/checkpoints/epoch_0001/checkpoint.pt"]
+    loaded = load_all(root.checkpoints)
+    assert [(c.epoch, c.learning_rate) for c in loaded] == [(1, cfg.train.lr)]
+    assert loaded[-1].build_model().num_classes == len(cfg.class_names)
+    assert root.evaluation.child("metrics.json").read_json()["accuracy"] == \
+        results["evaluate"]["accuracy"]
+    manifest = pq.read_table(root.manifest.path, filesystem=root.fs)
+    assert manifest.num_rows == cfg.data.synthfaces.num_samples
+    # the influence stage read its checkpoints from S3 and wrote its table there
+    scores = root.child("influence", "influence.parquet").read_table().to_pandas()
+    assert len(scores) == results["influence"]["train_rows"] > 0
+    assert scores.is_high.sum() == flagged
+
+    # the endpoint from the config alone: a second run finds every stage done on S3
+    records = {stage: root.stage_record(stage) for stage in cfg.stages}
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3")
+    again_cfg = tiny_diffinf("s3://runs/whole", *settings,
+                             f"storage.endpoint_override={s3_endpoint.endpoint}")
+    run_pipeline(again_cfg)
+    again_root = open_run_root(again_cfg)
+    assert {stage: again_root.stage_record(stage) for stage in cfg.stages} == records

@@ -113,9 +113,8 @@ def _epochs_and_rates(checkpoints: Location) -> list[tuple[int, float]]:
                                                     list_checkpoints(checkpoints))]
 
 
-# slow: two Ray Train fits and a restart; 19 minutes on this 2-core box at load 45-60 (the
-# 900 s default timeout cut it off while the failed-over fit was finishing)
-@pytest.mark.slow
+# In CI: two Ray Train fits and a restart, 91 s on the idle 2-core box (2026-12-05); 19 minutes
+# once at load 45-60, when the 900 s default timeout cut it off, hence the long timeout
 @pytest.mark.timeout(2400)
 def test_a_killed_train_worker_resumes_from_the_latest_checkpoint(tiny_manifest, tmp_path,
                                                                    monkeypatch):
