@@ -32,13 +32,13 @@ demo: setup
 	$(PY) -m jobs.pipeline --config jobs/configs/demo.yaml
 
 # Quick start 2: the tests (what CI runs): all but the heaviest real-Ray ones, marked `slow`
-# (a Tune sweep with restore, every baseline method on Ray Train, a sweep through `ray job
-# submit`, an experiment through `ray job submit`, the Ray-overhead benchmark's smoke run).
+# (a Tune sweep with restore, every baseline method on Ray Train, a sweep and an experiment
+# through `ray job submit`: 22 minutes together on the idle 2-core box, 2026-12-05).
 # On the 2-core build box at load average 2-4 the suite ran 45 minutes before classifier fits
-# decoded their data once (train.cache_decoded_images) and 28 to 34 after (2026-12-01); 23 minutes
-# on an idle box on 2026-12-05 (606 tests); 44 minutes for 633 tests on 2026-12-05 beside a running
-# experiment (CI: 29 minutes); 48 minutes for 646 tests beside two experiments the same day, the
-# multi-node and whole-method-on-S3 tests (about 2 and 7 minutes) included. CI stops at 90.
+# decoded their data once (train.cache_decoded_images) and 28 to 34 after (2026-12-01); 35.5
+# minutes on an idle box on 2026-12-05 (651 tests); 48 minutes for 646 tests beside two
+# experiments the same day. The S3 fault pipeline, the killed Train worker and the Ray-overhead
+# smoke run (about 4 minutes) joined it on 2026-12-05. CI stops at 90.
 test: setup lint
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" --durations=25
 
