@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import html
 import math
+import re
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
@@ -30,14 +31,31 @@ def format_cell(value, digits: int | None = None) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def markdown_cell(text: str) -> str:
+    """`text` safe inside a markdown table row: a "|" (a fairness group such as
+    "age_50-80|tone_light") escaped, so it does not start a new column."""
+    return str(text).replace("|", "\\|")
+
+
+def markdown_row_cells(row: str) -> list[str]:
+    """The cells of a markdown table row `| a | b\\|c |` -> ["a", "b|c"]: split at the pipes
+    that `markdown_cell` did not escape."""
+    inner = row.strip()
+    inner = inner[1:] if inner.startswith("|") else inner
+    inner = inner[:-1] if inner.endswith("|") and not inner.endswith("\\|") else inner
+    return [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", inner)]
+
+
 def markdown_table(df: pd.DataFrame, digits: int | None = None, empty: str = "(none)") -> str:
-    """A GitHub-style markdown table of `df` (cells by `format_cell`), or `empty` on a line of
-    its own when it has no rows."""
+    """A GitHub-style markdown table of `df` (cells by `format_cell`, pipes escaped), or `empty`
+    on a line of its own when it has no rows."""
     if df.empty:
         return f"{empty}\n"
-    head = "| " + " | ".join(df.columns) + " |\n|" + "---|" * len(df.columns) + "\n"
-    return head + "".join("| " + " | ".join(format_cell(v, digits) for v in row) + " |\n"
-                          for row in df.itertuples(index=False))
+    head = ("| " + " | ".join(map(markdown_cell, df.columns)) + " |\n|"
+            + "---|" * len(df.columns) + "\n")
+    return head + "".join(
+        "| " + " | ".join(markdown_cell(format_cell(v, digits)) for v in row) + " |\n"
+        for row in df.itertuples(index=False))
 
 
 def markdown_image(title: str, src: str) -> str:
@@ -98,7 +116,7 @@ def markdown_to_html(markdown_text: str, title: str,
 
     def flush() -> None:
         if table:
-            body.append(html_rows_table(r.strip("|").split("|") for r in table
+            body.append(html_rows_table(markdown_row_cells(r) for r in table
                                         if not set(r) <= set("|-")))
             table.clear()
 

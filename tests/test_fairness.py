@@ -17,6 +17,7 @@ from diffinf_ray.fairness.methods import METHODS, build_method
 from diffinf_ray.fairness.metrics import group_accuracy, per_group_table
 from diffinf_ray.fairness.reweighting import balanced_epoch, inverse_frequency_weights
 from diffinf_ray.fairness.training import fit_local, group_index, group_names, predict
+from diffinf_ray.render import markdown_to_html
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -38,6 +39,11 @@ def test_group_accuracy_matches_sklearn():
     assert by_class["mean_group_accuracy"] == pytest.approx(100 * balanced_accuracy_score(y, pred))
     table = per_group_table({"erm": m, "dro": m})
     assert table.count("\n") == 5 and "| d |" in table
+    # a fairness group "<class>|<value>" stays one cell of the table and of its HTML page
+    cell = group_accuracy(y, pred, np.char.add(groups.astype(str), "|tone"))
+    html = markdown_to_html(per_group_table({"erm": cell}), "t")
+    assert html.count("<tr>") == 5 and "<tr><td>a|tone</td>" in html
+    assert all(row.count("<td>") == 3 for row in html.split("<tr>")[1:])
     with pytest.raises(ValueError):
         group_accuracy([], [], [])
 

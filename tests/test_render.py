@@ -128,7 +128,10 @@ def test_tables_cells_and_pages():
     from diffinf_ray.render import html_page, html_table, markdown_table, markdown_to_html
 
     df = pd.DataFrame({"a": [1.23456, None], "b <x>": ["p|q", float("nan")]})
-    assert markdown_table(df, 2) == "| a | b <x> |\n|---|---|\n| 1.23 | p|q |\n| - | - |\n"
+    # a pipe inside a cell (a fairness group "label|tone") is escaped, so the row keeps 2 cells
+    assert markdown_table(df, 2) == "| a | b <x> |\n|---|---|\n| 1.23 | p\\|q |\n| - | - |\n"
+    cells = markdown_to_html(markdown_table(df, 2), "T")
+    assert "<tr><td>1.23</td><td>p|q</td></tr>" in cells
     assert markdown_table(df.iloc[:0], empty="(nothing)") == "(nothing)\n"
     assert "b &lt;x&gt;" in html_table(df) and html_table(df.iloc[:0]) == "<p>(none)</p>"
     assert html_page("t & u", ["<p>x</p>"]) == ("<!doctype html><html><head><meta charset='utf-8'>"

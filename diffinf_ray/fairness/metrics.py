@@ -37,15 +37,19 @@ def group_accuracy(y_true, y_pred, groups) -> dict:
 
 
 def per_group_table(metrics_by_method: dict[str, dict]) -> str:
-    """A markdown table: one row per group, one column per method (accuracy %, n)."""
-    methods = list(metrics_by_method)
+    """A markdown table: one row per group, one column per method (accuracy %, n). Groups are
+    "<class>|<value>" cells: render.markdown_table escapes their pipe."""
+    import pandas as pd
+
+    from diffinf_ray.render import markdown_table
+
     groups = sorted({g for m in metrics_by_method.values() for g in m["per_group"]})
-    lines = ["| group | n | " + " | ".join(methods) + " |",
-             "|---|---|" + "---|" * len(methods)]
+    rows = []
     for g in groups:
         n = next(m["per_group"][g]["n"] for m in metrics_by_method.values()
                  if g in m["per_group"])
-        cells = [f"{m['per_group'][g]['accuracy']:.1f}" if g in m["per_group"] else "-"
-                 for m in metrics_by_method.values()]
-        lines.append(f"| {g} | {n} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append({"group": g, "n": n, **{
+            name: f"{m['per_group'][g]['accuracy']:.1f}" if g in m["per_group"] else "-"
+            for name, m in metrics_by_method.items()}})
+    columns = ["group", "n", *metrics_by_method]
+    return markdown_table(pd.DataFrame(rows, columns=columns)).rstrip("\n")
