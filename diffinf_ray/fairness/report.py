@@ -94,11 +94,19 @@ def plot_worst_group(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    for method in dict.fromkeys(r["method"] for r in rows):
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    severities = [r["severity"] for r in rows]
+    # each method's points shifted a little sideways, so that error bars at one severity do
+    # not hide each other
+    step = 0.01 * max(max(severities) - min(severities), 0.1)
+    for i, method in enumerate(methods):
         pts = sorted((r["severity"], r["worst_group_accuracy_mean"],
                       r["worst_group_accuracy_std"] or 0.0) for r in rows if r["method"] == method)
         xs, ys, es = zip(*pts, strict=True)
-        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=method)
+        shift = (i - (len(methods) - 1) / 2) * step
+        ax.errorbar([x + shift for x in xs], ys, yerr=es, marker="o", capsize=3, label=method)
+    ax.set_xticks(sorted(set(severities)))  # the severities run, not the shifted points
+    ax.set_xlim(min(severities) - 8 * step, max(severities) + 8 * step)
     ax.set_xlabel("severity (share of each training class in its majority group)")
     ax.set_ylabel("worst-group test accuracy (%)")
     ax.grid(alpha=0.3)
