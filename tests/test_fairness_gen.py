@@ -118,6 +118,12 @@ def test_z_prior_fits_and_samples():
     assert ZPrior.from_dict(prior.to_dict()).count == 4000
     with pytest.raises(ValueError):
         ZPrior.fit(z[:1])
+    # one code (a minority cell at severity 0.99): its code is the mean, the spread is lent
+    one = ZPrior.fit(z[:1], spread_from=prior)
+    assert np.array_equal(one.mean, z[0]) and np.array_equal(one.std, prior.std)
+    assert one.count == 1
+    with pytest.raises(ValueError, match="at least 2 codes"):
+        ZPrior.fit(z[:0], spread_from=prior)
 
 
 def test_clusters_follow_the_codes_and_respect_the_minimum_size():
@@ -225,3 +231,19 @@ def test_plan_jobs_one_per_cell_or_per_cluster(tmp_path):
     assert clustered[2].images == [bytes([10]), bytes([12])]
     skewed = {**codes, Cell(1, "b"): np.array([[0.0, 0, 0], [5, 5, 5], [0.1, 0, 0], [0, 0.1, 0]])}
     assert len(plan_jobs(cells, skewed, "v", out, clusters=2)) == 3  # 3 + 1 is below min_size
+
+
+def test_a_cell_of_one_image_gets_a_generator_with_its_labels_spread(tmp_path):
+    """Severity 0.99 left a minority cell one training image (a study failed on it): its
+    generator's prior is centred on that image's code with the label's spread."""
+    from diffinf_ray.fairness_gen.fit import plan_jobs
+
+    rng = np.random.default_rng(0)
+    cells = cells_of([f"s{i}" for i in range(9)], [bytes([i]) for i in range(9)],
+                     [0] * 9, ["a"] * 8 + ["b"])
+    codes = {Cell(0, "a"): rng.normal(0, 1.0, (8, 3)), Cell(0, "b"): np.array([[9.0, 9, 9]])}
+    jobs = plan_jobs(cells, codes, "vanilla", Location(str(tmp_path)))
+    one = jobs[1]
+    assert (one.name, len(one.images), one.prior.count) == ("vanilla/y0-b", 1, 1)
+    assert np.array_equal(one.prior.mean, [9.0, 9, 9])
+    assert np.array_equal(one.prior.std, one.label_prior.std) and one.label_prior.count == 9

@@ -71,7 +71,8 @@ def plan_jobs(cells: dict[Cell, CellRows], codes: dict[Cell, np.ndarray], varian
             name = f"{variant}/{cell.name}" + (f"/c{k}" if clusters else "")
             folder = out.child(variant, cell.name, *([f"c{k}"] if clusters else []))
             jobs.append(FitJob(name, cell, k if clusters else None,
-                               [rows.images[i] for i in members], ZPrior.fit(z[members]),
+                               [rows.images[i] for i in members],
+                               ZPrior.fit(z[members], spread_from=label_priors[cell.label]),
                                label_priors[cell.label], folder.uri))
     return jobs
 

@@ -25,11 +25,17 @@ class ZPrior:
     count: int  # images it was fitted on
 
     @classmethod
-    def fit(cls, z: np.ndarray) -> ZPrior:
-        """Per-dimension mean and unbiased std of z (N, d); N >= 2."""
+    def fit(cls, z: np.ndarray, spread_from: ZPrior | None = None) -> ZPrior:
+        """Per-dimension mean and unbiased std of z (N, d); N >= 2, or N = 1 with `spread_from`,
+        a wider prior (the cell's label) that lends its std: at severity 0.99 a minority cell
+        or a k-means cluster can hold one image, whose code is then the mean."""
         z = np.asarray(z, dtype=np.float64)
+        if z.ndim == 2 and len(z) == 1 and spread_from is not None:
+            return cls(z[0], spread_from.std.copy(), 1)
         if z.ndim != 2 or len(z) < 2:
-            raise ValueError(f"a z prior needs at least 2 codes (N, d), got shape {z.shape}")
+            raise ValueError(f"a z prior needs at least 2 codes (N, d), got shape {z.shape}"
+                             + ("" if spread_from is None else " and 1 with a prior to lend "
+                                "its spread"))
         return cls(z.mean(0), np.maximum(z.std(0, ddof=1), MIN_STD), len(z))
 
     def sample(self, n: int, generator=None):
