@@ -5,6 +5,7 @@ ledger records, table, plot, resume, the pretraining plug point) and one cell th
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pandas as pd
@@ -161,3 +162,20 @@ def test_lora_row_pretrains_on_balanced_synthetic_faces(tmp_path, ray_local):
     assert 0.0 <= record["test"]["worst_group_accuracy"] <= 100.0
 
 
+
+
+def test_a_group_with_no_training_image_is_named_before_pretraining(tmp_path, monkeypatch,
+                                                                     caplog):
+    """At severity 0.99 a 60-face draw can leave a minority group no training image: a
+    synthetic row then has no generator for them, and the run says which groups those are."""
+    monkeypatch.setitem(fairness_methods.PRETRAINERS, "balanced_real", _balanced_real_rows)
+    path = _write(tmp_path, severities=[0.99], seeds=[1], methods=[
+        "erm", {"name": "pre_erm", "pretrain": "balanced_real", "pretrain_epochs": 1}])
+    with caplog.at_level(logging.WARNING, logger="diffinf_ray.fairness.runner"):
+        run_fairness(load_fairness_config(path))
+    cell = json.loads((tmp_path / "run/cells/severity_0.99/seed_1/pre_erm.json").read_text())
+    [warning] = [r.getMessage() for r in caplog.records if "no training image" in r.getMessage()]
+    named = warning.split("group(s) ")[1].split(":")[0].split(", ")
+    # this draw's two minority cells (seed 0's happens to keep one image in each)
+    assert named == ["age_18-35|tone_dark", "age_50-80|tone_light"]
+    assert set(named) <= set(cell["test"]["per_group"]) and warning.startswith("pre_erm, seed 1:")

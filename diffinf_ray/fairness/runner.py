@@ -245,6 +245,12 @@ def _train_cell_local(cfg: FairnessConfig, df, entry: MethodEntry, seed: int, ce
     train_rows = _split(df, "train")
     init, history = None, []
     if entry.pretrain is not None:
+        # at high severity a minority group can have no training image: no generator is fitted
+        # for it, so the "balanced" synthetic set leaves it out; say so
+        missing = sorted(set(_split(df, "test").group) - set(train_rows.group))
+        if missing:
+            log.warning("%s, seed %d: no training image in group(s) %s: no generator and no "
+                        "synthetic images for them", entry.name, seed, ", ".join(missing))
         context = {"seed": seed, "run_dir": str(cell_dir), "resolution": cfg.data.resolution,
                    "class_names": _class_names(cfg), "options": entry.pretrain_options}
         pre_rows = PRETRAINERS[entry.pretrain](train_rows.reset_index(drop=True), context)
