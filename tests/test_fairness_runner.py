@@ -162,8 +162,6 @@ def test_lora_row_pretrains_on_balanced_synthetic_faces(tmp_path, ray_local):
     assert 0.0 <= record["test"]["worst_group_accuracy"] <= 100.0
 
 
-
-
 def test_a_group_with_no_training_image_is_named_before_pretraining(tmp_path, monkeypatch,
                                                                      caplog):
     """At severity 0.99 a 60-face draw can leave a minority group no training image: a

@@ -26,7 +26,7 @@ def test_the_whole_method_on_s3(s3_endpoint, monkeypatch):
 
     s3_endpoint.bucket("runs")
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_endpoint.endpoint)
-    settings = ["ray.num_cpus=2", "train.epochs=1", "autoencoder.steps=10", "predictor.epochs=5",
+    settings = ["ray.num_cpus=2", "train.epochs=2", "autoencoder.steps=10", "predictor.epochs=5",
                 "edit.iterations=1", f"stages={STAGES}"]
     cfg = tiny_diffinf("s3://runs/whole", *settings)
     results = run_pipeline(cfg)
@@ -55,9 +55,12 @@ def test_the_whole_method_on_s3(s3_endpoint, monkeypatch):
 
     # checkpoints are listed and loaded back from S3, with epoch and learning rate
     found = list_checkpoints(root.checkpoints)
-    assert [c.display for c in found] == ["s3://runs/whole/checkpoints/epoch_0001/checkpoint.pt"]
+    assert [c.display for c in found] == [
+        "s3://runs/whole/checkpoints/epoch_0001/checkpoint.pt",
+        "s3://runs/whole/checkpoints/epoch_0002/checkpoint.pt",
+    ]
     loaded = load_all(root.checkpoints)
-    assert [(c.epoch, c.learning_rate) for c in loaded] == [(1, cfg.train.lr)]
+    assert [(c.epoch, c.learning_rate) for c in loaded] == [(1, cfg.train.lr), (2, cfg.train.lr)]
     assert loaded[-1].build_model().num_classes == len(cfg.class_names)
     assert root.evaluation.child("metrics.json").read_json()["accuracy"] == \
         results["evaluate"]["accuracy"]
