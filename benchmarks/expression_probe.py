@@ -36,9 +36,9 @@ from diffinf_ray.models.classifier import build_classifier
 from diffinf_ray.models.harness import random_hflip
 
 
-def faces(resolution: int, n: int, seed: int):
+def faces(resolution: int, n: int, seed: int, gain: float | None = None):
     spec = SynthFacesSpec(task="expression", resolution=resolution, seed=seed,
-                          num_identities=max(1, n // 5))
+                          num_identities=max(1, n // 5), expression_gain=gain)
     images, labels, splits, intensity = [], [], [], []
     for i in range(n):
         f = sample_factors(spec, i)
@@ -67,13 +67,16 @@ def main(argv=None) -> None:
     p.add_argument("--stem", choices=["imagenet", "no_maxpool", "cifar"], default="imagenet")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (train.lr)")
+    p.add_argument("--gain", type=float, default=None,
+                   help="expression gain (default: the expression task's, EXPRESSION_GAIN)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    x, y, splits, intensity = faces(args.resolution, args.faces, args.seed)
+    x, y, splits, intensity = faces(args.resolution, args.faces, args.seed, args.gain)
     train, test = torch.tensor(splits == "train"), splits == "test"
     torch.manual_seed(args.seed)
     model = classifier(args.stem)
-    optimiser = torch.optim.Adam(model.parameters(), lr=1e-4)
+    optimiser = torch.optim.Adam(model.parameters(), lr=args.lr)
     x_train, y_train = x[train], y[train]
     start = time.perf_counter()
     for _ in range(args.epochs):
@@ -93,8 +96,9 @@ def main(argv=None) -> None:
     truth = y[torch.tensor(test)].numpy()
     right = predicted == truth
     weak = (intensity[test] >= WEAK_INTENSITY[0]) & (intensity[test] <= WEAK_INTENSITY[1])
-    print(f"stem {args.stem}, {args.resolution} px, {args.faces} faces "
-          f"({int(train.sum())} train, {int(test.sum())} test), {args.epochs} epochs: "
+    print(f"gain {SynthFacesSpec(task='expression', expression_gain=args.gain).expression_gain:g}, "
+          f"stem {args.stem}, {args.resolution} px, {args.faces} faces "
+          f"({int(train.sum())} train, {int(test.sum())} test), {args.epochs} epochs, lr {args.lr:g}: "
           f"clean test accuracy {right.mean():.3f} (weak-intensity rows {right[weak].mean():.3f}, "
           f"others {right[~weak].mean():.3f}); training {time.perf_counter() - start:.0f} s")
     print("confusion (rows: truth, columns: prediction;", ", ".join(EXPRESSION_CLASSES) + ")")

@@ -77,6 +77,9 @@ class SynthFacesSection(_Section):
     resolution: int = Field(64, ge=32, le=128)
     with_masks: bool = True
     split_fractions: tuple[Fraction, Fraction, Fraction] = (0.7, 0.15, 0.15)
+    # how far clear expressions go beyond the ambiguous band; None: the task's default (1 for
+    # age, whose faces never change; 4 for expression, which at 1 is near chance at 32 px)
+    expression_gain: float | None = Field(None, ge=0, le=4)
 
 
 class DataSection(_Section):

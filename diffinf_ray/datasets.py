@@ -136,6 +136,7 @@ def synthfaces_spec(cfg):
         age_bins=tuple(tuple(b) for b in cfg.data.age_bins),
         with_masks=sf.with_masks,
         split_fractions=tuple(sf.split_fractions),
+        expression_gain=sf.expression_gain,
     )
 
 

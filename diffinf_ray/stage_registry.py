@@ -45,6 +45,22 @@ UNHASHED_FIELDS = {"train": ("max_failures", "cache_decoded_images"),
 HASHED_WHEN_SET = {"influence": ("flag_by",)}
 
 
+def _expression_gain(cfg) -> float:
+    """The gain synthfaces draws with (its task's default when unset); 1 for user data."""
+    if cfg.data.source != "synthfaces":
+        return 1.0
+    from diffinf_ray.data.synthfaces import EXPRESSION_GAIN
+
+    gain = cfg.data.synthfaces.expression_gain
+    return EXPRESSION_GAIN.get(cfg.data.task, 1.0) if gain is None else float(gain)
+
+
+# Settings added after runs were finished whose default depends on other settings: hashed as
+# the value they take, and left out when that is the value every earlier run had. The
+# expression gain is hashed for the expression task, whose faces it changed, never for age.
+HASHED_AS_RESOLVED = {("data", "synthfaces", "expression_gain"): (_expression_gain, 1.0)}
+
+
 @dataclass(frozen=True)
 class Stage:
     """One stage. `reads` names config sections (`train`) or settings (`influence.tau`,
@@ -224,6 +240,16 @@ def fingerprint_parts(cfg, stage: str) -> dict:
             if isinstance(parts[section], dict) and name in parts[section] and \
                     parts[section][name] == type(values).model_fields[name].default:
                 parts[section].pop(name)
+    for (section, *path, name), (resolve, legacy) in HASHED_AS_RESOLVED.items():
+        node = parts.get(section)
+        for key in path:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict) and name in node:
+            value = resolve(cfg)
+            if value == legacy:
+                node.pop(name)
+            else:
+                node[name] = value
     return parts
 
 

@@ -22,6 +22,7 @@ from diffinf_ray.stage_registry import (
 )
 
 TINY = "jobs/configs/tiny.yaml"
+DEMO = "jobs/configs/demo.yaml"
 
 
 def test_cleanlab_fingerprint_covers_the_influence_budget():
@@ -190,6 +191,33 @@ def test_flag_by_is_hashed_only_when_set():
     changed = {s for s in STAGES if fingerprint(oracle, s) != fingerprint(cfg, s)}
     assert changed == {"influence", *(s for s in STAGES if "influence" in upstream_stages(s))}
     assert "cleanlab" not in changed and "train" not in changed
+
+
+def test_expression_gain_is_hashed_as_the_gain_the_faces_are_drawn_with():
+    """data.synthfaces.expression_gain came after finished runs. Age faces never changed, so an
+    age run hashes what it hashed before the setting existed, unset or set to 1; expression faces
+    did (the task's default gain is 4), so an expression run hashes the gain it draws with, and
+    a run root made before the setting is rebuilt from ingest on."""
+    from diffinf_ray.data.synthfaces import EXPRESSION_GAIN
+    from diffinf_ray.stage_registry import fingerprint_parts
+
+    age = load_config(DEMO)
+    assert "expression_gain" not in fingerprint_parts(age, "ingest")["data"]["synthfaces"]
+    assert fingerprint(load_config(DEMO, ["data.synthfaces.expression_gain=1"]), "train") == \
+        fingerprint(age, "train")
+    assert fingerprint(load_config(DEMO, ["data.synthfaces.expression_gain=2"]), "ingest") != \
+        fingerprint(age, "ingest")
+
+    expression = load_config(TINY)
+    assert expression.data.task == "expression"
+    hashed = fingerprint_parts(expression, "ingest")["data"]["synthfaces"]["expression_gain"]
+    assert hashed == EXPRESSION_GAIN["expression"] == 4.0
+    explicit = load_config(TINY, ["data.synthfaces.expression_gain=4"])
+    assert fingerprint(explicit, "report") == fingerprint(expression, "report")
+    as_drawn_before = load_config(TINY, ["data.synthfaces.expression_gain=1"])
+    assert "expression_gain" not in fingerprint_parts(as_drawn_before, "ingest")["data"]["synthfaces"]
+    assert {s for s in STAGES if fingerprint(as_drawn_before, s) != fingerprint(expression, s)} \
+        == set(STAGES)  # every stage reads the data, through ingest
 
 
 def test_flag_by_cleanlab_puts_the_cleanlab_stage_upstream_of_influence():

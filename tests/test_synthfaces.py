@@ -133,6 +133,36 @@ def test_expression_and_age_change_the_picture_where_expected():
     assert np.abs(young.astype(int) - old.astype(int)).mean() > 5
 
 
+def test_expression_gain_grows_clear_expressions_and_leaves_weak_ones_ambiguous():
+    """The gain stretches intensity above the weak band only: weak (ambiguous) faces are drawn
+    as they always were, clear ones show more. The age task's default gain is 1, so its faces
+    never change; the expression task's is 4 (RESULTS, "Is synthfaces expression learnable?")."""
+    assert sf.SynthFacesSpec().expression_gain == 1.0
+    assert sf.SynthFacesSpec(task="expression").expression_gain == 4.0
+    assert sf.SynthFacesSpec(task="expression", expression_gain=1).expression_gain == 1.0
+    assert sf.sample_factors(sf.SynthFacesSpec(task="expression"), 0).expression_gain == 4.0
+    for weak in (0.0, *sf.WEAK_INTENSITY):
+        assert sf.shown_intensity(weak, 4.0) == weak
+    assert sf.shown_intensity(1.0, 1.0) == 1.0
+    assert sf.shown_intensity(1.0, 4.0) == pytest.approx(1.0 + 3.0 * (1.0 - sf.WEAK_INTENSITY[1]))
+
+    spec = sf.SynthFacesSpec(task="expression", seed=5)
+    f = dataclasses.replace(sf.sample_factors(spec, 0), noise_sigma=0.0, age=30.0)
+    neutral, _ = sf.render(dataclasses.replace(f, expression=sf.NEUTRAL, intensity=0.0), 64, False)
+
+    def change(expression: int, intensity: float, gain: float) -> np.ndarray:
+        face = dataclasses.replace(f, expression=expression, intensity=intensity,
+                                   expression_gain=gain)
+        return np.abs(sf.render(face, 64, False)[0].astype(int) - neutral.astype(int)).sum(-1)
+
+    for expression in (sf.HAPPY, sf.SURPRISED, sf.SAD):
+        weak = sf.WEAK_INTENSITY[1]
+        assert np.array_equal(change(expression, weak, 4.0), change(expression, weak, 1.0))
+        clear_1, clear_4 = change(expression, 0.9, 1.0), change(expression, 0.9, 4.0)
+        assert clear_4.sum() > clear_1.sum(), sf.EXPRESSION_CLASSES[expression]
+        assert (clear_4 > 30).sum() > (clear_1 > 30).sum()  # more pixels change visibly
+
+
 def test_splits_disjoint_by_identity():
     spec = sf.SynthFacesSpec(task="age", num_identities=300, seed=9)
     splits_of = defaultdict(set)
@@ -219,6 +249,10 @@ def test_same_identity_keeps_identity_factors_across_ages():
         ({"split_fractions": (0.7, 0.2, 0.2)}, "split_fractions"),
         ({"split_fractions": (0.7, 0.3)}, "split_fractions"),
         ({"split_fractions": (1.2, -0.1, -0.1)}, "split_fractions"),
+        ({"expression_gain": -1.0}, "expression_gain"),
+        ({"expression_gain": 5.0}, "expression_gain"),
+        ({"expression_gain": True}, "expression_gain"),
+        ({"expression_gain": "4"}, "expression_gain"),
     ],
 )
 def test_spec_validation(kwargs, field):

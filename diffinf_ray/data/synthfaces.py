@@ -59,6 +59,11 @@ SPURIOUS_VALUES = {2: ("tone_light", "tone_dark"), 3: SKIN_GROUPS}
 WEAK_FRACTION = 0.15  # expression task: share of samples with a weak (ambiguous) intensity
 WEAK_INTENSITY = (0.05, 0.25)
 CLEAR_INTENSITY = (0.45, 1.0)
+# default expression gain per task: 1 keeps the age task's faces as they always were; at 1 an
+# expression is a 2-3 pixel change of a 32 px face and a clean-label classifier is near chance
+# (benchmarks/RESULTS.md, "Is synthfaces expression learnable?")
+EXPRESSION_GAIN = {"age": 1.0, "expression": 4.0}
+MAX_EXPRESSION_GAIN = 4.0
 
 # RNG stream tags: every stream is keyed by (seed, key, tag) so streams never collide.
 _TAG_PICK, _TAG_IDENTITY, _TAG_SPLIT, _TAG_SAMPLE, _TAG_BIAS = 11, 12, 13, 14, 15
@@ -135,6 +140,9 @@ class SynthFacesSpec:
     # class in its majority spurious value
     severity: float | None = None
     spurious_levels: int = 2
+    # stretch of clear expressions beyond the weak band (`shown_intensity`); None: the task's
+    # default (EXPRESSION_GAIN), so age faces stay as they were and expressions read at 32 px
+    expression_gain: float | None = None
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -196,6 +204,12 @@ class SynthFacesSpec:
             object.__setattr__(self, "severity", float(self.severity))
         object.__setattr__(self, "resolution", int(self.resolution))
         object.__setattr__(self, "seed", int(self.seed))
+        gain = EXPRESSION_GAIN[self.task] if self.expression_gain is None else self.expression_gain
+        if isinstance(gain, bool) or not isinstance(gain, int | float | np.number) \
+                or not 0.0 <= float(gain) <= MAX_EXPRESSION_GAIN:
+            raise ValueError(f"SynthFacesSpec.expression_gain: {self.expression_gain!r} is not a "
+                             f"number in [0, {MAX_EXPRESSION_GAIN:g}]")
+        object.__setattr__(self, "expression_gain", float(gain))
         object.__setattr__(self, "num_identities", int(self.num_identities))
 
 
@@ -275,6 +289,8 @@ class FaceFactors:
     micro: tuple[float, float, float]  # mouth curve, brow height, eye opening jitter
     noise_sigma: float
     noise_seed: int
+    # how far clear expressions go beyond the ambiguous band (shown_intensity); 1 = as drawn
+    expression_gain: float = 1.0
 
     @property
     def expression_name(self) -> str:
@@ -453,6 +469,7 @@ def sample_factors(spec: SynthFacesSpec, index: int) -> FaceFactors:
         ),
         noise_sigma=float(r.uniform(0.0, 3.0)),
         noise_seed=int(r.integers(2**31)),
+        expression_gain=spec.expression_gain,
     )
 
 
@@ -597,6 +614,12 @@ class _Geometry:
     hair: np.ndarray
 
 
+def shown_intensity(intensity: float, gain: float) -> float:
+    """The intensity the face shows: `gain` stretches what lies above the weak (ambiguous) band,
+    so clear expressions grow while weak ones stay as ambiguous as drawn."""
+    return intensity + (gain - 1.0) * max(0.0, intensity - WEAK_INTENSITY[1])
+
+
 def _geometry(f: FaceFactors) -> _Geometry:
     p = f.identity
     a = f.age
@@ -606,31 +629,33 @@ def _geometry(f: FaceFactors) -> _Geometry:
     grey = _clip01((a - p.grey_onset) / 26.0)
     recession = _clip01((a - 48.0) / 27.0) * p.balding
 
-    s = f.intensity
+    s = shown_intensity(f.intensity, f.expression_gain)
     e = f.expression
     curve = p.rest_curve + f.micro[0]
     mouth_open, width, brow_up, brow_inner, eye_open, cheek = 0.0, 1.0, f.micro[1], 0.0, 1.0, 0.0
     eye_open += f.micro[2]
     arch_extra = 0.0
+    # Above intensity 1 (expression_gain > 1) the mouth carries the gain; brows, eyes and mouth
+    # width stop where the face would stop looking like one (brows in the hair, a closed O).
     if e == HAPPY:
         curve += 1.1 * s
-        width += 0.22 * s
+        width += 0.22 * min(s, 1.5)
         mouth_open = 0.7 * _clip01((s - 0.4) / 0.6)
         eye_open -= 0.35 * s
         cheek = s
-        brow_up += 0.01 * s
+        brow_up += 0.01 * min(s, 1.0)
     elif e == SURPRISED:
-        mouth_open = 1.2 * s
-        width -= 0.4 * s
-        brow_up += 0.15 * s
-        arch_extra = 0.05 * s
-        eye_open += 0.6 * s
+        mouth_open = 1.2 * min(s, 2.0)
+        width -= 0.4 * min(s, 1.0)
+        brow_up += 0.15 * min(s, 1.5)
+        arch_extra = 0.05 * min(s, 2.0)
+        eye_open += 0.6 * min(s, 1.3)
     elif e == SAD:
         curve -= 1.0 * s
-        width -= 0.06 * s
-        brow_inner = 0.14 * s
+        width -= 0.06 * min(s, 1.0)
+        brow_inner = 0.14 * min(s, 1.8)
         eye_open -= 0.25 * s
-        brow_up -= 0.01 * s
+        brow_up -= 0.01 * min(s, 1.0)
 
     skin = np.asarray(p.skin_rgb)
     if old > 0:  # slightly sallower, less saturated skin
