@@ -137,7 +137,8 @@ def _cmd_preview(args) -> int:
 
     from diffinf_ray.data.synthfaces import SynthFacesSpec, preview_grid
 
-    spec = SynthFacesSpec(task=args.task, resolution=args.resolution, seed=args.seed)
+    spec = SynthFacesSpec(task=args.task, resolution=args.resolution, seed=args.seed,
+                          expression_gain=args.expression_gain)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_bytes(preview_grid(spec, per_class=args.per_class))
     print(f"wrote {args.out}")
@@ -378,6 +379,9 @@ def add_preview_arguments(parser, config: str | None = None) -> None:
     parser.add_argument("--resolution", type=int, default=64, help="pixels (default 64)")
     parser.add_argument("--per-class", type=int, default=8, help="samples per class")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--expression-gain", type=float, default=None,
+                        help="how far clear expressions are drawn (data.synthfaces."
+                             "expression_gain; default: the task's, 1 for age, 4 for expression)")
     parser.add_argument("--out", required=True, help="PNG file to write")
 
 

@@ -36,6 +36,15 @@ def test_synthfaces_preview(tmp_path):
     proc = run_cli("synthfaces-preview", "--task", "expression", "--resolution", "32", "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the faces as the expression task drew them before its default gain (README's grid then)
+    as_before = tmp_path / "gain1.png"
+    proc = run_cli("synthfaces-preview", "--task", "expression", "--resolution", "32",
+                   "--expression-gain", "1", "--out", str(as_before))
+    assert proc.returncode == 0, proc.stderr
+    assert as_before.read_bytes() != out.read_bytes()
+    refused = run_cli("synthfaces-preview", "--task", "expression", "--expression-gain", "9",
+                      "--out", str(tmp_path / "no.png"))
+    assert refused.returncode != 0 and "expression_gain" in refused.stderr
 
 
 # -- --help of every command ---------------------------------------------------------------------
@@ -47,7 +56,8 @@ OWN_OPTIONS = {
     "config": ["config", "key=value"],
     "experiment": ["config", "--task", "--dry-run", "--table-only"],
     "sweep": ["config", "key=value", "--restore", "--no-restore", "--dry-run"],
-    "synthfaces-preview": ["--task", "--resolution", "--per-class", "--seed", "--out"],
+    "synthfaces-preview": ["--task", "--resolution", "--per-class", "--seed", "--expression-gain",
+                           "--out"],
     "diagnose-labels": ["config", "key=value", "--images", "--scales", "--depths", "--steps"],
     "record": ["config", "key=value", "--ledger"],
     "status": ["RUN_ROOT", "CONFIG", "key=value"],
