@@ -46,3 +46,23 @@ def test_other_errors_and_the_last_timeout_are_raised(fake_ray, monkeypatch):
     with pytest.raises(Exception, match="timed out during startup"):
         ray_session.start_local_ray(2, attempts=3, pause_s=0)
     assert init.temp_dirs == [None, None, None]  # Ray's default temp dir when none is given
+
+
+def test_a_local_ray_gets_ray_trains_local_settings_unless_the_user_set_them(fake_ray,
+                                                                             monkeypatch):
+    """The settings must be in the environment when ray.init starts the daemons (the Train
+    controller and workers inherit them); a value the user exported wins."""
+    ray, _ = fake_ray
+    seen = {}
+
+    def init(**kwargs):
+        seen.update({k: ray_session.os.environ.get(k) for k in ray_session.LOCAL_RAY_TRAIN_ENV})
+
+    for name in ray_session.LOCAL_RAY_TRAIN_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "3")
+    monkeypatch.setattr(ray, "init", init)
+    ray_session.start_local_ray(2)
+    assert seen == {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "3",
+                    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+                    "RAY_TRAIN_METRICS_ENABLED": "0"}
