@@ -17,6 +17,8 @@ import pandas as pd
 import pytest
 import yaml
 
+from diffinf_ray.ray_session import LOCAL_RAY_TRAIN_ENV
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -37,6 +39,8 @@ def ray_head(tmp_path_factory):
     # for `ray start`; pin the mode on both sides (RAY_NOTES 4.3).
     env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")
+    # a one-machine cluster: Ray Train's settings for a local Ray (the job's driver inherits them)
+    env = {**LOCAL_RAY_TRAIN_ENV, **env}
     # A loaded box can make `ray start` itself time out (see conftest's ray_local): retried.
     for attempt in range(1, HEAD_START_ATTEMPTS + 1):
         head, log, address, temp = _start_head(tmp_path / f"ray_head_{attempt}.log", env, ray_bin)
