@@ -51,17 +51,24 @@ def summary_rows(results: list[dict], reference: str = "erm") -> list[dict]:
 
 
 def table_markdown(rows: list[dict], reference: str = "erm") -> str:
-    lines = ["| severity | method | seeds | average acc. (%) | worst-group acc. (%) | "
-             f"Δ average vs {reference} | Δ worst-group vs {reference} |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        cells = [_fmt(r[f"{k}_mean"], r[f"{k}_std"]) for k, _ in METRICS]
-        diffs = [("+" if r[f"{k}_diff_mean"] >= 0 else "") + _fmt(r[f"{k}_diff_mean"],
-                                                                   r[f"{k}_diff_std"])
-                 if f"{k}_diff_mean" in r else "-" for k, _ in METRICS]
-        lines.append(f"| {r['severity']:g} | {r['method']} | {r['n']} | " +
-                     " | ".join(cells + diffs) + " |")
-    return "\n".join(lines)
+    """The fairness table: one markdown row per `summary_rows` row (render.markdown_table)."""
+    import pandas as pd
+
+    from diffinf_ray.render import markdown_table
+
+    def signed(r: dict, key: str) -> str:
+        if f"{key}_diff_mean" not in r:
+            return "-"
+        sign = "+" if r[f"{key}_diff_mean"] >= 0 else ""
+        return sign + _fmt(r[f"{key}_diff_mean"], r[f"{key}_diff_std"])
+
+    columns = ["severity", "method", "seeds", "average acc. (%)", "worst-group acc. (%)",
+               f"Δ average vs {reference}", f"Δ worst-group vs {reference}"]
+    table = pd.DataFrame(
+        [[f"{r['severity']:g}", r["method"], r["n"],
+          *(_fmt(r[f"{k}_mean"], r[f"{k}_std"]) for k, _ in METRICS),
+          *(signed(r, k) for k, _ in METRICS)] for r in rows], columns=columns)
+    return markdown_table(table).rstrip("\n")
 
 
 def per_group_markdown(results: list[dict]) -> str:
