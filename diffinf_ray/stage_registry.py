@@ -27,6 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from diffinf_ray.edit.methods import methods_needing_autoencoder
+
 # Readable by every stage and not hashed (the `run.seed` is hashed for all, see fingerprint).
 AMBIENT = {"run": ("root", "seed"), "storage": None, "ray": None}
 
@@ -83,12 +85,17 @@ class Stage:
     def upstream_of(self, cfg=None) -> tuple[str, ...]:
         """The stages whose outputs this one reads under `cfg` (None: the unconditional ones)."""
         extra = tuple(s for s, key, value in self.upstream_when
-                      if cfg is not None and _setting(cfg, key) == value)
+                      if cfg is not None and _holds(_setting(cfg, key), value))
         return self.upstream + extra
 
     def function(self) -> Callable:
         module, _, name = self.entry.partition(":")
         return getattr(importlib.import_module(module), name)
+
+
+def _holds(setting, value) -> bool:
+    """An upstream_when condition: the setting equals `value`, or is one of a frozenset."""
+    return setting in value if isinstance(value, frozenset) else setting == value
 
 
 def _setting(cfg, key: str):
@@ -140,8 +147,11 @@ REGISTRY: dict[str, Stage] = {s.name: s for s in (
     # the removal stage's classifier, which never guided an edit, gates each one (edit.gate)
     # edit.gate.fallback only decides what refine does with a rejected edit: changing it
     # re-runs refine and what follows, not the edits
+    # the autoencoder only for the methods that edit with it (not oracle_repair, which draws
+    # the face again)
     _stage("edit", "edit:run_edit", ["edit", "-edit.gate.fallback"],
-           ["removal", "predictor", "lossnets", "autoencoder"], outputs=["edits"]),
+           ["removal", "predictor", "lossnets"], outputs=["edits"],
+           upstream_when={"autoencoder": ("edit.method", methods_needing_autoencoder())}),
     _stage("refine", "refine:run_refine", ["edit.gate.fallback"], ["edit"], outputs=["refined"]),
     # the baseline recipe on the refined training split
     _stage("retrain", "refine:run_retrain", ["train", "evaluate"], ["refine"]),

@@ -114,3 +114,45 @@ def test_the_registry_builds_it_and_it_gives_every_editors_outputs():
         editor.edit(x, labels)
     with pytest.raises(ValueError, match="needs data.source synthfaces"):
         method.build(_parts(None), EditSection(method="oracle_repair"), None)
+
+
+def test_it_needs_no_autoencoder_stage():
+    """oracle_repair draws the face again: the edit stage then neither reads the autoencoder
+    stage (not upstream, not in the fingerprint, not required among the stages) nor loads it;
+    the methods that edit through the autoencoder still need it."""
+    from diffinf_ray.config import ConfigError, load_config
+    from diffinf_ray.stage_registry import covered_settings, upstream_stages
+
+    stages = "stages=[ingest,noise,train,evaluate,influence,removal,predictor,lossnets,edit]"
+    repair = load_config("jobs/configs/tiny.yaml", [stages, "edit.method=oracle_repair"])
+    assert "autoencoder" not in upstream_stages("retrain", repair)
+    assert "autoencoder" not in covered_settings("edit", repair)
+    assert not edit_method("oracle_repair").needs_autoencoder
+    for method in ("latent", "guided"):
+        with pytest.raises(ConfigError, match=f"edit.method='{method}': stage edit then reads "
+                                              "the outputs of stage autoencoder"):
+            load_config("jobs/configs/tiny.yaml", [stages, f"edit.method={method}"])
+        full = load_config("jobs/configs/tiny.yaml", [f"edit.method={method}"])
+        assert "autoencoder" in upstream_stages("edit", full)
+
+
+def test_the_stage_builds_it_without_loading_an_autoencoder(monkeypatch):
+    from diffinf_ray.config import load_config
+    from diffinf_ray.stages import edit as edit_stage
+
+    def no_autoencoder(*args, **kwargs):
+        raise AssertionError("oracle_repair loaded the autoencoder")
+
+    class Checkpoint:
+        def build_model(self):
+            return _parts(AGE).classifier
+
+    monkeypatch.setattr(edit_stage, "load_run_autoencoder", no_autoencoder)
+    monkeypatch.setattr(edit_stage, "classifier_checkpoint", lambda root: None)
+    monkeypatch.setattr("diffinf_ray.models.checkpoint.load_checkpoint", lambda path: Checkpoint())
+    monkeypatch.setattr(edit_stage, "load_run_predictor", lambda root: _parts(AGE).predictor)
+    monkeypatch.setattr(edit_stage, "load_edit_losses", lambda cfg, root, device:
+                        (_parts(AGE).losses, None))
+    cfg = load_config("jobs/configs/tiny.yaml", ["edit.method=oracle_repair"])
+    editor = edit_stage.build_editor(cfg, root=None, device="cpu")
+    assert isinstance(editor, OracleRepairEditor)

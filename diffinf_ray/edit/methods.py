@@ -42,6 +42,7 @@ class EditMethod:
     needs_directions: Callable[[Any], bool] = lambda section: False
     needs_labels: bool = False  # only for a label-conditional autoencoder
     needs_sample_ids: bool = False  # edit(images, labels, sample_ids)
+    needs_autoencoder: bool = True  # False: the edit stage then neither reads nor loads it
 
 
 def _build_latent(parts: EditorParts, section, directions=None):
@@ -73,8 +74,14 @@ EDIT_METHODS: dict[str, EditMethod] = {m.name: m for m in (
     EditMethod("latent", _build_latent),
     EditMethod("guided", _build_guided, needs_directions=lambda s: s.guided.alpha > 0,
                needs_labels=True),
-    EditMethod("oracle_repair", _build_oracle_repair, needs_sample_ids=True),
+    EditMethod("oracle_repair", _build_oracle_repair, needs_sample_ids=True,
+               needs_autoencoder=False),
 )}
+
+
+def methods_needing_autoencoder() -> frozenset[str]:
+    """The methods under which the edit stage reads the autoencoder stage (stage_registry)."""
+    return frozenset(m.name for m in EDIT_METHODS.values() if m.needs_autoencoder)
 
 
 def edit_method(name: str) -> EditMethod:

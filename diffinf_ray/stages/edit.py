@@ -2,8 +2,8 @@
 actor pool (METHOD.md stage 6).
 
 In:  manifest_noisy/ train rows (sample_id, image, label) whose influence/influence.parquet
-     `is_high` is set; the frozen models of earlier stages: autoencoder/ (model.json),
-     checkpoints/ (the last classifier: g(x)), predictor/ (h_w), lossnets/ (F_id, parser,
+     `is_high` is set; the frozen models of earlier stages: autoencoder/ (model.json; not
+     read by `oracle_repair`, which draws the face again), checkpoints/ (the last classifier: g(x)), predictor/ (h_w), lossnets/ (F_id, parser,
      perceptual distance).
 Out: edits/edits.parquet   one row per edited sample: sample_id, label, image (PNG of the
                            edit), image_original (PNG), loss_total, loss_id, loss_struct,
@@ -82,10 +82,12 @@ def build_editor(cfg: Config, root: RunRoot, device: str, directions=None):
 
     section = cfg.edit
     method = edit_method(section.method)
-    model = load_run_autoencoder(root, map_location=device).to(device)
-    autoencoder = DiffusionAutoencoder(model, encode_steps=section.encode_steps,
-                                       decode_steps=section.decode_steps,
-                                       checkpoint=section.checkpoint, steps=section.steps)
+    model = autoencoder = None  # a method that draws the face again edits without one
+    if method.needs_autoencoder:
+        model = load_run_autoencoder(root, map_location=device).to(device)
+        autoencoder = DiffusionAutoencoder(model, encode_steps=section.encode_steps,
+                                           decode_steps=section.decode_steps,
+                                           checkpoint=section.checkpoint, steps=section.steps)
     classifier = load_checkpoint(classifier_checkpoint(root)).build_model().to(device)
     predictor = load_run_predictor(root).to(device)
     losses, _ = load_edit_losses(cfg, root, device)
@@ -315,8 +317,8 @@ def prepare_method(cfg: Config, root: RunRoot) -> None:
     if method.needs_sample_ids and cfg.data.source != "synthfaces":
         raise ValueError(f"edit.method {method.name!r} needs data.source synthfaces: only there "
                          "is each image's drawing known")
-    record = root.child(AUTOENCODER_FOLDER, AUTOENCODER_RECORD).read_json()
-    if method.needs_labels and record.get("num_classes", 1) == 0:
+    if method.needs_labels and root.child(AUTOENCODER_FOLDER, AUTOENCODER_RECORD).read_json().get(
+            "num_classes", 1) == 0:
         raise ValueError(f"edit.method {method.name!r} needs a label-conditional autoencoder "
                          "(num_classes > 0, trained with label dropout); this run's has no label "
                          "path: use edit.method 'latent' or autoencoder.label_conditioning")
