@@ -137,3 +137,24 @@ def test_reweight_loss_is_the_weighted_mean():
         group_index(["maj", "other"], ["maj", "min"])
     with pytest.raises(MethodError, match="unknown fairness method"):
         build_method("nope", 2, counts, {}, lambda: Tiny(), lr=0.05)
+
+
+def test_selection_takes_the_best_validation_worst_group_and_never_the_test():
+    from diffinf_ray.fairness.report import selected_results, summary_rows
+
+    def cell(method, seed, val_worst, test_worst):
+        return {"method": method, "severity": 0.9, "seed": seed,
+                "val": {"worst_group_accuracy": val_worst, "accuracy": 50.0},
+                "test": {"worst_group_accuracy": test_worst, "accuracy": 60.0 + seed}}
+
+    results = [cell("erm", 0, 10.0, 11.0), cell("dro_a", 0, 30.0, 5.0), cell("dro_b", 0, 20.0, 90.0),
+               cell("erm", 1, 10.0, 12.0), cell("dro_a", 1, 25.0, 7.0), cell("dro_b", 1, 25.0, 80.0)]
+    chosen = selected_results(results, {"dro_val": ["dro_a", "dro_b"]})
+    # seed 0: dro_a's validation is better though its test is worse; seed 1: a tie, the first
+    assert [(r["seed"], r["selected"], r["test"]["worst_group_accuracy"]) for r in chosen] == [
+        (0, "dro_a", 5.0), (1, "dro_a", 7.0)]
+    assert all(r["method"] == "dro_val" for r in chosen)
+    row = next(r for r in summary_rows(results + chosen) if r["method"] == "dro_val")
+    assert row["worst_group_accuracy_mean"] == 6.0
+    assert row["worst_group_accuracy_diff_mean"] == pytest.approx(-5.5)  # paired with erm
+    assert selected_results(results, {}) == []

@@ -49,6 +49,12 @@ def test_config_errors_name_the_key(tmp_path):
         load_fairness_config(_write(tmp_path, methods=[{"name": "s", "pretrain": "synth"}]))
     cfg = load_fairness_config(_write(tmp_path), ["severities=[0.5, 0.99]"])
     assert cfg.severities == [0.5, 0.99] and [m.name for m in cfg.methods] == ["erm", "group_dro"]
+    with pytest.raises(ConfigError, match=r"select.dro_val: \['dro_wd9'\] - candidates must be"):
+        load_fairness_config(_write(tmp_path), ["select={dro_val: [group_dro, dro_wd9]}"])
+    with pytest.raises(ConfigError, match="select.erm: a method is already called 'erm'"):
+        load_fairness_config(_write(tmp_path), ["select={erm: [group_dro]}"])
+    assert load_fairness_config(_write(tmp_path), ["select={dro_val: [group_dro, erm]}"]
+                                ).select == {"dro_val": ["group_dro", "erm"]}
     for name in ("fairness.yaml", "fairness_tiny.yaml"):
         load_fairness_config(f"jobs/configs/{name}")
 

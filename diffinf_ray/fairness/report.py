@@ -24,6 +24,23 @@ def _fmt(mean: float, std: float | None) -> str:
     return f"{mean:.1f}" if std is None else f"{mean:.1f} ± {std:.1f}"
 
 
+def selected_results(results: list[dict], select: dict[str, list[str]]) -> list[dict]:
+    """Per (severity, seed) and row of `select` ({row: candidate methods}), the candidate cell
+    with the best validation worst-group accuracy (ties: the first listed), as a result named
+    `row` with `selected` = the chosen method: model selection as in Sagawa et al., the test
+    split never looked at."""
+    cells = {(r["severity"], r["seed"], r["method"]): r for r in results}
+    out = []
+    for severity, seed in dict.fromkeys((r["severity"], r["seed"]) for r in results):
+        for row, candidates in select.items():
+            found = [cells[(severity, seed, c)] for c in candidates
+                     if (severity, seed, c) in cells]
+            if found:
+                best = max(found, key=lambda r: r["val"]["worst_group_accuracy"])
+                out.append({**best, "method": row, "selected": best["method"]})
+    return out
+
+
 def summary_rows(results: list[dict], reference: str = "erm") -> list[dict]:
     """One dict per (severity, method): n, <metric>_mean/_std, <metric>_diff_mean/_std."""
     by_key: dict[tuple[float, str], dict[int, dict]] = {}
@@ -130,7 +147,11 @@ def write_summary(root: str | Path, results: list[dict], reference: str = "erm")
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     rows = summary_rows(results, reference)
-    (root / "table.md").write_text(table_markdown(rows, reference) + "\n")
+    chosen = [f"- {r['method']}, severity {r['severity']:g} seed {r['seed']}: {r['selected']}"
+              for r in results if "selected" in r]
+    (root / "table.md").write_text(table_markdown(rows, reference) + "\n" + (
+        "\nChosen on the validation split's worst group:\n\n" + "\n".join(chosen) + "\n"
+        if chosen else ""))
     (root / "per_group.md").write_text(per_group_markdown(results))
     keys = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("severity", "method",
                                                                           "n"), k))

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from diffinf_ray.config import (
     ConfigError,
@@ -100,6 +100,10 @@ class FairnessConfig(_Strict):
     data: FairnessData = FairnessData()
     train: TrainSection = TrainSection(epochs=5, lr=1e-3, head_hidden=128, checkpoint_every=1000)
     torch_threads: int | None = None  # the local loop's torch threads (None: torch's default)
+    # rows chosen per (severity, seed) among trained methods by the validation split's
+    # worst-group accuracy, as Sagawa et al. select Group-DRO's L2 (report.selected_results):
+    # {row name: [method names]}; nothing more is trained
+    select: dict[str, list[str]] = {}
 
     @field_validator("methods", mode="before")
     @classmethod
@@ -134,6 +138,19 @@ class FairnessConfig(_Strict):
             if problem:
                 raise ValueError(f"{m.name}: {problem[1]}: {problem[2]}")
         return value
+
+
+    @model_validator(mode="after")
+    def _selections_name_methods(self) -> FairnessConfig:
+        names = [m.name for m in self.methods]
+        for row, candidates in self.select.items():
+            if row in names:
+                raise ValueError(f"select.{row}: a method is already called {row!r}")
+            unknown = [c for c in candidates if c not in names]
+            if unknown or not candidates:
+                raise ValueError(f"select.{row}: {unknown or 'no candidates'} - candidates "
+                                 f"must be among the methods {names}")
+        return self
 
 
 def load_fairness_config(path: str | Path, overrides=None) -> FairnessConfig:
@@ -329,7 +346,7 @@ def run_fairness(cfg: FairnessConfig) -> list[dict]:
     from contextlib import nullcontext
 
     from diffinf_ray.fairness.methods import PRETRAINERS
-    from diffinf_ray.fairness.report import write_summary
+    from diffinf_ray.fairness.report import selected_results, write_summary
     from diffinf_ray.ray_session import ray_session_at
     from diffinf_ray.run_root import RunRoot
 
@@ -338,7 +355,7 @@ def run_fairness(cfg: FairnessConfig) -> list[dict]:
         getattr(PRETRAINERS.get(m.pretrain), "needs_ray", False) for m in cfg.methods)
     with ray_session_at(RunRoot(cfg.root), cfg.ray) if needs_ray else nullcontext():
         results = _run_cells(cfg)
-    write_summary(cfg.root, results)
+    write_summary(cfg.root, results + selected_results(results, cfg.select))
     return results
 
 
