@@ -79,7 +79,7 @@ class SynthFacesSection(_Section):
     split_fractions: tuple[Fraction, Fraction, Fraction] = (0.7, 0.15, 0.15)
     # how far clear expressions go beyond the ambiguous band; None: the task's default (1 for
     # age, whose faces never change; 4 for expression, which at 1 is near chance at 32 px)
-    expression_gain: float | None = Field(None, ge=0, le=4)
+    expression_gain: float | None = Field(None, ge=0, le=4)  # le: synthfaces.MAX_EXPRESSION_GAIN
 
 
 class DataSection(_Section):

@@ -51,10 +51,9 @@ def _expression_gain(cfg) -> float:
     """The gain synthfaces draws with (its task's default when unset); 1 for user data."""
     if cfg.data.source != "synthfaces":
         return 1.0
-    from diffinf_ray.data.synthfaces import EXPRESSION_GAIN
+    from diffinf_ray.data.synthfaces import resolved_expression_gain
 
-    gain = cfg.data.synthfaces.expression_gain
-    return EXPRESSION_GAIN.get(cfg.data.task, 1.0) if gain is None else float(gain)
+    return float(resolved_expression_gain(cfg.data.task, cfg.data.synthfaces.expression_gain))
 
 
 # Settings added after runs were finished whose default depends on other settings: hashed as

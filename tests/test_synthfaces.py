@@ -141,6 +141,11 @@ def test_expression_gain_grows_clear_expressions_and_leaves_weak_ones_ambiguous(
     assert sf.SynthFacesSpec(task="expression").expression_gain == 4.0
     assert sf.SynthFacesSpec(task="expression", expression_gain=1).expression_gain == 1.0
     assert sf.sample_factors(sf.SynthFacesSpec(task="expression"), 0).expression_gain == 4.0
+    from diffinf_ray.config import SynthFacesSection
+
+    bound = next(m.le for m in SynthFacesSection.model_fields["expression_gain"].metadata
+                 if hasattr(m, "le"))
+    assert bound == sf.MAX_EXPRESSION_GAIN  # the config refuses what the renderer refuses
     for weak in (0.0, *sf.WEAK_INTENSITY):
         assert sf.shown_intensity(weak, 4.0) == weak
     assert sf.shown_intensity(1.0, 1.0) == 1.0

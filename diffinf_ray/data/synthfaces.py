@@ -204,13 +204,19 @@ class SynthFacesSpec:
             object.__setattr__(self, "severity", float(self.severity))
         object.__setattr__(self, "resolution", int(self.resolution))
         object.__setattr__(self, "seed", int(self.seed))
-        gain = EXPRESSION_GAIN[self.task] if self.expression_gain is None else self.expression_gain
+        gain = resolved_expression_gain(self.task, self.expression_gain)
         if isinstance(gain, bool) or not isinstance(gain, int | float | np.number) \
                 or not 0.0 <= float(gain) <= MAX_EXPRESSION_GAIN:
             raise ValueError(f"SynthFacesSpec.expression_gain: {self.expression_gain!r} is not a "
                              f"number in [0, {MAX_EXPRESSION_GAIN:g}]")
         object.__setattr__(self, "expression_gain", float(gain))
         object.__setattr__(self, "num_identities", int(self.num_identities))
+
+
+def resolved_expression_gain(task: str, gain: float | None):
+    """The gain faces are drawn with: `gain`, or the task's default (EXPRESSION_GAIN) when None;
+    1 for a task without one."""
+    return EXPRESSION_GAIN.get(task, 1.0) if gain is None else gain
 
 
 def class_names(spec: SynthFacesSpec) -> tuple[str, ...]:

@@ -139,7 +139,6 @@ class FairnessConfig(_Strict):
                 raise ValueError(f"{m.name}: {problem[1]}: {problem[2]}")
         return value
 
-
     @model_validator(mode="after")
     def _selections_name_methods(self) -> FairnessConfig:
         names = [m.name for m in self.methods]

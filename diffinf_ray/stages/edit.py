@@ -3,8 +3,8 @@ actor pool (METHOD.md stage 6).
 
 In:  manifest_noisy/ train rows (sample_id, image, label) whose influence/influence.parquet
      `is_high` is set; the frozen models of earlier stages: autoencoder/ (model.json; not
-     read by `oracle_repair`, which draws the face again), checkpoints/ (the last classifier: g(x)), predictor/ (h_w), lossnets/ (F_id, parser,
-     perceptual distance).
+     read by `oracle_repair`, which draws the face again), checkpoints/ (the last classifier:
+     g(x)), predictor/ (h_w), lossnets/ (F_id, parser, perceptual distance).
 Out: edits/edits.parquet   one row per edited sample: sample_id, label, image (PNG of the
                            edit), image_original (PNG), loss_total, loss_id, loss_struct,
                            loss_perc, loss_pixel, loss_si, lpips (the perceptual distance of
