@@ -11,8 +11,9 @@ folder unless --root is given; a --root that already holds them is reused).
 A (Ray): a fresh local Ray (`ray.init` with the pipeline's arguments, plus address="local" and
 a private temp dir so it never joins another Ray on the machine), then
 `diffinf_ray.models.training.train_classifier` (what the train stage calls: Ray Data datasets,
-`fit_with_ray_train`, the harness's `_train_loop`) into a fresh checkpoint folder, then
-`ray.shutdown()`. The training loop is wrapped, in the worker, by `_instrumented_loop`, which
+`fit_with_ray_train`, the harness's `_train_loop`, run as `train.runner` says: one Ray task by
+default for one worker, `train.runner=ray_train` for Ray Train's worker group) into a fresh
+checkpoint folder, then `ray.shutdown()`. The training loop is wrapped, in the worker, by `_instrumented_loop`, which
 only observes: it times the dataset iterators, `to_bytes` and `ray.train.report`, and counts
 optimiser steps with a global optimiser hook.
 B (plain): the same noisy manifest read with pyarrow, the same row selection and decode
@@ -98,10 +99,10 @@ def _new_epoch() -> dict:
 
 
 def _instrumented_loop(timings_path: str, loop_config: dict) -> None:
-    """Runs the harness's `_train_loop` unchanged in the Ray Train worker, observing it: batch
-    waits, optimiser steps, checkpoint serialisation and `ray.train.report` (barrier and
-    checkpoint persistence) per epoch. Writes `<timings_path>.<rank>.json`."""
-    import ray.train
+    """Runs the harness's `_train_loop` unchanged in the fit's worker (a Ray Train worker or
+    the fit task, `train.runner`), observing it: batch waits, optimiser steps, checkpoint
+    serialisation and the harness's report (for Ray Train: its barrier and checkpoint
+    persistence) per epoch. Writes `<timings_path>.<rank>.json`."""
     import torch
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
@@ -114,8 +115,8 @@ def _instrumented_loop(timings_path: str, loop_config: dict) -> None:
     def count_step(optimizer, args, kwargs):
         state["epoch"]["steps"] += 1
 
-    real_shard, real_report, real_to_bytes, real_in_memory = (
-        ray.train.get_dataset_shard, ray.train.report, harness.to_bytes,
+    real_dataset, real_report, real_to_bytes, real_in_memory = (
+        harness.TrainWorker.dataset, harness.TrainWorker.report, harness.to_bytes,
         harness.ShardInMemory.batches)
 
     def timed_in_memory(memory, shard, *args, **kwargs):
@@ -129,33 +130,35 @@ def _instrumented_loop(timings_path: str, loop_config: dict) -> None:
         state["epoch"]["serialize_s"] += time.time() - t0
         return data
 
-    def timed_report(metrics, checkpoint=None, **kwargs):
+    def timed_report(worker, metrics, files=None, dir_name=None):
         epoch = state["epoch"]
         epoch["report_start"] = time.time()
-        real_report(metrics, checkpoint=checkpoint, **kwargs)
+        real_report(worker, metrics, files, dir_name)
         epoch["end"] = time.time()
-        epoch["checkpoint"] = checkpoint is not None
+        epoch["checkpoint"] = bool(files)
         epoch["metrics"] = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
         record["epochs"].append(epoch)
         state["epoch"] = _new_epoch()
 
     hook = register_optimizer_step_post_hook(count_step)
-    patches = [mock.patch.object(ray.train, "get_dataset_shard",
-                                 lambda name: _TimedShard(real_shard(name), name, state)),
-               mock.patch.object(ray.train, "report", timed_report),
+    patches = [mock.patch.object(harness.TrainWorker, "dataset",
+                                 lambda worker, name: _TimedShard(real_dataset(worker, name),
+                                                                  name, state)),
+               mock.patch.object(harness.TrainWorker, "report", timed_report),
                mock.patch.object(harness, "to_bytes", timed_to_bytes),
                mock.patch.object(harness.ShardInMemory, "batches", timed_in_memory)]
     for patch in patches:
         patch.start()
     try:
+        worker = harness.TrainWorker.current("train")
         train_stage._train_loop(loop_config)
     finally:
         for patch in reversed(patches):
             patch.stop()
         hook.remove()
     record["exit"] = time.time()
-    rank = ray.train.get_context().get_world_rank()
-    Path(f"{timings_path}.{rank}.json").write_text(json.dumps(record))
+    record["runner"] = "task" if harness._TASK_RUN is not None else "ray_train"
+    Path(f"{timings_path}.{worker.rank}.json").write_text(json.dumps(record))
 
 
 # ---------------------------------------------------------------- driver side

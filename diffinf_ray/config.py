@@ -108,6 +108,12 @@ class NoiseSection(_Section):
     seed: int = 0
 
 
+def _check_runner(section: str, values) -> None:
+    if values.runner == "task" and values.num_workers != 1:
+        raise ValueError(f"{section}.runner task trains on one worker, not num_workers="
+                         f"{values.num_workers}: use ray_train (or auto) for several")
+
+
 class TrainSection(_Section):
     epochs: int = Field(20, ge=1)
     batch_size: int = Field(64, ge=1)
@@ -123,6 +129,11 @@ class TrainSection(_Section):
     # (a killed process, a lost node; -1: no limit) before the stage fails; node preemptions
     # that Ray sees coming are retried without limit. Not in the fingerprint.
     max_failures: int = Field(MAX_FAILURES, ge=-1)
+    # How a fit runs (models/harness.py): a Ray Train worker group (ray_train), one Ray task
+    # placed like one worker (task: no Ray Train controller and worker actors, ~25 s less per
+    # fit on a small box), or auto: a task for one worker, Ray Train for several. Same
+    # checkpoints either way; not in the fingerprint.
+    runner: Literal["auto", "ray_train", "task"] = "auto"
     weights_uri: str | None = None  # optional backbone init (local path or s3://)
     weights_sha256: str | None = None
     augment: bool = True  # random horizontal flip
@@ -135,6 +146,7 @@ class TrainSection(_Section):
     def _weights_need_hash(self) -> TrainSection:
         if self.weights_uri and not self.weights_sha256:
             raise ValueError("train.weights_sha256 is required with train.weights_uri")
+        _check_runner("train", self)
         return self
 
 
@@ -213,6 +225,7 @@ class AutoencoderSection(_Section):
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
     max_failures: int = Field(MAX_FAILURES, ge=-1)  # as train.max_failures
+    runner: Literal["auto", "ray_train", "task"] = "auto"  # as train.runner
     # in the unit of the run's length (steps, or epochs); the last step is always saved.
     # Defaults to 500 steps, or 1 epoch when the length is given in epochs.
     checkpoint_every: int = Field(500, ge=1)
@@ -271,6 +284,7 @@ class AutoencoderSection(_Section):
             raise ValueError("autoencoder.weights_sha256 is required with autoencoder.weights_uri")
         if 2 * self.interpolation_pairs > self.quality_images:
             raise ValueError("autoencoder.interpolation_pairs needs 2 x pairs <= quality_images")
+        _check_runner("autoencoder", self)
         return self
 
 

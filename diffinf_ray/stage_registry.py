@@ -36,11 +36,11 @@ AMBIENT = {"run": ("root", "seed"), "storage": None, "ray": None}
 # worker half a CPU (as a sweep on a small box must) does not rebuild a finished stage.
 SCHEDULING_FIELDS = {"train": ("cpus_per_worker",), "edit": ("actors", "gpus_per_actor")}
 
-# Settings that only say how hard to retry, or whether decoded images wait in the object store
-# between epochs: left out of the hash altogether (they came after
+# Settings that only say how hard to retry, whether decoded images wait in the object store
+# between epochs, or which Ray machinery runs a fit: left out of the hash altogether (they came after
 # the fingerprints of finished runs, which must not change).
-UNHASHED_FIELDS = {"train": ("max_failures", "cache_decoded_images"),
-                   "autoencoder": ("max_failures",)}
+UNHASHED_FIELDS = {"train": ("max_failures", "cache_decoded_images", "runner"),
+                   "autoencoder": ("max_failures", "runner")}
 
 # Settings added after runs were finished: hashed only when set to something other than their
 # default, so a run root made before the setting existed keeps its fingerprints.

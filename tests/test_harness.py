@@ -189,6 +189,61 @@ def test_one_checkpoint_format_whoever_trained_the_classifier(monkeypatch, tmp_p
             assert (local.store / "epoch_0001" / METHOD_STATE_FILE).is_file()
 
 
+def test_a_fit_task_keeps_its_checkpoints_where_ray_train_would_and_resumes_from_them(
+        monkeypatch, tmp_path):
+    """runner task (harness.TaskRun, in this process): checkpoints in <checkpoints>/epoch_NNNN
+    with their metrics, the last `keep` kept, an index naming the finished ones; a run started
+    again on the folder resumes after the latest and ends as an unbroken one."""
+    from diffinf_ray.models import harness
+
+    train = train_section()
+    shards = {"train": Shard(1), "val": Shard(2)}
+
+    def run(folder: Path, keep, stop_after=None) -> harness.TaskRun:
+        task = harness.TaskRun(Location(str(folder)), shards, keep)
+        monkeypatch.setattr(harness, "_TASK_RUN", task)
+        report = task.report
+
+        def counted(metrics, files, dir_name):
+            report(metrics, files, dir_name)
+            if stop_after is not None and metrics["epoch"] >= stop_after:
+                raise Interrupted
+
+        monkeypatch.setattr(task, "report", counted)
+        here = TrainWorker.current("test")
+        assert (here.rank, here.world, here.device.type) == (0, 1, "cpu")
+        run_epochs(ClassifierCore(classifier_config(train), here), here, train)
+        return task
+
+    whole = run(tmp_path / "whole", keep=None)
+    assert sorted(p.name for p in (tmp_path / "whole").iterdir()) == [
+        "epoch_0001", "epoch_0002", "epoch_0003", "epoch_0004", "task_checkpoints.json"]
+    assert whole.last_metrics["epoch"] == 4 and whole.latest_name() == "epoch_0004"
+
+    with pytest.raises(Interrupted):
+        run(tmp_path / "cut", keep=2, stop_after=3)
+    assert sorted(p.name for p in (tmp_path / "cut").glob("epoch_*")) == ["epoch_0002",
+                                                                          "epoch_0003"]
+    index = json.loads((tmp_path / "cut" / "task_checkpoints.json").read_text())
+    assert index["checkpoints"] == ["epoch_0002", "epoch_0003"]
+    resumed = run(tmp_path / "cut", keep=2)
+    assert resumed.names == ["epoch_0003", "epoch_0004"]
+    assert not (tmp_path / "cut" / "epoch_0002").exists()
+    a, b = saved(tmp_path / "whole", 4), saved(tmp_path / "cut", 4)
+    for key, value in a.model_state.items():
+        torch.testing.assert_close(b.model_state[key], value, msg=key)
+
+
+def test_runner_task_trains_one_worker():
+    from diffinf_ray.models.harness import Placement
+
+    assert Placement(1, False, 1.0, 3).in_task  # auto: a task for one worker
+    assert not Placement(2, False, 1.0, 3).in_task  # Ray Train for several
+    assert not Placement(1, False, 1.0, 3, runner="ray_train").in_task
+    with pytest.raises(ValueError, match="runner task trains on one worker"):
+        Placement(2, False, 1.0, 3, runner="task").in_task  # noqa: B018
+
+
 class Blocks:
     """A cached shard as Ray Data may deliver it: the same rows in blocks of any order and size."""
 

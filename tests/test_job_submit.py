@@ -136,8 +136,9 @@ SMALL = ["data.synthfaces.num_samples=120", "data.synthfaces.num_identities=30",
 
 def test_ray_job_submit_tiny(ray_head, tmp_path):
     run_root = tmp_path / "job_run"
+    # Ray Train's worker group under `ray job submit` (a one-worker fit would run as a task)
     out = submit(ray_head, "jobs.pipeline", "--config", "jobs/configs/tiny.yaml",
-                 f"run.root={run_root}", "train.epochs=1")
+                 f"run.root={run_root}", "train.epochs=1", "train.runner=ray_train")
     metrics = json.loads((run_root / "evaluation" / "metrics.json").read_text())
     assert metrics["epoch"] == 1 and metrics["n"] > 0
     assert (run_root / "checkpoints" / "epoch_0001" / "checkpoint.pt").exists()

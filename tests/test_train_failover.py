@@ -1,5 +1,6 @@
 """Training survives a lost worker (models/harness.py): with `train.max_failures` > 0 Ray Train
-restarts a killed worker, which resumes from the latest checkpoint, and the run ends with the
+restarts a killed worker (runner ray_train), or Ray retries a killed fit task (runner task),
+which resumes from the latest checkpoint, and the run ends with the
 checkpoints, epochs and learning rates of a run that never failed. `max_failures` reaches
 Ray Train from both sections that train, and is not in any fingerprint."""
 
@@ -32,9 +33,10 @@ def test_max_failures_reaches_ray_train(monkeypatch, tmp_path):
             return type("Result", (), {"error": None})()
 
     monkeypatch.setattr(ray.train.torch, "TorchTrainer", Trainer)
-    cfg = load_config(TINY, ["train.max_failures=5", "autoencoder.max_failures=0"])
+    ray_train = ["train.runner=ray_train", "autoencoder.runner=ray_train"]
+    cfg = load_config(TINY, ["train.max_failures=5", "autoencoder.max_failures=0", *ray_train])
     checkpoints = Location(str(tmp_path / "checkpoints"))
-    for section in (cfg.train, cfg.autoencoder, load_config(TINY).train):
+    for section in (cfg.train, cfg.autoencoder, load_config(TINY, ray_train).train):
         fit(lambda config: None, {}, {}, checkpoints, Placement.of(section))
     assert seen == [5, 0, 3]
 
@@ -51,10 +53,11 @@ def test_max_failures_is_not_in_any_fingerprint():
 def _killing_loop(marker: str, trained: str, kill_epoch: int, checkpoints: str):
     """The classifier's train loop, unchanged but for a worker that records each epoch it
     trains (pid, epoch, learning rate) and kills its own process with SIGKILL at the start of
-    `kill_epoch`, the first time only, once Ray Train's controller has committed the previous
-    epoch's checkpoint (its snapshot in `checkpoints` names it: a worker lost within the
+    `kill_epoch`, the first time only, once the previous epoch's checkpoint is committed: Ray
+    Train's controller's snapshot in `checkpoints` names it (a worker lost within the
     controller's poll interval after a report takes that checkpoint with it, and the restart
-    resumes from the one before). Self-contained: Ray pickles it by value."""
+    resumes from the one before), or the fit task's own index (harness.TaskRun, written before
+    the report returns). Self-contained: Ray pickles it by value."""
 
     def loop(config: dict) -> None:
         import os
@@ -62,11 +65,14 @@ def _killing_loop(marker: str, trained: str, kill_epoch: int, checkpoints: str):
         import time
         from pathlib import Path
 
+        def committed() -> str:
+            found = [Path(checkpoints) / name for name in
+                     ("checkpoint_manager_snapshot.json", "task_checkpoints.json")]
+            return "".join(f.read_text() for f in found if f.exists())
+
         def wait_for_commit(epoch: int) -> None:
-            snapshot = Path(checkpoints) / "checkpoint_manager_snapshot.json"
             deadline = time.monotonic() + 300
-            while f'"epoch_{epoch:04d}"' not in (snapshot.read_text() if snapshot.exists()
-                                                 else ""):
+            while f'"epoch_{epoch:04d}"' not in committed():
                 assert time.monotonic() < deadline, f"epoch {epoch} was never committed"
                 time.sleep(0.2)
 
@@ -116,19 +122,22 @@ def _epochs_and_rates(checkpoints: Location) -> list[tuple[int, float]]:
 # In CI: two Ray Train fits and a restart, 91 s on the idle 2-core box (2026-12-05); 19 minutes
 # once at load 45-60, when the 900 s default timeout cut it off, hence the long timeout
 @pytest.mark.timeout(2400)
+@pytest.mark.parametrize("runner", ["ray_train", "task"])
 def test_a_killed_train_worker_resumes_from_the_latest_checkpoint(tiny_manifest, tmp_path,
-                                                                   monkeypatch):
+                                                                   monkeypatch, runner):
     from diffinf_ray.models import training
 
     cfg, root = tiny_manifest
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"runner": runner})})
+    manifest, root = root.noisy_manifest, root.child(runner)
     clean = root.child("clean_checkpoints")
-    training.train_classifier(cfg, root.noisy_manifest, clean, 4)
+    training.train_classifier(cfg, manifest, clean, 4)
 
     marker, trained = tmp_path / "killed", tmp_path / "trained.txt"
     failed_over = root.child("failover_checkpoints")
     monkeypatch.setattr(training, "_train_loop", _killing_loop(
         str(marker), str(trained), KILL_EPOCH, failed_over.path))
-    metrics = training.train_classifier(cfg, root.noisy_manifest, failed_over, 4)
+    metrics = training.train_classifier(cfg, manifest, failed_over, 4)
 
     assert marker.exists(), "the worker was not killed"
     rows = [line.split() for line in trained.read_text().splitlines()]

@@ -19,6 +19,15 @@ A core (`EpochCore`) supplies only the model's part: building its networks and o
 one training epoch (augmentation, mixed precision, EMA are the core's), the network to
 validate, its checkpoint files and how to restore them.
 
+How a fit runs (`Placement.runner`, the section's `runner`): `ray_train`, a Ray Train worker
+group (TorchTrainer: controller, workers, DDP when several, its failover); `task`, the same loop
+in one Ray task (`TaskRun` gives the loop what Ray Train's context would: resume, report with
+checkpoints in the same folders, the datasets; a failed task is retried up to `max_failures`
+times and resumes from its latest checkpoint); `auto` (default): `task` for one worker, Ray
+Train for several. A task is placed like a worker (CPUs, a GPU) but starts no controller,
+placement-group cleaner, worker actor, process group or dataset actors, which cost ~25 s per
+fit on a 2-core box (benchmarks/RESULTS.md, "Ray overhead").
+
 Checkpoints: <checkpoints>/epoch_NNNN/checkpoint.pt and metrics.json (the epoch's reported
 figures, for best-validation selection), plus a core's own files beside them (e.g. a baseline's
 method_state.pt), or the autoencoder's step_NNNNNNNN/autoencoder_state.pt. Resume:
@@ -63,12 +72,21 @@ class Placement:
     use_gpu: bool
     cpus_per_worker: float
     max_failures: int  # worker errors Ray Train recovers from (-1: any number)
+    runner: str = "auto"  # auto | ray_train | task (module docstring)
 
     @classmethod
     def of(cls, section) -> Placement:
-        """From any section with those four fields (`train`, `autoencoder`)."""
+        """From any section with those fields (`train`, `autoencoder`)."""
         return cls(section.num_workers, section.use_gpu, section.cpus_per_worker,
-                   section.max_failures)
+                   section.max_failures, section.runner)
+
+    @property
+    def in_task(self) -> bool:
+        """Whether the fit runs as one Ray task rather than a Ray Train worker group."""
+        if self.runner == "task" and self.num_workers != 1:
+            raise ValueError(f"runner task trains on one worker, not num_workers="
+                             f"{self.num_workers}; use runner ray_train (or auto)")
+        return self.runner == "task" or (self.runner == "auto" and self.num_workers == 1)
 
 
 def fit(train_loop, loop_config: dict, datasets: dict, checkpoints: Location,
@@ -90,6 +108,8 @@ def fit(train_loop, loop_config: dict, datasets: dict, checkpoints: Location,
         # A streaming dataset is executed again every epoch; on small CPUs the start of each
         # execution (tasks, workers, file listing) costs seconds however few the rows.
         datasets = {key: ds.materialize() for key, ds in datasets.items()}
+    if placement.in_task:
+        return fit_in_task(train_loop, loop_config, datasets, checkpoints, placement, keep)
     parent, name = checkpoints.path.rsplit("/", 1)
     trainer = TorchTrainer(
         train_loop,
@@ -118,12 +138,95 @@ def fit(train_loop, loop_config: dict, datasets: dict, checkpoints: Location,
     return result
 
 
+def fit_in_task(train_loop, loop_config: dict, datasets: dict, checkpoints: Location,
+                placement: Placement, keep: int | None = None):
+    """`fit` as one Ray task placed like one worker (`placement`'s CPUs and GPU), retried up to
+    `max_failures` times (worker errors and lost processes alike, as Ray Train restarts its
+    group); each attempt resumes from the run's latest checkpoint. Returns a Ray Train
+    `Result` (last metrics, latest checkpoint); a run that keeps failing raises its error."""
+    import ray
+    from ray.train import Checkpoint, Result
+
+    from diffinf_ray.ray_session import worker_env
+
+    options = {"num_cpus": placement.cpus_per_worker, "num_gpus": int(placement.use_gpu),
+               "max_retries": placement.max_failures,
+               "retry_exceptions": placement.max_failures != 0,
+               "name": f"fit:{loop_config.get('tag', checkpoints.path.rsplit('/', 2)[-2])}"}
+    if worker_env():
+        options["runtime_env"] = {"env_vars": worker_env()}
+    task = ray.remote(_run_fit_task).options(**options)
+    metrics, latest = ray.get(task.remote(train_loop, loop_config, datasets, checkpoints, keep))
+    checkpoint = None
+    if latest is not None:
+        checkpoint = Checkpoint(checkpoints.child(latest).path, filesystem=checkpoints.fs)
+    return Result(metrics=metrics, checkpoint=checkpoint, error=None, path=checkpoints.path)
+
+
+def _run_fit_task(train_loop, loop_config: dict, datasets: dict, checkpoints: Location,
+                  keep: int | None):
+    """The body of `fit_in_task`'s task: the loop with this process's `TaskRun` set."""
+    global _TASK_RUN
+    _TASK_RUN = TaskRun(checkpoints, datasets, keep)
+    try:
+        train_loop(loop_config)
+        return _TASK_RUN.last_metrics, _TASK_RUN.latest_name()
+    finally:
+        _TASK_RUN = None
+
+
 def numeric_metrics(result) -> dict:
     """The numbers among a Ray Train result's last reported metrics."""
     return {k: v for k, v in (result.metrics or {}).items() if isinstance(v, int | float)}
 
 
 # ----------------------------------------------------------------------------- worker side
+
+
+class TaskRun:
+    """What a loop run by `fit_in_task` gets in place of Ray Train's context: the datasets
+    whole, checkpoints written where Ray Train writes them (<checkpoints>/<dir name>/), and the
+    run's list of finished checkpoints in <checkpoints>/TASK_CHECKPOINTS, written after each
+    checkpoint's files, so a retried task resumes from a complete one (as Ray Train's snapshot
+    does for its runs)."""
+
+    INDEX = "task_checkpoints.json"
+
+    def __init__(self, checkpoints: Location, datasets: dict, keep: int | None):
+        self.checkpoints, self.datasets, self.keep = checkpoints, datasets, keep
+        self.index = checkpoints.child(self.INDEX)
+        self.names: list[str] = self.index.read_json()["checkpoints"] if self.index.exists() else []
+        self.last_metrics: dict | None = None
+
+    def latest_name(self) -> str | None:
+        return self.names[-1] if self.names else None
+
+    def latest(self):
+        """The latest finished checkpoint as a `ray.train.Checkpoint`, or None."""
+        from ray.train import Checkpoint
+
+        name = self.latest_name()
+        if name is None:
+            return None
+        return Checkpoint(self.checkpoints.child(name).path, filesystem=self.checkpoints.fs)
+
+    def report(self, metrics: dict, files: dict | None, dir_name: str | None) -> None:
+        self.last_metrics = metrics
+        if not files:
+            return
+        folder = self.checkpoints.child(dir_name)
+        for name, payload in files.items():
+            folder.child(name).write_bytes(
+                payload if isinstance(payload, bytes) else to_bytes(payload))
+        self.names = [n for n in self.names if n != dir_name] + [dir_name]
+        stale = self.names[:-self.keep] if self.keep else []
+        self.names = self.names[len(stale):]
+        self.index.write_json({"checkpoints": self.names, "metrics": metrics})
+        for name in stale:  # after the index stops naming them (Ray Train's num_to_keep)
+            self.checkpoints.child(name).delete()
+
+
+_TASK_RUN: TaskRun | None = None  # set while this process runs `fit_in_task`'s loop
 
 
 @dataclass
@@ -139,7 +242,10 @@ class TrainWorker:
     def current(cls, tag: str) -> TrainWorker:
         import ray.train
         import ray.train.torch
+        import torch
 
+        if _TASK_RUN is not None:  # one worker; a GPU when the task was given one
+            return cls(tag, 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
         ctx = ray.train.get_context()
         return cls(tag, ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device())
 
@@ -152,7 +258,23 @@ class TrainWorker:
         """The checkpoint this run resumes from (Ray Train's latest), or None."""
         import ray.train
 
-        return ray.train.get_checkpoint()
+        return _TASK_RUN.latest() if _TASK_RUN is not None else ray.train.get_checkpoint()
+
+    def dataset(self, name: str):
+        """This worker's part of the fit's dataset `name` ("train" sharded, others whole)."""
+        import ray.train
+
+        if _TASK_RUN is not None:
+            return _TASK_RUN.datasets[name]
+        return ray.train.get_dataset_shard(name)
+
+    def prepare_model(self, model):
+        """`model` on this worker's device (wrapped in DDP by Ray Train when several)."""
+        import ray.train.torch
+
+        if _TASK_RUN is not None:
+            return model.to(self.device)
+        return ray.train.torch.prepare_model(model)
 
     def report(self, metrics: dict, files: dict[str, dict] | None = None,
                dir_name: str | None = None) -> None:
@@ -163,6 +285,9 @@ class TrainWorker:
         import ray.train
         from ray.train import Checkpoint
 
+        if _TASK_RUN is not None:
+            _TASK_RUN.report(metrics, files, dir_name)
+            return
         if not files:
             ray.train.report(metrics)
             return
@@ -304,11 +429,8 @@ def run_epochs(core: EpochCore, worker: TrainWorker, train: TrainSection) -> Non
     scheduled learning rate, the core's epoch, validation on the "val" dataset, the metrics
     {epoch, learning_rate, train_*, val_loss, val_accuracy} reported every epoch, with a
     checkpoint every `train.checkpoint_every` epochs and at the last one."""
-    import ray.train
-
     start = resume_epoch(core, worker)
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
+    train_shard, val_shard = worker.dataset("train"), worker.dataset("val")
     for epoch in range(start, train.epochs + 1):
         lr = learning_rate_at(train, epoch)
         train_metrics = core.train_epoch(train_shard, epoch, lr)

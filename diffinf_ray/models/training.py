@@ -38,7 +38,6 @@ class ClassifierCore:
     cross-entropy on the assigned labels with optional flip augmentation."""
 
     def __init__(self, loop_config: dict, worker: TrainWorker):
-        import ray.train.torch
         import torch
 
         from diffinf_ray.models.classifier import build_classifier
@@ -55,7 +54,7 @@ class ClassifierCore:
         self.optimizer = torch.optim.Adam(model.parameters(), lr=train.lr,
                                           weight_decay=train.weight_decay)
         self.raw = model
-        self.model = ray.train.torch.prepare_model(model)  # to the device; DDP when several
+        self.model = worker.prepare_model(model)  # to the device; DDP when several
 
     def restore(self, ckpt: ClassifierCheckpoint, directory: Path) -> None:
         self.raw.load_state_dict(ckpt.model_state)

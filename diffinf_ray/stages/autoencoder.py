@@ -140,7 +140,6 @@ class AutoencoderCore:
     `checkpoint_every` of them and at the end."""
 
     def __init__(self, loop_config: dict, worker: TrainWorker):
-        import ray.train.torch
         import torch
 
         from diffinf_ray.diffae.model import DiffAEConfig, DiffAEModel
@@ -157,7 +156,7 @@ class AutoencoderCore:
         if resumed is not None:
             model.load_state_dict(resumed["model_state"])
             self.step, self.epoch = int(resumed["step"]), int(resumed["epoch"])
-        self.model = ray.train.torch.prepare_model(model)  # to the device; DDP when several
+        self.model = worker.prepare_model(model)  # to the device; DDP when several
         self.raw = getattr(self.model, "module", self.model)
         self.ema = EMA(self.raw, section.ema_decay)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=section.lr)
@@ -268,10 +267,8 @@ class AutoencoderCore:
 
 def _autoencoder_loop(loop_config: dict) -> None:
     """Runs on every Ray Train worker: the autoencoder's core through the harness."""
-    import ray.train
-
     core = AutoencoderCore(loop_config, TrainWorker.current("autoencoder"))
-    shard = ray.train.get_dataset_shard("train")
+    shard = core.worker.dataset("train")
     if core.done():
         unit = "steps" if core.by_steps else "epochs"
         core.worker.log(f"already at step {core.step} (epoch {core.epoch}); {unit}={core.total}: "

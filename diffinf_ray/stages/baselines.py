@@ -51,7 +51,7 @@ import numpy as np
 
 from diffinf_ray.config import Config, ConfigError
 from diffinf_ray.datasets import check_manifest, decode_for_training, read_split, split_dataset
-from diffinf_ray.models.checkpoint import epoch_of, list_checkpoints
+from diffinf_ray.models.checkpoint import epoch_metrics, epoch_of, list_checkpoints
 from diffinf_ray.models.method_training import method_loop
 from diffinf_ray.models.training import fit_with_ray_train
 from diffinf_ray.storage import Location
@@ -172,11 +172,13 @@ def trained_epochs(checkpoints: Location) -> int:
 
 
 def last_reported_metrics(checkpoints: Location) -> dict:
-    """The metrics reported with the latest checkpoint of a finished Ray Train run."""
-    import ray.train
-
-    result = ray.train.Result.from_path(checkpoints.path, storage_filesystem=checkpoints.fs)
-    return {k: v for k, v in (result.metrics or {}).items() if isinstance(v, int | float)}
+    """The metrics reported with the latest checkpoint of a finished run (its metrics.json,
+    written beside the weights whichever runner trained them)."""
+    found = list_checkpoints(checkpoints)
+    figures = epoch_metrics(found[-1]) if found else None
+    if figures is None:
+        raise FileNotFoundError(f"{checkpoints.display}: no checkpoint with its metrics")
+    return {k: v for k, v in figures.items() if isinstance(v, int | float)}
 
 
 def run_baselines(cfg: Config, root) -> dict:
