@@ -1,5 +1,5 @@
-"""Benchmarks at unit size, so they cannot rot: benchmarks/ray_overhead.py runs its Ray Train
-and plain PyTorch paths on a few dozen synthfaces for one epoch and one repeat;
+"""Benchmarks at unit size, so they cannot rot: benchmarks/ray_overhead.py runs its Ray paths
+(the fit as a Ray task and through Ray Train) and plain PyTorch path on a few dozen synthfaces for one epoch and one repeat;
 benchmarks/expression_probe.py trains one epoch on 150 faces; benchmarks/reproducibility.py
 compares two one-epoch fits of the tiny config."""
 
@@ -56,15 +56,19 @@ def test_ray_overhead_starts_a_ray_of_its_own(bench_ray):
     assert ray.cluster_resources().get("CPU") == 2
 
 
-# In CI: one Ray Train fit and one plain fit, 33 s on the idle 2-core box (2026-12-05)
+# In CI: one Ray Train fit and one plain fit, 33 s on the idle 2-core box (2026-12-05); the
+# same with the fit as a Ray task
+@pytest.mark.parametrize("runner", ["task", "ray_train"])
 def test_ray_overhead_runs_both_paths_with_equal_steps(bench_ray, ray_overhead, tiny_cfg,
-                                                        tmp_path):
-    cfg = tiny_cfg
+                                                        tmp_path, runner):
+    cfg = tiny_cfg.model_copy(
+        update={"train": tiny_cfg.train.model_copy(update={"runner": runner})})
     lines = []
     runs, summary = ray_overhead.benchmark(cfg, tmp_path, repeats=1, loss_rtol=0.5,
                                            log=lines.append)
     ray_run, plain_run = runs
     assert (ray_run["kind"], plain_run["kind"]) == ("ray", "plain")
+    assert ray_run["worker"]["runner"] == runner
     train_rows = ray_run["rows"]
     assert 20 <= train_rows <= 40  # ~70% of 48 faces
     # every batch of 8 but a last batch of one is a step, in both paths
