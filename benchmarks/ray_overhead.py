@@ -11,7 +11,7 @@ folder unless --root is given; a --root that already holds them is reused).
 A (Ray): a fresh local Ray (`ray.init` with the pipeline's arguments, plus address="local" and
 a private temp dir so it never joins another Ray on the machine), then
 `diffinf_ray.models.training.train_classifier` (what the train stage calls: Ray Data datasets,
-`fit_with_ray_train`, the harness's `_train_loop`, run as `train.runner` says: one Ray task by
+`fit_on_ray`, the harness's `_train_loop`, run as `train.runner` says: one Ray task by
 default for one worker, `train.runner=ray_train` for Ray Train's worker group) into a fresh
 checkpoint folder, then `ray.shutdown()`. The training loop is wrapped, in the worker, by `_instrumented_loop`, which
 only observes: it times the dataset iterators, `to_bytes` and `ray.train.report`, and counts

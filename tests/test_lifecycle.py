@@ -64,7 +64,7 @@ class TrainingSetSpy:
     the ids left out of the train split it was given, and the number of rows handed to it.
 
     Wraps `split_dataset` (the one reader of a manifest split for training) and
-    `fit_with_ray_train` (the one Ray Train entry) of diffinf_ray.models.training. Counting rows
+    `fit_on_ray` (the one Ray entry of a classifier fit) of diffinf_ray.models.training. Counting rows
     runs the fit's own train dataset once more (one Ray Data job).
     """
 
@@ -76,9 +76,9 @@ class TrainingSetSpy:
         self._excluded: set[str] | None = None
         self._relabel: dict[str, int] | None = None
         self._real_split = train_module.split_dataset
-        self._real_fit = train_module.fit_with_ray_train
+        self._real_fit = train_module.fit_on_ray
         monkeypatch.setattr(train_module, "split_dataset", self._split)
-        monkeypatch.setattr(train_module, "fit_with_ray_train", self._fit)
+        monkeypatch.setattr(train_module, "fit_on_ray", self._fit)
 
     def _split(self, manifest, split, columns, exclude_ids=None, fold=None, relabel=None):
         if split == "train":

@@ -1,4 +1,4 @@
-"""Training the classifier with Ray Train, shared by every stage that fits one (train, cleanlab's
+"""Training the classifier on Ray (the harness: a Ray task or Ray Train), shared by every stage that fits one (train, cleanlab's
 folds, removal, retrain, the judges' attribute oracle): the classifier's core (model, Adam,
 one epoch of cross-entropy with flip augmentation) run by the harness (models/harness.py).
 
@@ -6,8 +6,9 @@ In:  a manifest folder's train and val splits (sample_id, split, label (assigned
 Out: <checkpoints>/epoch_NNNN/checkpoint.pt every `train.checkpoint_every` epochs and at the last
      epoch (weights, optimizer, epoch, learning rate in force; models/checkpoint.py).
 
-Resume: Ray Train V2 restores a run from `(storage_path, name)`; the harness then continues
-from the latest checkpoint's epoch (weights and Adam state from its checkpoint.pt).
+Resume: from the run's latest checkpoint (Ray Train V2 restores a run from `(storage_path,
+name)`; a fit task from its own index, harness.TaskRun); the harness then continues from that
+checkpoint's epoch (weights and Adam state from its checkpoint.pt).
 """
 
 from __future__ import annotations
@@ -123,10 +124,10 @@ def load_init_backbone(train: TrainSection, storage_options) -> dict | None:
     return load_verified_state_dict(train.weights_uri, train.weights_sha256, storage_options)
 
 
-def fit_with_ray_train(train_loop, loop_config: dict, datasets: dict, cfg: Config,
+def fit_on_ray(train_loop, loop_config: dict, datasets: dict, cfg: Config,
                        checkpoints: Location) -> dict:
-    """`harness.fit` placed by cfg.train: the one Ray Train entry of every classifier fit.
-    Returns the last epoch's metrics."""
+    """`harness.fit` placed by cfg.train: the one Ray entry of every classifier fit (a Ray task
+    or a Ray Train worker group, `train.runner`). Returns the last epoch's metrics."""
     return numeric_metrics(fit(train_loop, loop_config, datasets, checkpoints,
                                Placement.of(cfg.train), cache=cfg.train.cache_decoded_images))
 
@@ -159,4 +160,4 @@ def train_classifier(cfg: Config, manifest: Location, checkpoints: Location, num
         "init_state": load_init_backbone(cfg.train, checkpoints.options),
         "tag": tag,
     }
-    return fit_with_ray_train(_train_loop, loop_config, datasets, cfg, checkpoints)
+    return fit_on_ray(_train_loop, loop_config, datasets, cfg, checkpoints)

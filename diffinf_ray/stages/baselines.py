@@ -53,7 +53,7 @@ from diffinf_ray.config import Config, ConfigError
 from diffinf_ray.datasets import check_manifest, decode_for_training, read_split, split_dataset
 from diffinf_ray.models.checkpoint import epoch_metrics, epoch_of, list_checkpoints
 from diffinf_ray.models.method_training import method_loop
-from diffinf_ray.models.training import fit_with_ray_train
+from diffinf_ray.models.training import fit_on_ray
 from diffinf_ray.storage import Location
 
 log = logging.getLogger(__name__)
@@ -162,7 +162,7 @@ def train_method(cfg: Config, manifest: Location, checkpoints: Location, name: s
         "num_samples": len(train_ids),
         "seed": cfg.run.seed,
     }
-    return fit_with_ray_train(method_loop, loop_config, datasets, cfg, checkpoints)
+    return fit_on_ray(method_loop, loop_config, datasets, cfg, checkpoints)
 
 
 def trained_epochs(checkpoints: Location) -> int:
