@@ -63,9 +63,9 @@ class TrainingSetSpy:
     """Records every classifier fit, keyed by its checkpoints folder relative to the run root:
     the ids left out of the train split it was given, and the number of rows handed to it.
 
-    Wraps `split_dataset` (the one reader of a manifest split for training) and
-    `fit_on_ray` (the one Ray entry of a classifier fit) of diffinf_ray.models.training. Counting rows
-    runs the fit's own train dataset once more (one Ray Data job).
+    Wraps `split_dataset` (the one reader of a manifest split for training) and `fit_on_ray`
+    (the one Ray entry of a classifier fit) of diffinf_ray.models.training. Counting rows runs
+    the fit's own train dataset once more (one Ray Data job).
     """
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, root: Path):

@@ -1,6 +1,7 @@
-"""Training the classifier on Ray (the harness: a Ray task or Ray Train), shared by every stage that fits one (train, cleanlab's
+"""Training the classifier on Ray, shared by every stage that fits one (train, cleanlab's
 folds, removal, retrain, the judges' attribute oracle): the classifier's core (model, Adam,
-one epoch of cross-entropy with flip augmentation) run by the harness (models/harness.py).
+one epoch of cross-entropy with flip augmentation) run by the harness (models/harness.py: a
+Ray task, or Ray Train's workers).
 
 In:  a manifest folder's train and val splits (sample_id, split, label (assigned), image).
 Out: <checkpoints>/epoch_NNNN/checkpoint.pt every `train.checkpoint_every` epochs and at the last
