@@ -109,7 +109,8 @@ def fit(train_loop, loop_config: dict, datasets: dict, checkpoints: Location,
         # execution (tasks, workers, file listing) costs seconds however few the rows.
         datasets = {key: ds.materialize() for key, ds in datasets.items()}
     if placement.in_task:
-        return fit_in_task(train_loop, loop_config, datasets, checkpoints, placement, keep)
+        return fit_in_task(train_loop, loop_config, without_progress_bars(datasets),
+                           checkpoints, placement, keep)
     parent, name = checkpoints.path.rsplit("/", 1)
     trainer = TorchTrainer(
         train_loop,
@@ -146,13 +147,17 @@ def fit_in_task(train_loop, loop_config: dict, datasets: dict, checkpoints: Loca
     `Result` (last metrics, latest checkpoint); a run that keeps failing raises its error."""
     import ray
     from ray.train import Checkpoint, Result
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     from diffinf_ray.ray_session import worker_env
 
     options = {"num_cpus": placement.cpus_per_worker, "num_gpus": int(placement.use_gpu),
                "max_retries": placement.max_failures,
                "retry_exceptions": placement.max_failures != 0,
-               "name": f"fit:{loop_config.get('tag', checkpoints.path.rsplit('/', 2)[-2])}"}
+               "name": f"fit:{loop_config.get('tag', checkpoints.path.rsplit('/', 2)[-2])}",
+               # outside any placement group of the caller: a Tune trial's holds only the
+               # trial's own CPUs, and the fit is placed as Ray Train places its workers
+               "scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=None)}
     if worker_env():
         options["runtime_env"] = {"env_vars": worker_env()}
     task = ray.remote(_run_fit_task).options(**options)
