@@ -158,8 +158,9 @@ def fit_in_task(train_loop, loop_config: dict, datasets: dict, checkpoints: Loca
                # outside any placement group of the caller: a Tune trial's holds only the
                # trial's own CPUs, and the fit is placed as Ray Train places its workers
                "scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=None)}
-    if worker_env():
-        options["runtime_env"] = {"env_vars": worker_env()}
+    env = worker_env()
+    if env:
+        options["runtime_env"] = {"env_vars": env}
     task = ray.remote(_run_fit_task).options(**options)
     metrics, latest = ray.get(task.remote(train_loop, loop_config, datasets, checkpoints, keep))
     checkpoint = None
@@ -191,7 +192,7 @@ def numeric_metrics(result) -> dict:
 class TaskRun:
     """What a loop run by `fit_in_task` gets in place of Ray Train's context: the datasets
     whole, checkpoints written where Ray Train writes them (<checkpoints>/<dir name>/), and the
-    run's list of finished checkpoints in <checkpoints>/TASK_CHECKPOINTS, written after each
+    run's list of finished checkpoints in <checkpoints>/task_checkpoints.json, written after each
     checkpoint's files, so a retried task resumes from a complete one (as Ray Train's snapshot
     does for its runs)."""
 
@@ -221,14 +222,18 @@ class TaskRun:
             return
         folder = self.checkpoints.child(dir_name)
         for name, payload in files.items():
-            folder.child(name).write_bytes(
-                payload if isinstance(payload, bytes) else to_bytes(payload))
+            folder.child(name).write_bytes(payload_bytes(payload))
         self.names = [n for n in self.names if n != dir_name] + [dir_name]
         stale = self.names[:-self.keep] if self.keep else []
         self.names = self.names[len(stale):]
         self.index.write_json({"checkpoints": self.names, "metrics": metrics})
         for name in stale:  # after the index stops naming them (Ray Train's num_to_keep)
             self.checkpoints.child(name).delete()
+
+
+def payload_bytes(payload) -> bytes:
+    """A checkpoint file's bytes: given as bytes, or a torch.save-able dict serialised."""
+    return payload if isinstance(payload, bytes) else to_bytes(payload)
 
 
 _TASK_RUN: TaskRun | None = None  # set while this process runs `fit_in_task`'s loop
@@ -298,8 +303,7 @@ class TrainWorker:
             return
         with tempfile.TemporaryDirectory() as tmp:
             for name, payload in files.items():
-                (Path(tmp) / name).write_bytes(
-                    payload if isinstance(payload, bytes) else to_bytes(payload))
+                (Path(tmp) / name).write_bytes(payload_bytes(payload))
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=dir_name)
 
