@@ -16,7 +16,12 @@ import numpy as np
 import pyarrow as pa
 
 from diffinf_ray.config import Config
-from diffinf_ray.datasets import synthfaces_dataset, write_dataset, write_dataset_or_empty
+from diffinf_ray.datasets import (
+    read_parquet,
+    synthfaces_dataset,
+    write_dataset,
+    write_dataset_or_empty,
+)
 from diffinf_ray.manifest import QUARANTINE_SCHEMA
 from diffinf_ray.run_root import RunRoot
 
@@ -92,7 +97,7 @@ def _ingest_user_data(cfg: Config, root: RunRoot) -> int:
         batch_format="numpy",
     ).write_parquet(staged.path, filesystem=staged.fs)
     # one validation pass, then two streaming selections: memory stays flat in dataset size
-    staged_ds = ray.data.read_parquet(staged.path, filesystem=staged.fs)
+    staged_ds = read_parquet(staged)
     write_dataset(staged_ds.map_batches(_manifest_part, batch_format="pyarrow"), root.manifest)
     write_dataset_or_empty(staged_ds.map_batches(_quarantine_part, batch_format="pyarrow"),
                            root.quarantine, QUARANTINE_SCHEMA.empty_table())

@@ -15,7 +15,7 @@ import pandas as pd
 
 from diffinf_ray.config import Config
 from diffinf_ray.data.noise import inject_label_noise
-from diffinf_ray.datasets import check_manifest, write_dataset
+from diffinf_ray.datasets import check_manifest, read_parquet, write_dataset
 from diffinf_ray.run_root import RunRoot
 
 
@@ -28,8 +28,6 @@ def _apply(batch: pd.DataFrame, assigned: pd.DataFrame) -> pd.DataFrame:
 
 
 def run_noise(cfg: Config, root: RunRoot) -> dict:
-    import ray
-
     check_manifest(root.manifest, "noise", ("sample_id", "split", "label", "label_clean"))
     cols = root.manifest.read_table(columns=["sample_id", "split", "label", "label_clean"]).to_pandas()
     num_classes = len(cfg.class_names)
@@ -49,7 +47,7 @@ def run_noise(cfg: Config, root: RunRoot) -> dict:
             "is_corrupted": (cols["label"].astype("Int32") != clean).astype("boolean").to_numpy(),
         }, index=cols["sample_id"])
 
-    write_dataset(ray.data.read_parquet(root.manifest.path, filesystem=root.fs).map_batches(
+    write_dataset(read_parquet(root.manifest).map_batches(
         _apply, fn_kwargs={"assigned": assigned}, batch_format="pandas"), root.noisy_manifest)
 
     train = cols["split"].to_numpy() == "train"

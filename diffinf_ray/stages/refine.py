@@ -28,7 +28,7 @@ import pyarrow as pa
 
 from diffinf_ray.artifacts import edit_quarantine_rows, read_edits
 from diffinf_ray.config import Config
-from diffinf_ray.datasets import check_manifest, write_dataset
+from diffinf_ray.datasets import check_manifest, read_parquet, write_dataset
 from diffinf_ray.run_root import RunRoot
 
 REFINED = "refined"
@@ -115,7 +115,7 @@ def run_refine(cfg: Config, root: RunRoot) -> dict:
     edits = read_edits(root, EDIT_COLUMNS).to_pandas()
     edits.index = edits.pop("sample_id").astype(str)
     out = root.child(REFINED)
-    write_dataset(ray.data.read_parquet(root.noisy_manifest.path, filesystem=root.fs).map_batches(
+    write_dataset(read_parquet(root.noisy_manifest).map_batches(
         _refine_remote, fn_kwargs={"edits_ref": ray.put(edits[["image", "gate_accepted"]]),
                                    "fallback": gate.fallback}, batch_format="pandas"), out)
     removed = (removal_reasons(edits, cfg.class_names, gate.min_identity)
