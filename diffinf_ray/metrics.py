@@ -8,7 +8,9 @@ accuracy. Checked against scikit-learn in tests/test_metrics.py.
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import cohen_kappa_score, roc_auc_score
+
+# scikit-learn is imported where it is used: at module level it cost every Ray actor that loads
+# a classifier (through models/evaluation.py) 2.5 s of start-up for metrics only the driver runs
 
 
 def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
@@ -28,6 +30,8 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: in
 
 def macro_auroc(probs: np.ndarray, labels: np.ndarray) -> float | None:
     """Macro one-vs-rest AUROC x100; None when some class is absent from `labels`."""
+    from sklearn.metrics import roc_auc_score
+
     num_classes = probs.shape[1]
     if len(np.unique(labels)) < num_classes:
         return None
@@ -45,6 +49,8 @@ def classification_metrics(
     ece_bins: int = 15,
 ) -> dict:
     """All evaluation metrics as a JSON-ready dict. `probs` (N, C) rows sum to 1."""
+    from sklearn.metrics import cohen_kappa_score
+
     probs = np.asarray(probs, dtype=np.float64)
     labels = np.asarray(labels, dtype=np.int64)
     if probs.ndim != 2 or probs.shape[0] != labels.shape[0] or probs.shape[0] == 0:
