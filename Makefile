@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup demo test test-all lint clean
+.PHONY: setup demo test test-fast lint clean
 
 # The install downloads several GB (torch's CUDA build, Ray): uv does it about 3x faster than pip
 # and, given pip's configured constraints (pip.conf / PIP_CONSTRAINT, which uv does not read),
@@ -31,21 +31,17 @@ setup: $(VENV)/.installed
 demo: setup
 	$(PY) -m jobs.pipeline --config jobs/configs/demo.yaml
 
-# Quick start 2: the tests (what CI runs): all but the heaviest real-Ray ones, marked `slow`
-# (a Tune sweep with restore, every baseline method on Ray Train, a sweep and an experiment
-# through `ray job submit`: 22 minutes together on the idle 2-core box, 2026-12-05).
-# On the 2-core build box at load average 2-4 the suite ran 45 minutes before classifier fits
-# decoded their data once (train.cache_decoded_images) and 28 to 34 after (2026-12-01); 35.5
-# minutes on an idle box on 2026-12-05 (651 tests); 48 minutes for 646 tests beside two
-# experiments the same day. The S3 fault pipeline, the killed Train worker and the Ray-overhead
-# smoke run (about 4 minutes) joined it on 2026-12-05: 655 tests in 39 minutes from a fresh clone
-# on the idle box. CI stops at 90.
+# Quick start 2: the tests (what CI runs): every test, the heaviest real-Ray ones (marked `slow`:
+# a Tune sweep with restore, every baseline method, a sweep and an experiment through `ray job
+# submit`) included. 681 tests in 35 minutes on the idle 2-core build box (2026-12-06), after
+# manifests were read without Ray Data's footer-reading actors (54 minutes the day before; see
+# benchmarks/RESULTS.md, "Ray Data's parquet reader"). Prints the 25 slowest.
 test: setup lint
-	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" --durations=25
+	$(PY) -m pytest -q -p no:cacheprovider --durations=25
 
-# Every test, the slow ones included.
-test-all: setup lint
-	$(PY) -m pytest -q -p no:cacheprovider
+# The tests without the `slow` ones (about 27 minutes on the same box): for a quicker loop.
+test-fast: setup lint
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow"
 
 lint: setup
 	$(PY) -m ruff check diffinf_ray jobs tests benchmarks

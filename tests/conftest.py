@@ -128,7 +128,7 @@ def ray_local(tmp_path_factory):
 
 
 # Tests that use these fixtures run a Tune sweep or train every baseline method with Ray Train:
-# marked slow (`make test-all` runs them; `make test`, what CI runs, leaves them out).
+# marked slow (`make test`, what CI runs, runs them; `make test-fast` leaves them out).
 SLOW_FIXTURES = {"tiny_sweep", "baseline_run"}
 
 

@@ -48,8 +48,8 @@ def bench_ray(ray_overhead, tiny_cfg):
 
 
 def test_ray_overhead_starts_a_ray_of_its_own(bench_ray):
-    """Not slow, so that CI catches a start_ray the slow test below would only find in make
-    test-all (a duplicated ray.init keyword once broke it)."""
+    """Not slow, so that `make test-fast` too catches a broken start_ray (a duplicated ray.init
+    keyword once broke it)."""
     import ray
 
     assert ray.is_initialized()

@@ -417,3 +417,25 @@ def test_the_report_counts_the_verdicts_and_grids_each(tmp_path):
                                root.child("report3"))
     assert "The gate is off" in "".join(off_md) and off["enabled"] is False
     assert gate_section(load_config(TINY), edits.drop(columns=list(GATE_COLUMNS)), out) == ([], {})
+
+
+def test_refined_batches_without_an_accepted_edit_keep_image_original_typed(tmp_path):
+    """refine writes one file per batch: a batch where no edit was accepted has image_original
+    all None, which must still be binary, or the folder's files do not read back as one table
+    (Arrow takes the first file's schema: 'Unsupported cast from binary to null')."""
+    from diffinf_ray.stages.refine import refined_table
+
+    def batch(ids):
+        return pd.DataFrame({"sample_id": ids, "split": "train", "label": 0,
+                             "image": [f"png-{i}".encode() for i in ids]})
+
+    edits = pd.DataFrame({"image": [b"edited-a", b"edited-c"], "gate_accepted": [True, False]},
+                         index=["a", "c"])
+    out = tmp_path / "refined"
+    out.mkdir()
+    pq.write_table(refined_table(batch(["c", "d"]), edits, "keep"), out / "0.parquet")
+    pq.write_table(refined_table(batch(["a", "b"]), edits, "keep"), out / "1.parquet")
+    refined = pq.read_table(out).to_pandas().set_index("sample_id").sort_index()
+    assert refined.image_original.tolist() == [b"png-a", None, None, None]
+    assert refined.image.tolist() == [b"edited-a", b"png-b", b"png-c", b"png-d"]
+    assert refined.is_edited.tolist() == [True, False, False, False]

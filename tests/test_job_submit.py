@@ -154,8 +154,7 @@ def test_ray_job_submit_tiny(ray_head, tmp_path):
     assert epoch in logged
 
 
-# slow (make test-all): 700 s at load 20-45 here, the largest single item of CI's budget; the
-# tiny job above keeps `ray job submit` in CI, test_experiment.py the runner's logic
+# slow (make test-fast leaves it out): 135 s on the idle box, 700 s once at load 20-45
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # two jobs (the experiment, then its resume); a loaded box
 def test_ray_job_submit_experiment(ray_head, tmp_path):

@@ -58,10 +58,20 @@ def refine_batch(batch: pd.DataFrame, edits: pd.DataFrame, fallback: str) -> pd.
     return batch
 
 
-def _refine_remote(batch: pd.DataFrame, edits_ref, fallback: str) -> pd.DataFrame:
+def refined_table(batch: pd.DataFrame, edits: pd.DataFrame, fallback: str) -> pa.Table:
+    """`refine_batch` as an Arrow table whose `image_original` is typed as `image` is, also in a
+    batch without an accepted edit (all None there: Arrow would infer null), so that refined/'s
+    files, one per batch, read back as one table."""
+    table = pa.Table.from_pandas(refine_batch(batch, edits, fallback), preserve_index=False)
+    i = table.schema.get_field_index("image_original")
+    image_type = table.schema.field("image").type
+    return table.set_column(i, "image_original", table.column(i).cast(image_type))
+
+
+def _refine_remote(batch: pd.DataFrame, edits_ref, fallback: str) -> pa.Table:
     import ray
 
-    return refine_batch(batch, ray.get(edits_ref), fallback)
+    return refined_table(batch, ray.get(edits_ref), fallback)
 
 
 def removal_reasons(edits: pd.DataFrame, class_names: list[str],
