@@ -34,9 +34,18 @@ def read_parquet(location: Location):
 
     import ray
 
+    context = ray.data.DataContext.get_current()
     if USE_DATASOURCE_V2_ENV not in os.environ:
-        ray.data.DataContext.get_current().use_datasource_v2 = False
-    return ray.data.read_parquet(location.path, filesystem=location.fs)
+        context.use_datasource_v2 = False
+    # V1 samples a few files while planning, under a raw tqdm bar whenever Ray Data's bars are
+    # on (any stdout that is not a terminal): lines of carriage returns in logs and job output
+    bars, context.enable_progress_bars = context.enable_progress_bars, False
+    try:
+        ds = ray.data.read_parquet(location.path, filesystem=location.fs)
+    finally:
+        context.enable_progress_bars = bars
+    ds.context.enable_progress_bars = bars  # the dataset's own run keeps its progress
+    return ds
 
 
 

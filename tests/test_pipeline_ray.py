@@ -192,10 +192,11 @@ def test_datasets_for_ray_train_run_without_progress_bars(ray_local):
     assert driver_side.context.enable_progress_bars
 
 
-def test_manifest_reads_skip_ray_datas_footer_actors(tiny_run, monkeypatch):
+def test_manifest_reads_skip_ray_datas_footer_actors(tiny_run, monkeypatch, capfd):
     """`datasets.read_parquet` plans a V1 read (no ListFiles step: Ray 2.60's V2 reader starts
     32 footer-reading actors per read, seconds each time on a small box) and reads every row;
-    RAY_DATA_USE_DATASOURCE_V2 set by the user is left to Ray."""
+    its planning draws no tqdm bar, even with Ray Data's bars on, and leaves them on for the
+    dataset's run; RAY_DATA_USE_DATASOURCE_V2 set by the user is left to Ray."""
     import ray
 
     from diffinf_ray.datasets import USE_DATASOURCE_V2_ENV, read_parquet
@@ -203,8 +204,13 @@ def test_manifest_reads_skip_ray_datas_footer_actors(tiny_run, monkeypatch):
     cfg, _, _ = tiny_run
     context = ray.data.DataContext.get_current()
     monkeypatch.setattr(context, "use_datasource_v2", True)
+    monkeypatch.setattr(context, "enable_progress_bars", True)
     monkeypatch.delenv(USE_DATASOURCE_V2_ENV, raising=False)
-    ds = read_parquet(open_run_root(cfg).manifest).materialize()
+    capfd.readouterr()
+    ds = read_parquet(open_run_root(cfg).manifest)
+    assert "Parquet dataset sampling" not in "".join(capfd.readouterr())
+    assert ds.context.enable_progress_bars and context.enable_progress_bars
+    ds = ds.materialize()
     assert ds.count() == cfg.data.synthfaces.num_samples
     assert "ListFiles" not in ds.stats() and "ReadParquet" in ds.stats()
 
