@@ -48,7 +48,6 @@ def read_parquet(location: Location):
     return ds
 
 
-
 def manifest_columns(manifest: Location) -> list[str]:
     """Column names of a manifest folder (the parquet schema; no row is read)."""
     import pyarrow.dataset as pads
