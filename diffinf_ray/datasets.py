@@ -18,10 +18,10 @@ from diffinf_ray.storage import Location
 
 # -- reading ----------------------------------------------------------------------------------
 
-# Ray Data's parquet reader. Ray 2.60's default ("datasource V2") lists a folder by starting 32
-# footer-reading actors and killing them when the read is planned: on a 2-core box every
-# read_parquet paid 3-10 s for that, whatever the folder's size (a 120-row split: 6.5 s, of
-# which 54 ms on a CPU; the V1 reader: 0.2 s). V1 reads the footers in the planning process,
+# Ray Data's parquet reader. Ray 2.60's default ("datasource V2") lists a folder, each time a
+# dataset reading it runs, by starting 32 footer-reading actors and killing them after: on a
+# 2-core box that cost 3-10 s per run whatever the folder's size (a 120-row split: 6.5 s, of
+# which 54 ms on a CPU; the V1 reader: 0.2 s). V1 reads the footers when the read is planned,
 # which suits this project's folders (tens of files, however many images). A value of
 # RAY_DATA_USE_DATASOURCE_V2 in the environment wins.
 USE_DATASOURCE_V2_ENV = "RAY_DATA_USE_DATASOURCE_V2"
@@ -29,22 +29,24 @@ USE_DATASOURCE_V2_ENV = "RAY_DATA_USE_DATASOURCE_V2"
 
 def read_parquet(location: Location):
     """A parquet folder or file as a Ray Dataset (lazy), through the V1 reader unless
-    RAY_DATA_USE_DATASOURCE_V2 says otherwise."""
+    RAY_DATA_USE_DATASOURCE_V2 says otherwise. Ray Data's settings are changed only while the
+    read is planned: other reads in the process keep theirs."""
     import os
 
     import ray
 
     context = ray.data.DataContext.get_current()
+    saved = context.use_datasource_v2, context.enable_progress_bars
     if USE_DATASOURCE_V2_ENV not in os.environ:
-        context.use_datasource_v2 = False
+        context.use_datasource_v2 = False  # read_parquet picks its reader from this, here
     # V1 samples a few files while planning, under a raw tqdm bar whenever Ray Data's bars are
     # on (any stdout that is not a terminal): lines of carriage returns in logs and job output
-    bars, context.enable_progress_bars = context.enable_progress_bars, False
+    context.enable_progress_bars = False
     try:
         ds = ray.data.read_parquet(location.path, filesystem=location.fs)
     finally:
-        context.enable_progress_bars = bars
-    ds.context.enable_progress_bars = bars  # the dataset's own run keeps its progress
+        context.use_datasource_v2, context.enable_progress_bars = saved
+    ds.context.enable_progress_bars = saved[1]  # the dataset's own run keeps its progress
     return ds
 
 

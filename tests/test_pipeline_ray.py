@@ -210,6 +210,7 @@ def test_manifest_reads_skip_ray_datas_footer_actors(tiny_run, monkeypatch, capf
     ds = read_parquet(open_run_root(cfg).manifest)
     assert "Parquet dataset sampling" not in "".join(capfd.readouterr())
     assert ds.context.enable_progress_bars and context.enable_progress_bars
+    assert context.use_datasource_v2  # changed only while the read was planned
     ds = ds.materialize()
     assert ds.count() == cfg.data.synthfaces.num_samples
     assert "ListFiles" not in ds.stats() and "ReadParquet" in ds.stats()
