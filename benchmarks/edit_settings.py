@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -43,6 +44,7 @@ def main(argv=None) -> list[dict]:
     from diffinf_ray.artifacts import high_influence_ids, load_judges
     from diffinf_ray.config import load_config
     from diffinf_ray.data.images import to_tensor_batch
+    from diffinf_ray.ledger import git_commit, machine
     from diffinf_ray.pipeline import open_run_root
     from diffinf_ray.stages.edit import build_editor, to_png_batch
     from diffinf_ray.stages.oracle import _embed, _predict
@@ -55,8 +57,13 @@ def main(argv=None) -> list[dict]:
                     help="name:key=value,... edit-section overrides (name: alone = the config's)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", help="write the rows here too")
+    ap.add_argument("--jsonl", help="append the rows here, one JSON object per line")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    # where the figures came from, in every row: the code, the box, the run they judge
+    provenance = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                  **git_commit(Path(__file__).resolve().parent), "machine": machine(),
+                  "threads": args.threads, "config": args.config, "run_root": args.root}
 
     base = load_config(args.config, [f"run.root={args.root}"])
     root = open_run_root(base)
@@ -111,9 +118,13 @@ def main(argv=None) -> list[dict]:
                                    f"{hits[~corrupted].mean():.3f}",
             "identity_similarity": float(sim.mean()),
             "identity_retention_at_eer": float((sim > eer).mean()),
+            **provenance,
         }
         results.append(result)
         print(json.dumps(result), flush=True)
+        if args.jsonl:
+            with open(args.jsonl, "a") as f:
+                f.write(json.dumps(result) + "\n")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -363,10 +363,12 @@ class GuidedEditSection(_Section):
 
     # inversion depth as a fraction of edit.steps: round(t0 * steps) steps, at least 1
     # defaults: the sweep in benchmarks/RESULTS.md ("Guided edit settings"), chosen on seed 0 of
-    # the demo and checked on other seeds: a deeper inversion and strong guidance move corrupted
-    # rows to their label; the SDEdit candidates lost identity and were no likelier to show it
+    # the demo at edit.steps 20 and checked on other seeds: a deeper inversion and strong
+    # guidance move corrupted rows to their label; at 10 steps the decode adds colour speckle
+    # that the oracle reads as age; the SDEdit candidates lost identity and showed the label
+    # no more often
     t0: Annotated[float, Field(gt=0.0, le=1.0)] = 0.7
-    scale: float = Field(20.0, ge=0.0)  # classifier-free guidance scale (1: no guidance)
+    scale: float = Field(25.0, ge=0.0)  # classifier-free guidance scale (1: no guidance)
     candidates: int = Field(1, ge=1, le=64)  # decode 0 deterministic, the others SDEdit noise
     # z' = z + alpha * sqrt(d) * w_y / ||w_y|| in normalised z (DiffAE uses 0.3-0.5); 0: no shift
     alpha: float = Field(0.3, ge=0.0, le=10.0)

@@ -282,7 +282,7 @@ def test_config_defaults_and_errors(tmp_path):
     cfg = load_config(path)
     assert cfg.edit.method == "latent"
     assert (cfg.edit.guided.t0, cfg.edit.guided.scale, cfg.edit.guided.candidates,
-            cfg.edit.guided.alpha) == (0.7, 20.0, 1, 0.3)
+            cfg.edit.guided.alpha) == (0.7, 25.0, 1, 0.3)
     # the schema's defaults are the core's: a Ray-free caller gets the same edit as a run
     assert GuidedSettings.from_section(cfg.edit) == GuidedSettings(steps=cfg.edit.steps)
     guided = load_config(path, ["edit.method=guided", "edit.guided.candidates=2"])

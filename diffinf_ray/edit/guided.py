@@ -139,7 +139,7 @@ class GuidedSettings:
     """The knobs of `config.EditSection.guided` (plus edit.steps and edit.seed)."""
 
     t0: float = 0.7  # inversion depth as a fraction of the S steps
-    scale: float = 20.0  # classifier-free guidance scale s of the decode
+    scale: float = 25.0  # classifier-free guidance scale s of the decode
     candidates: int = 1  # N decodes per image, the closest kept
     alpha: float = 0.3  # z shift along the class direction, in units of sqrt(d) (0: none)
     steps: int = 10  # DDIM steps S of the inversion and the decode
