@@ -110,3 +110,16 @@ def test_reproducibility_two_processes_train_the_same_classifier():
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("manifest rows out of sample order") == 2
     assert "max |w1 - w2| over the last checkpoint: 0 (reproduced)" in run.stdout, run.stdout
+
+
+def test_edit_settings_fine_detail_energy_sees_speckle_not_smooth_change():
+    """The speckle measure of benchmarks/edit_settings.py: a smooth brightness ramp has none, a
+    uniform shift adds none, added pixel noise raises it."""
+    import numpy as np
+
+    hf_energy = _load("edit_settings").hf_energy
+    ramp = np.broadcast_to(np.linspace(-1, 1, 16, dtype=np.float32), (2, 3, 16, 16)).copy()
+    assert np.allclose(hf_energy(ramp), 0.0, atol=1e-10)
+    assert np.allclose(hf_energy(ramp + 0.3), 0.0, atol=1e-10)
+    noisy = ramp + 0.1 * np.random.default_rng(0).standard_normal(ramp.shape)
+    assert (hf_energy(noisy) > 0.1).all()  # 20 * 0.01 per pixel in expectation
