@@ -372,6 +372,9 @@ class GuidedEditSection(_Section):
     candidates: int = Field(1, ge=1, le=64)  # decode 0 deterministic, the others SDEdit noise
     # z' = z + alpha * sqrt(d) * w_y / ||w_y|| in normalised z (DiffAE uses 0.3-0.5); 0: no shift
     alpha: float = Field(0.3, ge=0.0, le=10.0)
+    # decode each image's null-label reconstruction for the reconstruction_mse and
+    # loss_total_initial columns of edits/ (a record only); false: NaN, a quarter fewer passes
+    reconstruct: bool = True
 
 
 # keys a config may still carry from an earlier version -> where the setting lives now

@@ -195,6 +195,19 @@ def test_the_kept_candidate_is_the_one_at_the_lowest_distance(parts):
             + out["p_high_after"] + 1e-6).all()
 
 
+def test_without_the_reconstruction_the_edit_is_the_same_and_its_record_columns_nan(parts):
+    """reconstruct False skips only the null-label reconstruction: the same edit, NaN in its
+    two record columns, every other output equal."""
+    images, labels = _batch(3)
+    full = _editor(parts, SETTINGS).edit(images, labels)
+    lean = _editor(parts, dataclasses.replace(SETTINGS, reconstruct=False)).edit(images, labels)
+    for key in full:
+        if key in ("reconstruction_mse", "loss_total_initial"):
+            assert np.isfinite(full[key]).all() and np.isnan(lean[key]).all(), key
+        else:
+            np.testing.assert_array_equal(lean[key], full[key], err_msg=key)
+
+
 def test_alpha_moves_z_along_the_assigned_class_direction(parts):
     images, labels = _batch(3)
     editor = _editor(parts, SETTINGS)
