@@ -85,6 +85,19 @@ def test_sweeping_noise_rate_reruns_from_the_noise_stage():
     assert plan.per_trial == ["noise", "train", "influence", "removal"]
 
 
+def test_the_guided_sweep_varies_the_edit_knobs_and_shares_every_stage_before_the_edit():
+    """jobs/configs/sweep_demo_guided.yaml: a grid over edit.guided.t0 x scale that re-runs only
+    edit, refine and the retrain, and that starts on a 2-CPU box."""
+    from diffinf_ray.sweep import check_trial_resources
+
+    plan = load_sweep(CONFIGS / "sweep_demo_guided.yaml")
+    assert plan.per_trial == ["edit", "refine", "retrain"]
+    assert "lossnets" in plan.shared and "autoencoder" in plan.shared
+    assert set(plan.spec.params) == {"edit.guided.t0", "edit.guided.scale"}
+    assert plan.base.edit.method == "guided" and plan.base.edit.guided.t0 == 0.7
+    check_trial_resources(plan, 2.0)
+
+
 def test_command_line_keys_go_to_the_sweep_or_the_base(tmp_path):
     plan = load_sweep(CONFIGS / "sweep_tiny.yaml",
                       ["num_samples=3", "scheduler.kind=fifo", f"run.root={tmp_path}/b"])
