@@ -48,10 +48,23 @@ def hf_energy(images: np.ndarray) -> np.ndarray:
     return (lap ** 2).mean(axis=(1, 2, 3))
 
 
+def flagged_training_rows(root, limit: int | None = None):
+    """The run's high-influence training rows (sample_id, split, image, label, is_corrupted),
+    by sample_id, the first `limit` of them: rows whose assigned label is wrong should change,
+    the others should keep their label."""
+    from diffinf_ray.artifacts import high_influence_ids
+
+    flagged = set(high_influence_ids(root))
+    table = root.noisy_manifest.read_table(
+        columns=["sample_id", "split", "image", "label", "is_corrupted"]).to_pandas()
+    rows = table[table.sample_id.isin(flagged) & (table.split == "train")].sort_values("sample_id")
+    return (rows if limit is None else rows.head(limit)).reset_index(drop=True)
+
+
 def main(argv=None) -> list[dict]:
     import torch
 
-    from diffinf_ray.artifacts import high_influence_ids, load_judges
+    from diffinf_ray.artifacts import load_judges
     from diffinf_ray.config import load_config
     from diffinf_ray.data.images import to_tensor_batch
     from diffinf_ray.ledger import git_commit, machine
@@ -77,12 +90,7 @@ def main(argv=None) -> list[dict]:
 
     base = load_config(args.config, [f"run.root={args.root}"])
     root = open_run_root(base)
-    flagged = set(high_influence_ids(root))
-    table = root.noisy_manifest.read_table(
-        columns=["sample_id", "split", "image", "label", "is_corrupted"]).to_pandas()
-    # rows whose assigned label is wrong should change; the others should keep their label
-    rows = (table[table.sample_id.isin(flagged) & (table.split == "train")]
-            .sort_values("sample_id").head(args.rows).reset_index(drop=True))
+    rows = flagged_training_rows(root, args.rows)
     images = torch.from_numpy(to_tensor_batch(list(rows.image)))
     labels = torch.as_tensor(rows.label.to_numpy(np.int64))
     attribute, embedder, judges = load_judges(root)
@@ -92,6 +100,7 @@ def main(argv=None) -> list[dict]:
     hits_before = _predict(attribute, originals) == labels.numpy()
     target_before = float(hits_before.mean())
     reference = _embed(embedder, originals)
+    detail_before = hf_energy(images.numpy())
 
     results = []
     for text in args.setting:
@@ -122,7 +131,7 @@ def main(argv=None) -> list[dict]:
             # the worst edits: a destroyed face shows here before it shows in a mean
             "pixel_mse_p99": float(np.quantile(mse, 0.99)),
             # >1: the edit carries more fine detail / speckle than its original
-            "hf_energy_ratio_median": float(np.median(hf_energy(saved) / hf_energy(images.numpy()))),
+            "hf_energy_ratio_median": float(np.median(hf_energy(saved) / detail_before)),
             "oracle_target_before": target_before,
             "oracle_target_after": float((hits := _predict(attribute, pngs) == labels.numpy())
                                          .mean()),

@@ -36,7 +36,7 @@ def _edit_settings():
 def main(argv=None) -> list[dict]:
     import torch
 
-    from diffinf_ray.artifacts import high_influence_ids, load_judges
+    from diffinf_ray.artifacts import load_judges
     from diffinf_ray.config import load_config
     from diffinf_ray.data.images import to_tensor_batch
     from diffinf_ray.diffae.autoencoder import invert, predict_eps
@@ -60,7 +60,7 @@ def main(argv=None) -> list[dict]:
     dec.add_argument("specs", nargs="+")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    hf_energy = _edit_settings().hf_energy
+    edit_settings = _edit_settings()
 
     overrides = [f"run.root={args.root}", "edit.method=guided",
                  *(f"edit.{kv}" if kv.startswith("steps=") else f"edit.guided.{kv}"
@@ -69,17 +69,14 @@ def main(argv=None) -> list[dict]:
         overrides += [f"edit.guided.scale={args.scale}", f"edit.guided.candidates={args.count}"]
     cfg = load_config(args.config, overrides)
     root = open_run_root(cfg)
-    flagged = set(high_influence_ids(root))
-    table = root.noisy_manifest.read_table(
-        columns=["sample_id", "split", "image", "label", "is_corrupted"]).to_pandas()
-    rows = (table[table.sample_id.isin(flagged) & (table.split == "train")]
-            .sort_values("sample_id").reset_index(drop=True))
+    rows = edit_settings.flagged_training_rows(root)
     x = torch.from_numpy(to_tensor_batch(list(rows.image)))
     y = torch.as_tensor(rows.label.to_numpy(np.int64))
     corrupted = rows.is_corrupted.fillna(False).to_numpy(bool)
     attribute, embedder, judges = load_judges(root)
     eer = judges["identity_oracle"]["threshold_at_eer"]
     reference = _embed(embedder, rows.image.to_numpy())
+    detail_before = edit_settings.hf_energy(x.numpy())
     editor = build_editor(cfg, root, "cpu")
     model, s = editor.autoencoder.model, editor.settings
     provenance = {**git_commit(Path(__file__).resolve().parent), "machine": machine(),
@@ -146,8 +143,8 @@ def main(argv=None) -> list[dict]:
                 "oracle_corrupted": float(h[corrupted].mean()),
                 "oracle_clean": float(h[~corrupted].mean()),
                 "identity_retention_at_eer": float((sim > eer).mean()),
-                "hf_energy_ratio_median": float(np.median(hf_energy(out.numpy())
-                                                          / hf_energy(x.numpy()))),
+                "hf_energy_ratio_median": float(np.median(edit_settings.hf_energy(out.numpy())
+                                                          / detail_before)),
                 "pixel_mse": float(((out - x) / 2).pow(2).mean())})
     for r in results:
         print(json.dumps(r), flush=True)
