@@ -27,7 +27,7 @@ from diffinf_ray.diffae.official import (
     parameter_shapes,
 )
 from diffinf_ray.diffae.probes import probe_accuracy, retrieval_top1
-from diffinf_ray.diffae.weights import WeightsError
+from diffinf_ray.diffae.weights import WeightsError, state_dict_from_bytes
 
 
 def _randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -256,3 +256,35 @@ def test_the_shipped_synthfaces_autoencoder_reconstructs_unseen_faces():
     mse_noise = float(((rec_noise.clamp(-1, 1) - x) ** 2).mean()) / 4
     assert mse < 0.03
     assert mse < 0.3 * mse_noise
+
+
+def test_training_command_starts_from_saved_weights(tmp_path):
+    """--init: a new run starts from exported weights (network and EMA), so with a zero learning
+    rate the EMA it logs is exactly those weights; a model of another shape is refused."""
+    from diffinf_ray.diffae.train_synthfaces import main
+
+    common = ["--preset", "tiny", "--num-faces", "60", "--num-identities", "20",
+              "--probe-train", "40", "--recon-images", "3", "--data-cache",
+              str(tmp_path / "faces.npz")]
+    first = ["--out", str(tmp_path / "a"), *common]
+    assert main(["train", *first, "--steps", "2", "--batch-size", "4", "--log-every", "2",
+                 "--recon-steps", "2", "--no-pixel-probe"]) == 0
+    assert main(["export", *first, "--step", "2", "--dest", str(tmp_path / "ship")]) == 0
+    saved = load_family(tmp_path / "ship").state_dict()
+
+    second = ["--out", str(tmp_path / "b"), *common]
+    train = ["train", *second, "--batch-size", "4", "--log-every", "2", "--recon-steps", "2",
+             "--no-pixel-probe", "--init", str(tmp_path / "ship"), "--lr", "0"]
+    assert main([*train, "--steps", "2"]) == 0
+    ema = state_dict_from_bytes((tmp_path / "b" / "ema" / "step_00000002.safetensors").read_bytes(),
+                                "ema")
+    for key, value in ema.items():
+        torch.testing.assert_close(value, saved[key], rtol=0, atol=0, msg=key)
+    assert main(["export", *second, "--step", "2", "--dest", str(tmp_path / "ship2")]) == 0
+    manifest = json.loads((tmp_path / "ship2" / "config.json").read_text())
+    assert manifest["training"]["init"] == str(tmp_path / "ship")
+
+    other = ["train", "--out", str(tmp_path / "c"), *common, "--overrides",
+             '{"style_channels": 16}', "--steps", "1", "--init", str(tmp_path / "ship")]
+    with pytest.raises(ValueError, match="differs from the one --preset"):
+        main(other)

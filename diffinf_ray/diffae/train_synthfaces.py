@@ -24,7 +24,11 @@ row to DIR/log.jsonl:
   in every row once it exists.
 
 `--device cuda` trains and measures on a GPU (the probes stay on the CPU); `--max-minutes`
-ends a run early, measured and checkpointed, for a fixed time budget.
+ends a run early, measured and checkpointed, for a fixed time budget. `--init MODEL` starts a
+new run from saved family weights (a shipped name such as synthfaces32_diffae, or a folder
+written by `export`; sha256 checked) instead of from scratch: the network and its EMA both
+start there (the EMA without warm-up, as it already is an average) and Adam starts afresh.
+The model's config must equal the one `--preset` / `--overrides` build.
 
 Checkpoints: DIR/checkpoint.pt (model, EMA, Adam, step, RNG states; `torch.load(
 weights_only=True)`), rewritten at every log step, so `train` on the same DIR resumes; the EMA
@@ -41,7 +45,7 @@ import json
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -210,6 +214,18 @@ def _prepare(args):
     return out, faces, labels, splits
 
 
+def _init_from(model: BeatGANsAutoencModel, name_or_folder: str) -> None:
+    """Load saved family weights (not their z statistics) into the freshly built `model`."""
+    from diffinf_ray.diffae.family import load_family
+
+    saved = load_family(name_or_folder)
+    if replace(saved.config, z_stats=False) != replace(model.config, z_stats=False):
+        raise ValueError(f"--init {name_or_folder}: its config {asdict(saved.config)} differs "
+                         f"from the one --preset/--overrides build {asdict(model.config)}")
+    state = {k: v for k, v in saved.state_dict().items() if k not in ("conds_mean", "conds_std")}
+    model.load_state_dict(state, strict=True)
+
+
 def _log(out: Path, row: dict) -> None:
     with open(out / "log.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
@@ -235,7 +251,12 @@ def train(args) -> dict:
         gen.set_state(ck["generator"].cpu())
         torch.set_rng_state(ck["torch_rng"].cpu())
         step = int(ck["step"])
+        args.init = args.init or json.loads(ck["args"]).get("init", "")  # keeps the EMA rule
         print(f"resumed from step {step}", flush=True)
+    elif args.init:
+        _init_from(model, args.init)
+        ema = EMA(model, args.ema_decay)
+        print(f"initialised from {args.init}", flush=True)
     pixel_file = out / "pixel_probe.json"
     if args.pixel_probe and not pixel_file.exists():
         write_pixel_probe(out, faces, splits)
@@ -245,8 +266,9 @@ def train(args) -> dict:
     deadline = time.time() + 60 * args.max_minutes if args.max_minutes else None
     started, losses, row = time.time(), [], {}
     while step < args.steps:
-        # EMA warm-up (as diffusers' EMAModel): short CPU runs would otherwise keep the init
-        ema.decay = min(args.ema_decay, (1 + step) / (10 + step))
+        # EMA warm-up (as diffusers' EMAModel): short CPU runs would otherwise keep the init;
+        # not after --init, whose weights already are an average worth keeping
+        ema.decay = args.ema_decay if args.init else min(args.ema_decay, (1 + step) / (10 + step))
         idx = train_idx[torch.randint(len(train_idx), (args.batch_size,), generator=gen)].to(device)
         losses.append(train_step(model, opt, images[idx], y[idx] if args.label_conditioning
                                  else None, ema=ema, grad_clip=1.0, generator=gen,
@@ -294,8 +316,17 @@ def export(args) -> dict:
     extra = {"training": {"step": args.step, "data": f"synthfaces age task, 32 px, "
                           f"{args.num_faces} faces, {args.num_identities} identities, seed "
                           f"{args.seed}", "z_stats_images": int(len(splits.train)),
-                          "measured": measured}}
+                          "measured": measured, **_init_record(out)}}
     return save_family(model, args.dest, z_mean=mean, z_std=std, dtype=dtype, extra=extra)
+
+
+def _init_record(out: Path) -> dict:
+    """{"init": ...} when the run in `out` started from saved weights (--init), else {}."""
+    if not (out / "checkpoint.pt").exists():
+        return {}
+    ck = torch.load(out / "checkpoint.pt", weights_only=True, map_location="cpu")
+    init = json.loads(ck["args"]).get("init")
+    return {"init": init} if init else {}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -328,6 +359,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--max-minutes", type=float, default=0.0,
                    help="stop (measured and checkpointed) after this much wall time; 0: no limit")
     t.add_argument("--recon-steps", type=int, nargs="+", default=[10, 20])
+    t.add_argument("--init", default="",
+                   help="start from saved family weights (shipped name or exported folder)")
     t.add_argument("--no-pixel-probe", dest="pixel_probe", action="store_false",
                    help="leave the pixel probe to the `pixel` command (run it alongside)")
     e = sub.choices["export"]
