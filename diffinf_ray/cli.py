@@ -155,6 +155,8 @@ def _cmd_diagnose_labels(args) -> int:
                                   steps=args.steps)
     print(format_label_sensitivity(result, result["class_names"]))
     print(f"\nwritten to {result['written_to']}")
+    print("what the oracle was shown (original | null-label reconstruction | each class per "
+          "scale): " + ", ".join(result["grids"]))
     return 0
 
 

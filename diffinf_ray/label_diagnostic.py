@@ -7,6 +7,9 @@ In:  the autoencoder stage (its model.json: trained or imported weights) and the
      done, exactly as `diffinf run` would (resumable, skipped when done).
 Out: <run root>/diagnostics/label_sensitivity.json   the result (confusion tables per
      inversion depth and guidance scale) with the settings used; the tables are printed.
+     <run root>/diagnostics/label_sensitivity_<depth>.png   per inversion depth ('full' or k),
+     what the oracle was shown for the first GRID_IMAGES faces: original, null-label
+     reconstruction, then one decode per (scale, class).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ log = logging.getLogger(__name__)
 DIAGNOSTICS_FOLDER = "diagnostics"
 RESULT_FILE = "label_sensitivity.json"
 NEEDED = ("autoencoder", "judges")
+GRID_IMAGES = 8
 
 
 def _test_images(root, count: int, seed: int):
@@ -59,7 +63,8 @@ def run_label_diagnostic(cfg: Config, *, images: int = 96, scales: Sequence[floa
     import torch
 
     from diffinf_ray.artifacts import load_judges, load_run_autoencoder
-    from diffinf_ray.diffae.label_sensitivity import label_sensitivity
+    from diffinf_ray.data.images import encode_png
+    from diffinf_ray.diffae.label_sensitivity import label_sensitivity, label_sensitivity_grid
     from diffinf_ray.pipeline import open_run_root, run_pipeline
 
     wanted = set(NEEDED).union(*(upstream_stages(s) for s in NEEDED))
@@ -78,4 +83,11 @@ def run_label_diagnostic(cfg: Config, *, images: int = 96, scales: Sequence[floa
                   oracle_test_accuracy=judges_report["attribute_oracle"]["test_accuracy"])
     root.child(DIAGNOSTICS_FOLDER, RESULT_FILE).write_json(result)
     result["written_to"] = root.child(DIAGNOSTICS_FOLDER, RESULT_FILE).uri
+    result["grids"] = []
+    for depth in depths:
+        grid = label_sensitivity_grid(model, x[:GRID_IMAGES], len(cfg.class_names),
+                                      scales=scales, steps=steps, depth=depth)
+        name = f"label_sensitivity_{'full' if depth is None else depth}.png"
+        root.child(DIAGNOSTICS_FOLDER, name).write_bytes(encode_png(grid))
+        result["grids"].append(root.child(DIAGNOSTICS_FOLDER, name).uri)
     return result

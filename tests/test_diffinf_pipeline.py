@@ -248,6 +248,15 @@ def test_the_label_diagnostic_reads_the_runs_autoencoder_and_judges(diffinf_run)
         for s in run["scales"]:
             assert len(s["confusion"]) == len(cfg.class_names)
             assert all(abs(sum(row) - 1) < 1e-3 for row in s["confusion"])
+            assert s["mse_true_label"] > 0 and s["mse_other_labels"] > 0
+    # the grids: a row per face (5 < GRID_IMAGES), original + reconstruction + 2 scales x classes
+    from PIL import Image
+
+    for name in ("label_sensitivity_full.png", "label_sensitivity_1.png"):
+        with Image.open(root / "diagnostics" / name) as grid:
+            width, height = grid.size
+        tile = 64 + 2  # 32 px faces enlarged to 64, 2 px gaps
+        assert (width - 2, height - 2) == ((2 + 2 * len(cfg.class_names)) * tile, 5 * tile)
 
 
 def test_changing_the_fallback_reuses_the_edits(diffinf_run):

@@ -101,6 +101,26 @@ def test_a_label_blind_oracle_agrees_with_a_third_of_the_labels():
     assert "partial inversion, depth 2" in text and "guidance 3: agreement 0.33" in text
 
 
+def test_distance_to_the_original_is_split_by_true_and_other_labels():
+    """mse_true_label: each image's decode under its own class against the image; mse_other_labels:
+    the mean over the other classes. Recomputed here from the same inversion and decodes."""
+    from diffinf_ray.diffae.label_sensitivity import _decode_all, _invert_all
+
+    model, x = _tiny_labelled(), _images(6)
+    truth = np.array([0, 1, 2, 2, 1, 0])
+    result = label_sensitivity(model, x, truth, lambda im: np.zeros(len(im), np.int64), 3,
+                               scales=(3.0,), steps=4, depths=(2,), batch_size=4)
+    z, x_T = _invert_all(model, x, 4, 2, 4)
+    dist = np.stack([((_decode_all(model, z, x_T, c, 4, 3.0, 2, 4) - x) ** 2)
+                     .flatten(1).mean(1).numpy() for c in range(3)], 1)
+    own = dist[np.arange(6), truth]
+    scale = result["runs"][0]["scales"][0]
+    assert scale["mse_true_label"] == pytest.approx(own.mean(), rel=1e-5)
+    assert scale["mse_other_labels"] == pytest.approx((dist.sum(1) - own).mean() / 2, rel=1e-5)
+    assert scale["mse_true_label"] != pytest.approx(scale["mse_other_labels"])
+    assert "under its true label" in format_label_sensitivity(result)
+
+
 def test_models_without_a_label_path_are_refused():
     with pytest.raises(ValueError, match="no label path"):
         label_sensitivity(build_family("tiny"), _images(2), np.zeros(2), lambda x: x, 3)

@@ -9,6 +9,10 @@ edit towards a label can work at all with this autoencoder.
 
     label_sensitivity(model, images, true_labels, classify, num_classes, ...) -> dict
     format_label_sensitivity(result) -> str          the confusion tables, for a console
+    label_sensitivity_grid(model, images, ...)       what the oracle was shown, as one image:
+                                                     per face, the original, the null-label
+                                                     reconstruction, then one decode per
+                                                     (scale, class)
 
 Full inversion (depth None) follows the official loops; `depths` also tries partial inversions
 (`NoiseSchedule.inversion_steps(S, k)`: the decode starts part-way, so more of the image and
@@ -85,7 +89,9 @@ def label_sensitivity(
     {"oracle_on_originals": accuracy, "runs": [one per depth: {"depth", "reconstruction":
     accuracy of the oracle on the null-label decodes, "scales": [{"scale", "confusion" (row c:
     what the oracle calls the images decoded under label c), "agreement" (mean of the
-    diagonal: the issue's "oracle agrees with the decode label, averaged over the classes")}]}]}.
+    diagonal: the issue's "oracle agrees with the decode label, averaged over the classes"),
+    "mse_true_label" / "mse_other_labels" (mean squared distance, on [-1, 1], of each image's
+    decode under its true class / under the other classes to the image itself)}]}]}.
     """
     if not model.config.num_classes:
         raise ValueError("this autoencoder has no label path (num_classes = 0): nothing to test")
@@ -102,16 +108,41 @@ def label_sensitivity(
         run = {"depth": depth, "reconstruction": float((classify(rec) == true_labels).mean()),
                "reconstruction_mse": float(((rec - images) ** 2).mean()), "scales": []}
         for scale in scales:
-            given, predicted = [], []
+            given, predicted, moved = [], [], []
             for c in range(num_classes):
                 decoded = _decode_all(model, z, x_T, c, steps, scale, depth, batch_size)
                 given.append(np.full(len(decoded), c))
                 predicted.append(np.asarray(classify(decoded)))
+                moved.append(((decoded - images) ** 2).flatten(1).mean(1).cpu().numpy())
             confusion = _confusion(np.concatenate(given), np.concatenate(predicted), num_classes)
+            # how far the decodes went from the face: agreement bought by drawing another face
+            # would show here (per image: its decode under its own true class / under the others)
+            moved = np.stack(moved, 1)
+            own = moved[np.arange(len(moved)), true_labels]
+            others = (moved.sum(1) - own) / max(num_classes - 1, 1)
             run["scales"].append({"scale": float(scale), "confusion": confusion,
-                                  "agreement": float(np.mean(np.diag(confusion)))})
+                                  "agreement": float(np.mean(np.diag(confusion))),
+                                  "mse_true_label": float(own.mean()),
+                                  "mse_other_labels": float(others.mean())})
         result["runs"].append(run)
     return result
+
+
+@torch.no_grad()
+def label_sensitivity_grid(model, images: torch.Tensor, num_classes: int, *,
+                           scales: Sequence[float] = (1.0, 3.0, 5.0), steps: int = 10,
+                           depth: int | None = None, batch_size: int = 64) -> np.ndarray:
+    """(H, W, 3) uint8: a row per image: original | null-label reconstruction | decodes under
+    class 0..C-1 at scales[0] | ... at scales[1] | ... (the decodes `label_sensitivity` judges)."""
+    from diffinf_ray.diffae.quality import image_grid
+
+    model.eval()
+    z, x_T = _invert_all(model, images, steps, depth, batch_size)
+    columns = [images, _decode_all(model, z, x_T, NULL_LABEL, steps, 1.0, depth, batch_size)]
+    for scale in scales:
+        columns += [_decode_all(model, z, x_T, c, steps, scale, depth, batch_size)
+                    for c in range(num_classes)]
+    return image_grid([[col[i] for col in columns] for i in range(len(images))])
 
 
 def format_label_sensitivity(result: dict, class_names: Sequence[str] | None = None) -> str:
@@ -127,7 +158,10 @@ def format_label_sensitivity(result: dict, class_names: Sequence[str] | None = N
                       f"the oracle reads {run['reconstruction']:.2f} of them right"]
         header = "decode label \\ oracle says | " + " | ".join(names)
         for s in run["scales"]:
-            lines += [f"  guidance {s['scale']:g}: agreement {s['agreement']:.2f}",
+            moved = (f"; MSE to the original {s['mse_true_label']:.4f} under its true label, "
+                     f"{s['mse_other_labels']:.4f} under the others" if "mse_true_label" in s
+                     else "")
+            lines += [f"  guidance {s['scale']:g}: agreement {s['agreement']:.2f}{moved}",
                       "    " + header]
             for name, row in zip(names, s["confusion"], strict=True):
                 lines.append(f"    {name:>26} | " + " | ".join(f"{v:.2f}" for v in row))
