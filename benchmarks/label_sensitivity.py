@@ -6,7 +6,10 @@ Ray Train, so this runs anywhere torch runs (a GPU machine included). `diffinf d
 is the same diagnostic with the judges' attribute oracle of a pipeline run.
 
     python benchmarks/label_sensitivity.py --model synthfaces32_diffae --faces FACES.npz \
-        --images 60 --depths full 5
+        --images 60 --depths full 5 [--grid GRID.png]
+
+`--grid` also writes what the reader was shown for the first `--grid-images` faces (a row per
+face: original, null-label reconstruction, one decode per scale and class), at the first depth.
 
 FACES.npz: the faces cache of `python -m diffinf_ray.diffae.train_synthfaces train` (its
 default draw: 12,000 faces of 2,400 people, seed 0); images come from its test split (people
@@ -23,7 +26,11 @@ import numpy as np
 import torch
 
 from diffinf_ray.diffae.family import load_family
-from diffinf_ray.diffae.label_sensitivity import format_label_sensitivity, label_sensitivity
+from diffinf_ray.diffae.label_sensitivity import (
+    format_label_sensitivity,
+    label_sensitivity,
+    label_sensitivity_grid,
+)
 
 CLASS_NAMES = ["young", "middle", "old"]
 
@@ -54,6 +61,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default="", help="also write the result here")
+    p.add_argument("--grid", default="", help="also write a PNG of the decodes here")
+    p.add_argument("--grid-images", type=int, default=8)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     with np.load(args.faces) as d:
@@ -71,8 +80,24 @@ def main(argv=None) -> int:
     print(format_label_sensitivity(result, CLASS_NAMES))
     print(f"\n{time.time() - started:.0f} s on {args.device}")
     if args.json:
+        from pathlib import Path
+
+        from diffinf_ray.ledger import git_commit, machine
+
+        # where the figures came from: the code, the box, the settings
+        provenance = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                      **git_commit(Path(__file__).resolve().parent), "machine": machine(),
+                      "arguments": vars(args)}
         with open(args.json, "w") as f:
-            json.dump({**result, "model": args.model, "oracle": "pixel logistic regression"}, f)
+            json.dump({**result, "model": args.model, "oracle": "pixel logistic regression",
+                       **provenance}, f, indent=1)
+    if args.grid:
+        from diffinf_ray.data.images import encode_png
+
+        grid = label_sensitivity_grid(model, x[:args.grid_images], len(CLASS_NAMES),
+                                      scales=args.scales, steps=args.steps, depth=depths[0])
+        with open(args.grid, "wb") as f:
+            f.write(encode_png(grid))
     return 0
 
 

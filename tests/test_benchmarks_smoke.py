@@ -123,3 +123,30 @@ def test_edit_settings_fine_detail_energy_sees_speckle_not_smooth_change():
     assert np.allclose(hf_energy(ramp + 0.3), 0.0, atol=1e-10)
     noisy = ramp + 0.1 * np.random.default_rng(0).standard_normal(ramp.shape)
     assert (hf_energy(noisy) > 0.1).all()  # 20 * 0.01 per pixel in expectation
+
+
+def test_label_sensitivity_benchmark_prints_tables_and_writes_json_and_grid(tmp_path, capsys):
+    """benchmarks/label_sensitivity.py on a tiny labelled family model and 80 faces: the tables,
+    the JSON and the grid (a row per grid face; original, reconstruction, 3 classes per scale)."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from diffinf_ray.diffae.family import build_family, save_family
+    from diffinf_ray.diffae.train_synthfaces import make_faces
+
+    faces = make_faces(80, 20, seed=0)
+    np.savez(tmp_path / "faces.npz", **faces)
+    save_family(build_family("tiny", num_classes=3), tmp_path / "model")
+    bench = _load("label_sensitivity")
+    assert bench.main(["--model", str(tmp_path / "model"), "--faces", str(tmp_path / "faces.npz"),
+                       "--images", "4", "--oracle-train", "40", "--steps", "3", "--scales", "1",
+                       "3", "--depths", "2", "--json", str(tmp_path / "r.json"), "--grid",
+                       str(tmp_path / "g.png"), "--grid-images", "3"]) == 0
+    assert "partial inversion, depth 2" in capsys.readouterr().out
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert [s["scale"] for s in result["runs"][0]["scales"]] == [1.0, 3.0]
+    assert result["arguments"]["steps"] == 3 and "commit" in result and result["machine"]["cpus"]
+    with Image.open(tmp_path / "g.png") as grid:
+        assert grid.size == (2 + (2 + 2 * 3) * 66, 2 + 3 * 66)
