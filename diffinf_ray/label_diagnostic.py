@@ -15,11 +15,14 @@ Out: <run root>/diagnostics/label_sensitivity.json   the result (confusion table
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
 from diffinf_ray.config import Config
+from diffinf_ray.ledger import git_commit, machine
 from diffinf_ray.stage_registry import STAGES, upstream_stages
 
 log = logging.getLogger(__name__)
@@ -80,7 +83,10 @@ def run_label_diagnostic(cfg: Config, *, images: int = 96, scales: Sequence[floa
     result = label_sensitivity(model, x, y, _oracle_classifier(oracle), len(cfg.class_names),
                                scales=scales, steps=steps, depths=depths)
     result.update(class_names=list(cfg.class_names), seed=seed,
-                  oracle_test_accuracy=judges_report["attribute_oracle"]["test_accuracy"])
+                  oracle_test_accuracy=judges_report["attribute_oracle"]["test_accuracy"],
+                  # where the figures came from, so a copy kept elsewhere still says so
+                  date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                  **git_commit(Path(__file__).resolve().parent), machine=machine())
     root.child(DIAGNOSTICS_FOLDER, RESULT_FILE).write_json(result)
     result["written_to"] = root.child(DIAGNOSTICS_FOLDER, RESULT_FILE).uri
     result["grids"] = []

@@ -242,6 +242,7 @@ def test_the_label_diagnostic_reads_the_runs_autoencoder_and_judges(diffinf_run)
     judges = json.loads((root / "judges" / "report.json").read_text())
     assert written["images"] == 5 and written["class_names"] == list(cfg.class_names)
     assert written["oracle_test_accuracy"] == judges["attribute_oracle"]["test_accuracy"]
+    assert "commit" in written and written["machine"]["cpus"] and written["date"]
     assert [r["depth"] for r in written["runs"]] == [None, 1]
     for run in result["runs"]:
         assert [s["scale"] for s in run["scales"]] == [1.0, 3.0]
