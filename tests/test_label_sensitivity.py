@@ -95,10 +95,25 @@ def test_a_label_blind_oracle_agrees_with_a_third_of_the_labels():
         for s in run["scales"]:
             assert s["confusion"] == [[1.0, 0.0, 0.0]] * 3
             assert s["agreement"] == pytest.approx(1 / 3)
+            assert s["agreement_changed"] == pytest.approx(1 / 3)  # class 0 only, always
     # originals once; per depth the reconstructions and 3 labels x 2 scales, 6 images each
     assert calls == [6] + [6] * (1 + 3 * 2) * 2
     text = format_label_sensitivity(result, ["young", "middle", "old"])
     assert "partial inversion, depth 2" in text and "guidance 3: agreement 0.33" in text
+
+
+def test_an_oracle_that_keeps_reading_the_original_moved_nothing():
+    """An oracle that always reports each image's true class (the decodes changed nothing it can
+    see) agrees with the decode label on the images already of that class, a third here, and on
+    none of the images that had to change: agreement_changed 0."""
+    model, x = _tiny_labelled(), _images(6)
+    truth = np.array([0, 1, 2, 0, 1, 2])
+    result = label_sensitivity(model, x, truth, lambda images: truth.copy(), 3, scales=(3.0,),
+                               steps=3, batch_size=6)
+    scale = result["runs"][0]["scales"][0]
+    assert scale["agreement"] == pytest.approx(1 / 3, abs=1e-3)  # the table's 4 decimals
+    assert scale["agreement_changed"] == 0.0
+    assert "(0.00 where the true class is another)" in format_label_sensitivity(result)
 
 
 def test_distance_to_the_original_is_split_by_true_and_other_labels():

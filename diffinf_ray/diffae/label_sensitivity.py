@@ -90,6 +90,8 @@ def label_sensitivity(
     accuracy of the oracle on the null-label decodes, "scales": [{"scale", "confusion" (row c:
     what the oracle calls the images decoded under label c), "agreement" (mean of the
     diagonal: the issue's "oracle agrees with the decode label, averaged over the classes"),
+    "agreement_changed" (the same, counting per class only the images whose true class is
+    another: the decodes that had to move the attribute),
     "mse_true_label" / "mse_other_labels" (mean squared distance, on [-1, 1], of each image's
     decode under its true class / under the other classes to the image itself)}]}]}.
     """
@@ -115,6 +117,10 @@ def label_sensitivity(
                 predicted.append(np.asarray(classify(decoded)))
                 moved.append(((decoded - images) ** 2).flatten(1).mean(1).cpu().numpy())
             confusion = _confusion(np.concatenate(given), np.concatenate(predicted), num_classes)
+            # the same agreement over the decodes that had to change the attribute (true class
+            # != decode class): an image decoded under its own class may simply keep it
+            changed = [float((p[true_labels != c] == c).mean()) for c, p in enumerate(predicted)
+                       if (true_labels != c).any()]
             # how far the decodes went from the face: agreement bought by drawing another face
             # would show here (per image: its decode under its own true class / under the others)
             moved = np.stack(moved, 1)
@@ -122,6 +128,8 @@ def label_sensitivity(
             others = (moved.sum(1) - own) / max(num_classes - 1, 1)
             run["scales"].append({"scale": float(scale), "confusion": confusion,
                                   "agreement": float(np.mean(np.diag(confusion))),
+                                  "agreement_changed": float(np.mean(changed)) if changed
+                                  else float("nan"),
                                   "mse_true_label": float(own.mean()),
                                   "mse_other_labels": float(others.mean())})
         result["runs"].append(run)
@@ -161,7 +169,9 @@ def format_label_sensitivity(result: dict, class_names: Sequence[str] | None = N
             moved = (f"; MSE to the original {s['mse_true_label']:.4f} under its true label, "
                      f"{s['mse_other_labels']:.4f} under the others" if "mse_true_label" in s
                      else "")
-            lines += [f"  guidance {s['scale']:g}: agreement {s['agreement']:.2f}{moved}",
+            changed = (f" ({s['agreement_changed']:.2f} where the true class is another)"
+                       if "agreement_changed" in s else "")
+            lines += [f"  guidance {s['scale']:g}: agreement {s['agreement']:.2f}{changed}{moved}",
                       "    " + header]
             for name, row in zip(names, s["confusion"], strict=True):
                 lines.append(f"    {name:>26} | " + " | ".join(f"{v:.2f}" for v in row))
