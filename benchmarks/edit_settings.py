@@ -67,7 +67,7 @@ def main(argv=None) -> list[dict]:
     from diffinf_ray.artifacts import load_judges
     from diffinf_ray.config import load_config
     from diffinf_ray.data.images import to_tensor_batch
-    from diffinf_ray.ledger import git_commit, machine
+    from diffinf_ray.ledger import provenance
     from diffinf_ray.pipeline import open_run_root
     from diffinf_ray.stages.edit import build_editor, to_png_batch
     from diffinf_ray.stages.oracle import _embed, _predict
@@ -84,9 +84,8 @@ def main(argv=None) -> list[dict]:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     # where the figures came from, in every row: the code, the box, the run they judge
-    provenance = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                  **git_commit(Path(__file__).resolve().parent), "machine": machine(),
-                  "threads": args.threads, "config": args.config, "run_root": args.root}
+    origin = {**provenance(Path(__file__).resolve().parent),
+              "threads": args.threads, "config": args.config, "run_root": args.root}
 
     base = load_config(args.config, [f"run.root={args.root}"])
     root = open_run_root(base)
@@ -142,7 +141,7 @@ def main(argv=None) -> list[dict]:
                                    f"{hits[~corrupted].mean():.3f}",
             "identity_similarity": float(sim.mean()),
             "identity_retention_at_eer": float((sim > eer).mean()),
-            **provenance,
+            **origin,
         }
         results.append(result)
         print(json.dumps(result), flush=True)

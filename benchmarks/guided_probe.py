@@ -42,7 +42,7 @@ def main(argv=None) -> list[dict]:
     from diffinf_ray.diffae.autoencoder import invert, predict_eps
     from diffinf_ray.diffae.labels import NULL_LABEL
     from diffinf_ray.diffae.schedule import ddim_step
-    from diffinf_ray.ledger import git_commit, machine
+    from diffinf_ray.ledger import provenance
     from diffinf_ray.pipeline import open_run_root
     from diffinf_ray.stages.edit import build_editor, to_png_batch
     from diffinf_ray.stages.oracle import _embed, _predict
@@ -79,9 +79,9 @@ def main(argv=None) -> list[dict]:
     detail_before = edit_settings.hf_energy(x.numpy())
     editor = build_editor(cfg, root, "cpu")
     model, s = editor.autoencoder.model, editor.settings
-    provenance = {**git_commit(Path(__file__).resolve().parent), "machine": machine(),
-                  "config": args.config, "run_root": args.root, "t0": s.t0, "steps": s.steps,
-                  "alpha": s.alpha, "rows": len(rows), "corrupted_rows": int(corrupted.sum())}
+    origin = {**provenance(Path(__file__).resolve().parent),
+              "config": args.config, "run_root": args.root, "t0": s.t0, "steps": s.steps,
+              "alpha": s.alpha, "rows": len(rows), "corrupted_rows": int(corrupted.sum())}
 
     def judge(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         pngs = np.array(to_png_batch(images.numpy()), dtype=object)
@@ -100,7 +100,7 @@ def main(argv=None) -> list[dict]:
         with torch.no_grad():
             ref = editor.losses.reference(x)
             for c in range(s.candidates):
-                start = x_t0 if c == 0 else abar ** 0.5 * x + (1 - abar) ** 0.5 * noise[c - 1]
+                start = editor.candidate_start(c, x, x_t0, abar, noise)
                 out = editor._decode(z_edit, start, y, s.scale).clamp(-1, 1)
                 dist.append(editor.losses.combine(editor.losses.terms(out, ref)).numpy())
                 h, sim = judge(out)
@@ -108,7 +108,7 @@ def main(argv=None) -> list[dict]:
                 sims.append(sim)
         hits, sims, dist = np.stack(hits, 1), np.stack(sims, 1), np.stack(dist, 1)
         closest = hits[np.arange(len(hits)), dist.argmin(1)]
-        results.append({"mode": "candidates", "scale": s.scale, **provenance,
+        results.append({"mode": "candidates", "scale": s.scale, **origin,
                         "per_candidate_corrupted": hits[corrupted].mean(0).round(3).tolist(),
                         "per_candidate_clean": hits[~corrupted].mean(0).round(3).tolist(),
                         "per_candidate_identity_eer": (sims > eer).mean(0).round(3).tolist(),
@@ -139,7 +139,7 @@ def main(argv=None) -> list[dict]:
             h, sim = judge(out)
             results.append({
                 "mode": "decode", "scale": scale, "guided_steps": guided,
-                "decode_steps": len(steps), "rescale": phi, **provenance,
+                "decode_steps": len(steps), "rescale": phi, **origin,
                 "oracle_corrupted": float(h[corrupted].mean()),
                 "oracle_clean": float(h[~corrupted].mean()),
                 "identity_retention_at_eer": float((sim > eer).mean()),

@@ -82,15 +82,13 @@ def main(argv=None) -> int:
     if args.json:
         from pathlib import Path
 
-        from diffinf_ray.ledger import git_commit, machine
+        from diffinf_ray.ledger import provenance
 
         # where the figures came from: the code, the box, the settings
-        provenance = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                      **git_commit(Path(__file__).resolve().parent), "machine": machine(),
-                      "arguments": vars(args)}
         with open(args.json, "w") as f:
             json.dump({**result, "model": args.model, "oracle": "pixel logistic regression",
-                       **provenance}, f, indent=1)
+                       **provenance(Path(__file__).resolve().parent), "arguments": vars(args)},
+                      f, indent=1)
     if args.grid:
         from diffinf_ray.data.images import encode_png
 

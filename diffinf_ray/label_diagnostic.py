@@ -15,14 +15,13 @@ Out: <run root>/diagnostics/label_sensitivity.json   the result (confusion table
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from diffinf_ray.config import Config
-from diffinf_ray.ledger import git_commit, machine
+from diffinf_ray.ledger import provenance
 from diffinf_ray.stage_registry import STAGES, upstream_stages
 
 log = logging.getLogger(__name__)
@@ -85,8 +84,7 @@ def run_label_diagnostic(cfg: Config, *, images: int = 96, scales: Sequence[floa
     result.update(class_names=list(cfg.class_names), seed=seed,
                   oracle_test_accuracy=judges_report["attribute_oracle"]["test_accuracy"],
                   # where the figures came from, so a copy kept elsewhere still says so
-                  date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                  **git_commit(Path(__file__).resolve().parent), machine=machine())
+                  **provenance(Path(__file__).resolve().parent))
     root.child(DIAGNOSTICS_FOLDER, RESULT_FILE).write_json(result)
     result["written_to"] = root.child(DIAGNOSTICS_FOLDER, RESULT_FILE).uri
     result["grids"] = []

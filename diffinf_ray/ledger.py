@@ -70,6 +70,13 @@ def machine() -> dict:
     return info
 
 
+def provenance(cwd: str | Path | None = None) -> dict:
+    """Where a result came from, for any JSON it is written to: {"commit", "dirty" (of the
+    checkout at `cwd`, default the working directory), "machine", "date" (UTC, now)}."""
+    return {**git_commit(cwd), "machine": machine(),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
 def _config_without_root(cfg) -> dict:
     config = cfg.model_dump(mode="json")
     config["run"].pop("root", None)

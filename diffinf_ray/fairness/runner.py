@@ -323,7 +323,7 @@ def run_cell(cfg: FairnessConfig, severity: float, seed: int, entry: MethodEntry
 
 def fairness_record(cfg: FairnessConfig, severity: float, seed: int, results: list[dict]) -> dict:
     """A ledger record (ledger.py, schema 1) of one (severity, seed): conditions = methods."""
-    from diffinf_ray.ledger import SCHEMA, git_commit, machine, setting_hash
+    from diffinf_ray.ledger import SCHEMA, provenance, setting_hash
 
     config = {"run": {"name": cfg.name, "seed": seed}, "severity": severity,
               "data": cfg.data.model_dump(mode="json"), "train": cfg.train.model_dump(mode="json"),
@@ -335,8 +335,7 @@ def fairness_record(cfg: FairnessConfig, severity: float, seed: int, results: li
             "source": "synthfaces", "noise": {"kind": None, "rate": None}, "severity": severity,
             "seed": seed, "setting": setting_hash(config), "config": config, "stages": {},
             "metrics": {r["method"]: {k: r["test"][k] for k in keys} for r in results},
-            **git_commit(), "machine": machine(),
-            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            **provenance()}
 
 
 def run_fairness(cfg: FairnessConfig) -> list[dict]:
