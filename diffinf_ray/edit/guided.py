@@ -256,6 +256,13 @@ class GuidedEditor:
             noise[:, i] = torch.randn(n, *image.shape, generator=torch.Generator().manual_seed(seed))
         return noise.to(x.device, x.dtype)
 
+    @staticmethod
+    def candidate_start(c: int, x: torch.Tensor, x_t0: torch.Tensor, abar: float,
+                        noise: torch.Tensor) -> torch.Tensor:
+        """Where candidate c's decode starts: x_t0 for c = 0 (deterministic), else the SDEdit
+        noising sqrt(abar) x + sqrt(1 - abar) noise[c - 1] at the same level."""
+        return x_t0 if c == 0 else abar ** 0.5 * x + (1.0 - abar) ** 0.5 * noise[c - 1]
+
     def _reconstruction(self, x, y, z, x_t0, ref) -> tuple[torch.Tensor, torch.Tensor]:
         """(reconstruction_mse, loss_total_initial) of x_t0 decoded under the null label, for
         the record only (nothing is chosen by them); NaN without `settings.reconstruct`, which
@@ -284,7 +291,7 @@ class GuidedEditor:
         edited, kept, distances = None, None, []
         chosen = torch.zeros_like(y)
         for c in range(s.candidates):
-            start = x_t0 if c == 0 else abar ** 0.5 * x + (1.0 - abar) ** 0.5 * noise[c - 1]
+            start = self.candidate_start(c, x, x_t0, abar, noise)
             x_hat = self._decode(z_edit, start, y, s.scale).clamp(-1.0, 1.0)
             terms = self.losses.terms(x_hat, ref)
             distance = self.losses.combine(terms)
